@@ -1,0 +1,113 @@
+-- levqor catalog: roles, plans, tenants, keys, events, protected tables.
+-- Runs first (bootstrap). Everything here is owned by the installing superuser
+-- and closed to PUBLIC; grants.sql opens exactly what each levqor role needs.
+
+DO $roles$
+BEGIN
+    -- Roles are cluster-wide and outlive the extension, so create them only
+    -- when absent and never drop them.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'levqor_app') THEN
+        CREATE ROLE levqor_app NOLOGIN NOBYPASSRLS;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'levqor_context_admin') THEN
+        CREATE ROLE levqor_context_admin NOLOGIN NOBYPASSRLS;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'levqor_admin') THEN
+        CREATE ROLE levqor_admin NOLOGIN NOBYPASSRLS;
+    END IF;
+END
+$roles$;
+
+-- Plans and their limits (seed: tenant lifecycle ops doc, section 5.3).
+-- A NULL limit means unlimited; enterprise "custom" limits are per-tenant
+-- overrides (quota issue).
+CREATE TABLE levqor.plans (
+    name        text PRIMARY KEY CONSTRAINT plans_name_format CHECK (name ~ '^[a-z0-9_-]{1,63}$'),
+    description text NOT NULL DEFAULT '',
+    limits      jsonb NOT NULL DEFAULT '{}' CONSTRAINT plans_limits_object CHECK (jsonb_typeof(limits) = 'object'),
+    features    text[] NOT NULL DEFAULT '{}',
+    sla         text,
+    builtin     boolean NOT NULL DEFAULT false,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+INSERT INTO levqor.plans (name, description, limits, features, sla, builtin) VALUES
+  ('free', 'Free tier',
+   '{"users": 5, "projects": 10, "storage_bytes": 104857600, "api_calls_per_15min": 100}',
+   '{}', NULL, true),
+  ('starter', 'Paid starter',
+   '{"users": 20, "projects": 50, "storage_bytes": 1073741824, "api_calls_per_15min": 500}',
+   '{templates}', '99%', true),
+  ('professional', 'Professional tier',
+   '{"users": 100, "projects": 200, "storage_bytes": 10737418240, "api_calls_per_15min": 2000}',
+   '{templates,packs,marketplace}', '99.5%', true),
+  ('enterprise', 'Enterprise tier (custom limits per tenant)',
+   '{"users": null, "projects": null, "storage_bytes": null, "api_calls_per_15min": null}',
+   '{templates,packs,marketplace,sso,scim,rbac,audit_stream,db_per_tenant}', '99.9%', true);
+
+CREATE TABLE levqor.tenants (
+    id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    slug        text NOT NULL
+                CONSTRAINT tenants_slug_key UNIQUE
+                CONSTRAINT tenants_slug_format CHECK (slug ~ '^[a-z0-9_-]{1,63}$'),
+    name        text NOT NULL
+                CONSTRAINT tenants_name_format CHECK (length(btrim(name)) BETWEEN 1 AND 200 AND name !~ '[[:cntrl:]]'),
+    plan        text NOT NULL DEFAULT 'free' REFERENCES levqor.plans (name) ON UPDATE CASCADE,
+    status      text NOT NULL DEFAULT 'active'
+                CONSTRAINT tenants_status_check CHECK (status IN ('trial', 'active', 'suspended', 'offboarded')),
+    region      text CONSTRAINT tenants_region_format CHECK (region ~ '^[a-z0-9-]{1,63}$'),
+    isolation   text NOT NULL DEFAULT 'shared'
+                CONSTRAINT tenants_isolation_check CHECK (isolation IN ('shared', 'schema')),
+    parent      uuid REFERENCES levqor.tenants (id),
+    settings    jsonb NOT NULL DEFAULT '{}' CONSTRAINT tenants_settings_object CHECK (jsonb_typeof(settings) = 'object'),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    updated_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX tenants_parent_idx ON levqor.tenants (parent);
+
+-- Only the SHA-256 of a key is kept; key_id is the public half that finds it.
+CREATE TABLE levqor.tenant_keys (
+    key_id      text PRIMARY KEY CONSTRAINT tenant_keys_id_format CHECK (key_id ~ '^[0-9a-f]{16}$'),
+    tenant_id   uuid NOT NULL REFERENCES levqor.tenants (id) ON DELETE CASCADE,
+    key_hash    bytea NOT NULL CONSTRAINT tenant_keys_hash_len CHECK (length(key_hash) = 32),
+    role        text NOT NULL DEFAULT 'admin'
+                CONSTRAINT tenant_keys_role_check CHECK (role IN ('owner', 'admin', 'operator', 'auditor', 'viewer')),
+    user_id     uuid,
+    label       text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    created_by  name NOT NULL DEFAULT session_user,
+    expires_at  timestamptz,
+    revoked_at  timestamptz
+);
+CREATE INDEX tenant_keys_tenant_idx ON levqor.tenant_keys (tenant_id);
+
+-- Who did what to which tenant. No foreign key: a purged tenant's events
+-- stay as its tombstone. (The audit issue chains these entries.)
+CREATE TABLE levqor.tenant_events (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id   uuid,
+    event       text NOT NULL,
+    actor       name NOT NULL DEFAULT session_user,
+    detail      jsonb NOT NULL DEFAULT '{}',
+    at          timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX tenant_events_tenant_idx ON levqor.tenant_events (tenant_id, id);
+
+-- Inventory of tables under levqor tenancy (what enable_tenancy did).
+-- The DDL guard does not trust this list; it reads the policies themselves,
+-- so a dump restored in any order is still guarded.
+CREATE TABLE levqor.protected_tables (
+    tbl            regclass PRIMARY KEY,
+    tenant_column  name NOT NULL,
+    enabled_at     timestamptz NOT NULL DEFAULT now(),
+    enabled_by     name NOT NULL DEFAULT session_user
+);
+
+-- pg_dump keeps the rows of extension tables only when asked. Built-in plans
+-- are recreated by CREATE EXTENSION, so only custom ones are dumped.
+SELECT pg_catalog.pg_extension_config_dump('levqor.plans', 'WHERE NOT builtin');
+SELECT pg_catalog.pg_extension_config_dump('levqor.tenants', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.tenant_keys', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.tenant_events', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.protected_tables', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.tenant_events_id_seq', '');

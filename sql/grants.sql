@@ -1,0 +1,43 @@
+-- Privileges, last (finalize): close everything, then open exactly what each
+-- levqor role needs. docs/roles.md describes the matrix.
+
+REVOKE ALL ON ALL TABLES IN SCHEMA levqor FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA levqor FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA levqor FROM PUBLIC;
+GRANT USAGE ON SCHEMA levqor TO PUBLIC;
+
+-- Anyone may ask about their own context; every role that reads a protected
+-- table runs current_tenant() through the policies.
+GRANT EXECUTE ON FUNCTION
+    levqor.current_tenant(), levqor.current_user_id(), levqor.current_member_role(),
+    levqor.context_info(), levqor.clear_tenant()
+TO PUBLIC;
+
+-- Protecting a table is for its owner, whoever that is; registering only
+-- adds a guard, and the TRUNCATE trigger function only refuses.
+GRANT EXECUTE ON FUNCTION
+    levqor.enable_tenancy(regclass, name), levqor._register_protected(regclass, name),
+    levqor._tenant_qual(name), levqor._refuse_truncate()
+TO PUBLIC;
+
+GRANT EXECUTE ON FUNCTION
+    levqor.authenticate(text, boolean), levqor.set_tenant_token(text, boolean)
+TO levqor_app;
+
+GRANT EXECUTE ON FUNCTION
+    levqor.set_tenant(text, boolean, uuid, text),
+    levqor.sign_token(text, uuid, text, interval)
+TO levqor_context_admin;
+
+GRANT EXECUTE ON FUNCTION
+    levqor.create_tenant(text, text, text, text, text, text),
+    levqor.issue_key(text, text, interval, uuid, text),
+    levqor.revoke_key(text),
+    levqor.disable_tenancy(regclass)
+TO levqor_admin;
+
+GRANT SELECT ON levqor.plans TO levqor_app, levqor_admin;
+GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables TO levqor_admin;
+-- Key metadata, never the hashes.
+GRANT SELECT (key_id, tenant_id, role, user_id, label, created_at, created_by, expires_at, revoked_at)
+    ON levqor.tenant_keys TO levqor_admin;

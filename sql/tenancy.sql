@@ -1,0 +1,352 @@
+-- Protecting tables: enable_tenancy / disable_tenancy, and the guards that
+-- keep a table owner from undoing the protection behind levqor's back.
+--
+-- Shape of a protected table t with tenant column c:
+--   * c uuid NOT NULL DEFAULT levqor.current_tenant(), with an index led by c;
+--   * row level security ENABLED and FORCED (the owner is not exempt);
+--   * RESTRICTIVE policies levqor_tenant_{select,insert,update,delete}, each
+--     exactly (c = levqor.current_tenant()), so any permissive policy a user
+--     adds can only ever narrow what a tenant sees, never widen it;
+--   * one PERMISSIVE policy levqor_base (true) so that, absent other
+--     policies, the restrictive ones decide;
+--   * a BEFORE TRUNCATE trigger, because TRUNCATE ignores row level security.
+
+-- The one expression every levqor policy must carry, for column c.
+CREATE FUNCTION levqor._tenant_qual(c name) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT pg_catalog.format('(%I = levqor.current_tenant())', c)
+$fn$;
+
+CREATE FUNCTION levqor._refuse_truncate() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RAISE EXCEPTION 'TRUNCATE of %.% is refused: it would remove every tenant''s rows',
+        quote_ident(TG_TABLE_SCHEMA), quote_ident(TG_TABLE_NAME)
+        USING ERRCODE = '42501',
+              HINT = 'DELETE removes only the current tenant''s rows. A levqor_admin can call levqor.disable_tenancy() first.';
+END
+$fn$;
+
+-- Problems with a table's levqor protection; no rows means intact. Used by
+-- enable_tenancy (which must leave no problem) and by the DDL guard.
+CREATE FUNCTION levqor._tenancy_problems(tbl regclass, complete boolean)
+RETURNS SETOF text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    c   record;
+    p   record;
+    col name;
+BEGIN
+    SELECT rel.relrowsecurity, rel.relforcerowsecurity INTO c FROM pg_class rel WHERE rel.oid = tbl;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF NOT c.relrowsecurity THEN
+        RETURN NEXT 'row level security is disabled';
+    END IF;
+    IF NOT c.relforcerowsecurity THEN
+        RETURN NEXT 'row level security is not forced (the owner would bypass it)';
+    END IF;
+    SELECT pt.tenant_column INTO col FROM levqor.protected_tables pt WHERE pt.tbl = $1;
+
+    FOR p IN
+        SELECT pol.polname, pol.polcmd, pol.polpermissive,
+               pg_get_expr(pol.polqual, pol.polrelid) AS qual,
+               pg_get_expr(pol.polwithcheck, pol.polrelid) AS chk
+          FROM pg_policy pol
+         WHERE pol.polrelid = tbl
+    LOOP
+        IF p.polname LIKE 'levqor\_tenant\_%' THEN
+            IF p.polpermissive THEN
+                RETURN NEXT format('policy %I must be restrictive', p.polname);
+            END IF;
+            IF p.polcmd <> CASE p.polname WHEN 'levqor_tenant_select' THEN 'r'
+                                          WHEN 'levqor_tenant_insert' THEN 'a'
+                                          WHEN 'levqor_tenant_update' THEN 'w'
+                                          WHEN 'levqor_tenant_delete' THEN 'd' END THEN
+                RETURN NEXT format('policy %I applies to the wrong command', p.polname);
+            END IF;
+            -- The expression must be the canonical one for a real column
+            -- (the registered one, when the table is registered).
+            IF NOT EXISTS (
+                SELECT 1 FROM pg_attribute a
+                 WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+                   AND (col IS NULL OR a.attname = col)
+                   AND (p.qual IS NULL OR p.qual = levqor._tenant_qual(a.attname))
+                   AND (p.chk IS NULL OR p.chk = levqor._tenant_qual(a.attname))
+                   AND (p.polcmd <> 'w' OR (p.qual IS NOT NULL AND p.chk IS NOT NULL))
+                   AND coalesce(p.qual, p.chk) IS NOT NULL)
+            THEN
+                RETURN NEXT format('policy %I no longer compares the tenant column with levqor.current_tenant()', p.polname);
+            END IF;
+        ELSIF NOT p.polpermissive
+              AND (p.qual LIKE '%levqor.current_tenant()%' OR p.chk LIKE '%levqor.current_tenant()%')
+              AND (p.qual IS NULL OR p.qual ~ '^\(.* = levqor\.current_tenant\(\)\)$') THEN
+            -- A renamed levqor policy could later be dropped unnoticed.
+            RETURN NEXT format('policy %I looks like a renamed levqor policy', p.polname);
+        END IF;
+    END LOOP;
+
+    IF complete THEN
+        FOR p IN SELECT unnest(ARRAY['levqor_tenant_select', 'levqor_tenant_insert',
+                                     'levqor_tenant_update', 'levqor_tenant_delete']) AS polname
+        LOOP
+            IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = p.polname) THEN
+                RETURN NEXT format('policy %I is missing', p.polname);
+            END IF;
+        END LOOP;
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
+            RETURN NEXT 'the TRUNCATE guard trigger is missing';
+        END IF;
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate'
+                                           AND t.tgenabled = 'D') THEN
+        RETURN NEXT 'the TRUNCATE guard trigger is disabled';
+    END IF;
+END
+$fn$;
+
+-- Is tbl under levqor tenancy (registered, or carrying a levqor policy)?
+CREATE FUNCTION levqor._is_protected(tbl oid) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT 1 FROM levqor.protected_tables pt WHERE pt.tbl = $1)
+        OR EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = $1 AND pol.polname LIKE 'levqor\_tenant\_%')
+$fn$;
+
+-- Record tbl as protected, after checking the protection is complete. Open to
+-- every role: registering only ever adds a guard.
+CREATE FUNCTION levqor._register_protected(tbl regclass, tenant_column name) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    problems text;
+BEGIN
+    SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl, true) x;
+    IF problems IS NOT NULL THEN
+        RAISE EXCEPTION 'levqor: % is not fully protected: %', tbl, problems USING ERRCODE = '55000';
+    END IF;
+    INSERT INTO levqor.protected_tables (tbl, tenant_column) VALUES (tbl, tenant_column)
+    ON CONFLICT ON CONSTRAINT protected_tables_pkey DO UPDATE SET tenant_column = EXCLUDED.tenant_column;
+END
+$fn$;
+
+CREATE FUNCTION levqor.enable_tenancy(tbl regclass, tenant_column name DEFAULT 'tenant_id')
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    rel      record;
+    col      record;
+    qual     text;
+    spec     record;
+    existing record;
+    have     boolean;
+    child    regclass;
+BEGIN
+    IF tbl IS NULL OR tenant_column IS NULL THEN
+        RAISE EXCEPTION 'enable_tenancy: table and tenant column must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    SELECT c.relkind, c.relowner, n.nspname INTO rel
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '42809',
+            HINT = 'Protect the tables a view reads; create views WITH (security_invoker = true).';
+    END IF;
+    IF rel.nspname IN ('levqor', 'pg_catalog', 'information_schema') OR rel.nspname LIKE 'pg\_%' THEN
+        RAISE EXCEPTION 'cannot enable tenancy on % (system or levqor table)', tbl USING ERRCODE = '42501';
+    END IF;
+    IF NOT pg_has_role(current_user, rel.relowner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be owner of table % to enable tenancy', tbl USING ERRCODE = '42501';
+    END IF;
+
+    SELECT a.attnum, a.atttypid, a.attnotnull, a.atthasdef INTO col
+      FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = tenant_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        BEGIN
+            EXECUTE format('ALTER TABLE %s ADD COLUMN %I uuid NOT NULL DEFAULT levqor.current_tenant()',
+                           tbl, tenant_column);
+        EXCEPTION WHEN not_null_violation THEN
+            RAISE EXCEPTION '% already has rows, which belong to no tenant', tbl
+                USING ERRCODE = '23502',
+                      HINT = format('Add the column yourself and fill it (ALTER TABLE %s ADD COLUMN %I uuid; UPDATE …), then call enable_tenancy again.',
+                                    tbl, tenant_column);
+        END;
+        SELECT a.attnum, a.atttypid, a.attnotnull, a.atthasdef INTO col
+          FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = tenant_column AND NOT a.attisdropped;
+    ELSE
+        IF col.atttypid <> 'uuid'::regtype THEN
+            RAISE EXCEPTION 'column %.% has type %, not uuid', tbl, quote_ident(tenant_column),
+                format_type(col.atttypid, NULL) USING ERRCODE = '42804';
+        END IF;
+        IF NOT col.atthasdef THEN
+            EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT levqor.current_tenant()', tbl, tenant_column);
+        END IF;
+        IF NOT col.attnotnull THEN
+            BEGIN
+                EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET NOT NULL', tbl, tenant_column);
+            EXCEPTION WHEN not_null_violation THEN
+                RAISE EXCEPTION 'column %.% has NULLs: rows that belong to no tenant', tbl, quote_ident(tenant_column)
+                    USING ERRCODE = '23502', HINT = 'Assign those rows to a tenant first.';
+            END;
+        END IF;
+    END IF;
+
+    -- An index led by the tenant column, so the policy is an index condition.
+    IF NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = tbl AND i.indkey[0] = col.attnum) THEN
+        EXECUTE format('CREATE INDEX ON %s (%I)', tbl, tenant_column);
+    END IF;
+
+    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', tbl);
+    EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', tbl);
+
+    qual := levqor._tenant_qual(tenant_column);
+    FOR spec IN
+        SELECT * FROM (VALUES ('levqor_tenant_select', 'SELECT', 'r', true,  false),
+                              ('levqor_tenant_insert', 'INSERT', 'a', false, true),
+                              ('levqor_tenant_update', 'UPDATE', 'w', true,  true),
+                              ('levqor_tenant_delete', 'DELETE', 'd', true,  false))
+               AS s(polname, cmd, polcmd, has_using, has_check)
+    LOOP
+        SELECT pol.polcmd, pol.polpermissive INTO existing
+          FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = spec.polname;
+        have := FOUND;
+        IF have AND (existing.polcmd <> spec.polcmd OR existing.polpermissive) THEN
+            EXECUTE format('DROP POLICY %I ON %s', spec.polname, tbl);
+            have := false;
+        END IF;
+        IF NOT have THEN
+            EXECUTE format('CREATE POLICY %I ON %s AS RESTRICTIVE FOR %s TO PUBLIC %s %s',
+                           spec.polname, tbl, spec.cmd,
+                           CASE WHEN spec.has_using THEN 'USING ' || qual ELSE '' END,
+                           CASE WHEN spec.has_check THEN 'WITH CHECK ' || qual ELSE '' END);
+        ELSE
+            EXECUTE format('ALTER POLICY %I ON %s TO PUBLIC %s %s',
+                           spec.polname, tbl,
+                           CASE WHEN spec.has_using THEN 'USING ' || qual ELSE '' END,
+                           CASE WHEN spec.has_check THEN 'WITH CHECK ' || qual ELSE '' END);
+        END IF;
+    END LOOP;
+    IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = 'levqor_base') THEN
+        EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING (true) WITH CHECK (true)', tbl);
+    END IF;
+
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
+        EXECUTE format('CREATE TRIGGER levqor_no_truncate BEFORE TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._refuse_truncate()', tbl);
+    END IF;
+
+    -- Partitions can be queried directly, so each one is protected too.
+    FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
+        PERFORM levqor.enable_tenancy(child, tenant_column);
+    END LOOP;
+
+    PERFORM levqor._register_protected(tbl, tenant_column);
+END
+$fn$;
+
+-- Marks, for the current transaction only, tables whose protection
+-- disable_tenancy is removing. Only levqor's own definer functions write it.
+CREATE TABLE levqor._disabling (
+    tbl oid NOT NULL,
+    xid xid8 NOT NULL DEFAULT pg_current_xact_id()
+);
+
+CREATE FUNCTION levqor.disable_tenancy(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    pol   name;
+    child regclass;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'disable_tenancy: table must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF NOT levqor._is_protected(tbl) THEN
+        RAISE NOTICE 'levqor: % is not under tenancy; nothing to do', tbl;
+        RETURN;
+    END IF;
+    FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
+        PERFORM levqor.disable_tenancy(child);
+    END LOOP;
+    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
+    FOR pol IN SELECT p.polname FROM pg_policy p
+                WHERE p.polrelid = tbl AND (p.polname LIKE 'levqor\_tenant\_%' OR p.polname = 'levqor_base') LOOP
+        EXECUTE format('DROP POLICY %I ON %s', pol, tbl);
+    END LOOP;
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_no_truncate ON %s', tbl);
+    EXECUTE format('ALTER TABLE %s NO FORCE ROW LEVEL SECURITY', tbl);
+    IF NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = tbl) THEN
+        EXECUTE format('ALTER TABLE %s DISABLE ROW LEVEL SECURITY', tbl);
+    END IF;
+    DELETE FROM levqor.protected_tables pt WHERE pt.tbl = $1;
+    DELETE FROM levqor._disabling d WHERE d.tbl = $1;
+    PERFORM levqor._log_event(NULL, 'tenancy_disabled', jsonb_build_object('table', tbl::text));
+END
+$fn$;
+
+-- DDL guard, after every command that could weaken a protected table.
+CREATE FUNCTION levqor._guard_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    cmd      record;
+    tbl      oid;
+    problems text;
+BEGIN
+    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        tbl := CASE cmd.classid
+                   WHEN 'pg_class'::regclass THEN cmd.objid
+                   WHEN 'pg_policy'::regclass THEN (SELECT p.polrelid FROM pg_policy p WHERE p.oid = cmd.objid)
+                   WHEN 'pg_trigger'::regclass THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = cmd.objid)
+               END;
+        CONTINUE WHEN tbl IS NULL OR NOT levqor._is_protected(tbl);
+        CONTINUE WHEN EXISTS (SELECT 1 FROM levqor._disabling d WHERE d.tbl = tbl AND d.xid = pg_current_xact_id());
+        SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl::regclass, false) x;
+        IF problems IS NOT NULL THEN
+            RAISE EXCEPTION 'levqor: % would weaken tenant isolation on %: %', cmd.command_tag, tbl::regclass, problems
+                USING ERRCODE = '42501',
+                      HINT = 'A levqor_admin can remove levqor tenancy with levqor.disable_tenancy().';
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+-- Drop guard: a levqor policy or the TRUNCATE trigger may go only with its table.
+CREATE FUNCTION levqor._guard_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    obj record;
+    tbl regclass;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() o
+                WHERE o.object_type = 'extension' AND o.object_name = 'levqor') THEN
+        RETURN;
+    END IF;
+    FOR obj IN
+        SELECT o.object_type, o.address_names
+          FROM pg_event_trigger_dropped_objects() o
+         WHERE o.object_type IN ('policy', 'trigger')
+           AND (o.address_names[3] LIKE 'levqor\_tenant\_%' OR o.address_names[3] = 'levqor_no_truncate')
+    LOOP
+        tbl := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
+        CONTINUE WHEN tbl IS NULL;  -- the table itself is going away
+        CONTINUE WHEN EXISTS (SELECT 1 FROM levqor._disabling d WHERE d.tbl = tbl AND d.xid = pg_current_xact_id());
+        RAISE EXCEPTION 'levqor: dropping % % on % would remove tenant isolation',
+            obj.object_type, quote_ident(obj.address_names[3]), tbl
+            USING ERRCODE = '42501',
+                  HINT = 'A levqor_admin can remove levqor tenancy with levqor.disable_tenancy().';
+    END LOOP;
+    DELETE FROM levqor.protected_tables pt
+     WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = pt.tbl);
+END
+$fn$;
+
+CREATE EVENT TRIGGER levqor_guard_ddl ON ddl_command_end
+    WHEN TAG IN ('ALTER TABLE', 'CREATE POLICY', 'ALTER POLICY', 'ALTER TRIGGER')
+    EXECUTE FUNCTION levqor._guard_ddl();
+
+CREATE EVENT TRIGGER levqor_guard_drop ON sql_drop
+    EXECUTE FUNCTION levqor._guard_drop();

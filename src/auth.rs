@@ -1,0 +1,272 @@
+//! The three ways to establish a tenant context: an API key, a trusted
+//! server's `set_tenant`, and a signed token. Each one checks everything first
+//! and writes the context last, so a refusal leaves no context behind.
+
+use std::cell::RefCell;
+
+use pgrx::prelude::*;
+use pgrx::spi::{OwnedPreparedStatement, SpiClient};
+use pgrx::PgBuiltInOids;
+use uuid::Uuid;
+
+use crate::context::{self, Context, MemberRole, Source};
+use crate::privilege::{as_catalog_owner, current_role_has};
+use crate::{errors, keys, token};
+
+const KEY_SQL: &str = "
+    SELECT k.tenant_id, k.key_hash, k.role, k.user_id,
+           k.revoked_at IS NOT NULL,
+           k.expires_at IS NOT NULL AND k.expires_at <= statement_timestamp(),
+           t.status, t.slug
+      FROM levqor.tenant_keys k
+      JOIN levqor.tenants t ON t.id = k.tenant_id
+     WHERE k.key_id = $1";
+
+const TENANT_BY_ID_SQL: &str = "SELECT id, slug, status FROM levqor.tenants WHERE id = $1";
+const TENANT_BY_SLUG_SQL: &str = "SELECT id, slug, status FROM levqor.tenants WHERE slug = $1";
+
+thread_local! {
+    /// Plans are prepared once per backend under the pinned search_path and
+    /// kept; PostgreSQL's plan cache re-plans them after DDL.
+    static PLANS: RefCell<Vec<(&'static str, OwnedPreparedStatement)>> = const { RefCell::new(Vec::new()) };
+}
+
+fn run<R>(
+    client: &SpiClient<'_>,
+    sql: &'static str,
+    arg_type: PgBuiltInOids,
+    args: &[pgrx::datum::DatumWithOid<'_>],
+    read: impl FnOnce(pgrx::spi::SpiTupleTable<'_>) -> R,
+) -> R {
+    PLANS.with(|plans| {
+        let mut plans = plans.borrow_mut();
+        let idx = match plans.iter().position(|(s, _)| std::ptr::eq(*s, sql)) {
+            Some(i) => i,
+            None => {
+                let stmt = client
+                    .prepare(sql, &[pgrx::pg_sys::PgOid::BuiltIn(arg_type)])
+                    .expect("levqor catalog query prepares")
+                    .keep();
+                plans.push((sql, stmt));
+                plans.len() - 1
+            }
+        };
+        let table = client.select(&plans[idx].1, Some(1), args).expect("levqor catalog query runs");
+        read(table)
+    })
+}
+
+struct KeyRow {
+    tenant: Uuid,
+    hash: Vec<u8>,
+    role: String,
+    user: Option<Uuid>,
+    revoked: bool,
+    expired: bool,
+    status: String,
+    slug: String,
+}
+
+fn to_uuid(u: pgrx::Uuid) -> Uuid {
+    Uuid::from_bytes(*u.as_bytes())
+}
+
+fn from_uuid(u: Uuid) -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes(*u.as_bytes())
+}
+
+fn lookup_key(key_id: &str) -> Option<KeyRow> {
+    as_catalog_owner(|| {
+        Spi::connect(|client| {
+            run(&client, KEY_SQL, PgBuiltInOids::TEXTOID, &[key_id.into()], |table| {
+                let row = table.into_iter().next()?;
+                Some(KeyRow {
+                    tenant: to_uuid(row.get::<pgrx::Uuid>(1).ok()??),
+                    hash: row.get::<Vec<u8>>(2).ok()??,
+                    role: row.get::<String>(3).ok()??,
+                    user: row.get::<pgrx::Uuid>(4).ok()?.map(to_uuid),
+                    revoked: row.get::<bool>(5).ok()??,
+                    expired: row.get::<bool>(6).ok()??,
+                    status: row.get::<String>(7).ok()??,
+                    slug: row.get::<String>(8).ok()??,
+                })
+            })
+        })
+    })
+}
+
+pub struct TenantRow {
+    pub id: Uuid,
+    pub slug: String,
+    pub status: String,
+}
+
+/// Find a tenant by uuid or slug, with the catalog owner's authority.
+pub fn lookup_tenant(tenant: &str) -> Option<TenantRow> {
+    let by_id = Uuid::parse_str(tenant).ok();
+    as_catalog_owner(|| {
+        Spi::connect(|client| {
+            let read = |table: pgrx::spi::SpiTupleTable<'_>| {
+                let row = table.into_iter().next()?;
+                Some(TenantRow {
+                    id: to_uuid(row.get::<pgrx::Uuid>(1).ok()??),
+                    slug: row.get::<String>(2).ok()??,
+                    status: row.get::<String>(3).ok()??,
+                })
+            };
+            match by_id {
+                Some(id) => run(&client, TENANT_BY_ID_SQL, PgBuiltInOids::UUIDOID, &[from_uuid(id).into()], read),
+                None => run(&client, TENANT_BY_SLUG_SQL, PgBuiltInOids::TEXTOID, &[tenant.into()], read),
+            }
+        })
+    })
+}
+
+/// Refuse a context for tenants that may not have one.
+fn check_status(slug: &str, status: &str) {
+    match status {
+        "active" | "trial" => {}
+        "suspended" => errors::refused(
+            format!("tenant \"{slug}\" is suspended"),
+            Some("A levqor_admin can resume it with levqor.resume_tenant()."),
+        ),
+        "offboarded" => errors::refused(format!("tenant \"{slug}\" is offboarded"), None),
+        other => errors::refused(format!("tenant \"{slug}\" has unknown status \"{other}\""), None),
+    }
+}
+
+fn parse_role(role: Option<&str>) -> Option<MemberRole> {
+    role.map(|r| {
+        MemberRole::parse(r).unwrap_or_else(|| {
+            errors::bad_argument(
+                format!("unknown member role \"{}\"", r.escape_debug()),
+                Some("Member roles are owner, admin, operator, auditor and viewer."),
+            )
+        })
+    })
+}
+
+/// Verify a tenant API key and act for its tenant for the rest of the
+/// transaction (or, with `session => true`, the session). Returns the tenant id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn authenticate(api_key: Option<&str>, session: default!(bool, false)) -> pgrx::Uuid {
+    let api_key = api_key.unwrap_or("");
+    let Some(key_id) = keys::key_id(api_key) else { errors::invalid_api_key() };
+    let Some(row) = lookup_key(key_id) else { errors::invalid_api_key() };
+    if !keys::matches(api_key, &row.hash) {
+        errors::invalid_api_key();
+    }
+    if row.revoked {
+        errors::refused(format!("API key {key_id} has been revoked"), None);
+    }
+    if row.expired {
+        errors::refused(
+            format!("API key {key_id} has expired"),
+            Some("Ask a levqor_admin for a new key (levqor.issue_key)."),
+        );
+    }
+    check_status(&row.slug, &row.status);
+    let ctx = Context {
+        tenant: row.tenant,
+        user: row.user,
+        role: MemberRole::parse(&row.role),
+        source: Source::ApiKey,
+    };
+    context::apply(Some(&ctx), session);
+    from_uuid(row.tenant)
+}
+
+/// For trusted application servers that authenticate end users themselves.
+/// Only roles with the privileges of `levqor_context_admin` may call it.
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_tenant(
+    tenant: &str,
+    session: default!(bool, false),
+    user_id: default!(Option<pgrx::Uuid>, "NULL"),
+    member_role: default!(Option<&str>, "NULL"),
+) -> pgrx::Uuid {
+    if !current_role_has("levqor_context_admin") {
+        errors::not_allowed(
+            "permission denied to set the levqor tenant context",
+            Some("Only members of levqor_context_admin may call levqor.set_tenant(); applications use levqor.authenticate(api_key)."),
+        );
+    }
+    let role = parse_role(member_role);
+    let Some(t) = lookup_tenant(tenant) else { errors::unknown_tenant(tenant) };
+    check_status(&t.slug, &t.status);
+    let ctx = Context { tenant: t.id, user: user_id.map(to_uuid), role, source: Source::SetTenant };
+    context::apply(Some(&ctx), session);
+    from_uuid(t.id)
+}
+
+/// Act for the tenant named in a signed token (see `levqor.token_secret`).
+#[pg_extern(volatile, parallel_unsafe)]
+fn set_tenant_token(token: Option<&str>, session: default!(bool, false)) -> pgrx::Uuid {
+    let Some(secret) = token::secret() else {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "levqor.token_secret is not set (or shorter than 32 bytes)",
+            Some("A superuser sets it with ALTER SYSTEM SET levqor.token_secret = '…'; SELECT pg_reload_conf();"),
+        )
+    };
+    let claims = match token::verify(token.unwrap_or(""), &secret, token::now_unix()) {
+        Ok(c) => c,
+        Err(reason) => errors::refused(format!("invalid levqor token: {reason}"), None),
+    };
+    let user = match claims.sub.as_deref() {
+        None => None,
+        Some(s) => Some(Uuid::parse_str(s).unwrap_or_else(|_| {
+            errors::refused("invalid levqor token: sub must be a uuid", None)
+        })),
+    };
+    let role = claims.member_role.as_deref().map(|r| {
+        MemberRole::parse(r).unwrap_or_else(|| errors::refused("invalid levqor token: unknown member_role", None))
+    });
+    let Some(t) = lookup_tenant(&claims.tenant) else {
+        errors::refused("invalid levqor token: unknown tenant", None)
+    };
+    check_status(&t.slug, &t.status);
+    let ctx = Context { tenant: t.id, user, role, source: Source::Token };
+    context::apply(Some(&ctx), session);
+    from_uuid(t.id)
+}
+
+/// Mint a token for `set_tenant_token`. Whoever can mint tokens can act for
+/// any tenant, so this takes `levqor_context_admin` like `set_tenant`.
+#[pg_extern(volatile, parallel_unsafe)]
+fn sign_token(
+    tenant: &str,
+    user_id: default!(Option<pgrx::Uuid>, "NULL"),
+    member_role: default!(Option<&str>, "NULL"),
+    ttl: default!(pgrx::datum::Interval, "'15 minutes'"),
+) -> String {
+    if !current_role_has("levqor_context_admin") {
+        errors::not_allowed(
+            "permission denied to sign levqor tokens",
+            Some("Only members of levqor_context_admin may call levqor.sign_token()."),
+        );
+    }
+    let Some(secret) = token::secret() else {
+        errors::raise(
+            PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,
+            "levqor.token_secret is not set (or shorter than 32 bytes)",
+            None,
+        )
+    };
+    let micros = ttl.as_micros();
+    if micros <= 0 || micros > 86_400 * 1_000_000 {
+        errors::bad_argument("ttl must be positive and at most 24 hours", None);
+    }
+    parse_role(member_role);
+    let Some(t) = lookup_tenant(tenant) else { errors::unknown_tenant(tenant) };
+    let now = token::now_unix();
+    let claims = token::Claims {
+        tenant: t.id.hyphenated().to_string(),
+        sub: user_id.map(|u| to_uuid(u).hyphenated().to_string()),
+        member_role: member_role.map(str::to_owned),
+        exp: now + (micros / 1_000_000).max(1) as i64,
+        nbf: None,
+        iat: Some(now),
+    };
+    token::sign(&claims, &secret)
+}

@@ -1,0 +1,311 @@
+//! The tenant context: which tenant (and which member) the current
+//! transaction or session acts for.
+//!
+//! The context lives in the GUC `levqor.context`. A GUC, because PostgreSQL
+//! already does everything a context needs with one: `SET LOCAL` semantics end
+//! it with the transaction (safe behind PgBouncer transaction pooling),
+//! subtransaction rollback undoes it, `DISCARD ALL` resets it, and parallel
+//! query copies it into every worker. What a plain GUC lacks is protection,
+//! so this one is:
+//!
+//! * `PGC_SUSET`: `SET`, `set_config()`, `RESET`, `ALTER ROLE … SET` and
+//!   connection options are refused to ordinary roles by PostgreSQL itself;
+//! * guarded by a check hook that refuses every value not written by levqor's
+//!   own functions (even a superuser's `SET`), except the copy a parallel
+//!   worker receives from its leader. A placeholder set before the library
+//!   loaded is re-applied through that same hook and dropped.
+//!
+//! An assign hook parses the value once into backend-local memory, so the
+//! policy helper `current_tenant()` is a load from a thread-local.
+
+use std::cell::Cell;
+use std::ffi::{c_char, c_void, CStr, CString};
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use uuid::Uuid;
+
+
+pub const GUC_NAME: &CStr = c"levqor.context";
+
+static CONTEXT_GUC: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
+
+/// A member role, as carried by keys, tokens and `set_tenant`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberRole {
+    Owner,
+    Admin,
+    Operator,
+    Auditor,
+    Viewer,
+}
+
+impl MemberRole {
+    pub const ALL: [MemberRole; 5] = [
+        MemberRole::Owner,
+        MemberRole::Admin,
+        MemberRole::Operator,
+        MemberRole::Auditor,
+        MemberRole::Viewer,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberRole::Owner => "owner",
+            MemberRole::Admin => "admin",
+            MemberRole::Operator => "operator",
+            MemberRole::Auditor => "auditor",
+            MemberRole::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<MemberRole> {
+        MemberRole::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+/// How the context was established; kept for diagnostics (`levqor.context_info()`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    ApiKey,
+    SetTenant,
+    Token,
+}
+
+impl Source {
+    fn as_str(self) -> &'static str {
+        match self {
+            Source::ApiKey => "api_key",
+            Source::SetTenant => "set_tenant",
+            Source::Token => "token",
+        }
+    }
+    fn parse(s: &str) -> Option<Source> {
+        [Source::ApiKey, Source::SetTenant, Source::Token]
+            .into_iter()
+            .find(|x| x.as_str() == s)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Context {
+    pub tenant: Uuid,
+    pub user: Option<Uuid>,
+    pub role: Option<MemberRole>,
+    pub source: Source,
+}
+
+impl Context {
+    /// `v1 <tenant> <user|-> <role|-> <source>`: fixed, space separated, no
+    /// user text, so parsing cannot be confused.
+    fn encode(&self) -> String {
+        format!(
+            "v1 {} {} {} {}",
+            self.tenant.hyphenated(),
+            self.user.map(|u| u.hyphenated().to_string()).unwrap_or_else(|| "-".into()),
+            self.role.map(MemberRole::as_str).unwrap_or("-"),
+            self.source.as_str()
+        )
+    }
+
+    fn decode(s: &str) -> Option<Context> {
+        let mut it = s.split(' ');
+        if it.next()? != "v1" {
+            return None;
+        }
+        let tenant = Uuid::parse_str(it.next()?).ok()?;
+        let user = match it.next()? {
+            "-" => None,
+            u => Some(Uuid::parse_str(u).ok()?),
+        };
+        let role = match it.next()? {
+            "-" => None,
+            r => Some(MemberRole::parse(r)?),
+        };
+        let source = Source::parse(it.next()?)?;
+        if it.next().is_some() {
+            return None;
+        }
+        Some(Context { tenant, user, role, source })
+    }
+}
+
+thread_local! {
+    /// The parsed value of `levqor.context`; written only by the assign hook.
+    static CURRENT: Cell<Option<Context>> = const { Cell::new(None) };
+    /// True only while levqor itself writes `levqor.context`.
+    static WRITING: Cell<bool> = const { Cell::new(false) };
+}
+
+pub fn current() -> Option<Context> {
+    CURRENT.with(Cell::get)
+}
+
+pub fn init() {
+    // SAFETY: the hooks below never raise errors or panic.
+    unsafe {
+        GucRegistry::define_string_guc_with_hooks(
+            GUC_NAME,
+            c"levqor tenant context (set only by levqor.authenticate, set_tenant, set_tenant_token)",
+            c"Cannot be set with SET or set_config(); see the levqor documentation.",
+            &CONTEXT_GUC,
+            GucContext::Suset,
+            GucFlags::NO_SHOW_ALL | GucFlags::DISALLOW_IN_FILE,
+            Some(check_context),
+            Some(assign_context),
+            None,
+        );
+    }
+}
+
+unsafe extern "C-unwind" fn check_context(
+    newval: *mut *mut c_char,
+    _extra: *mut *mut c_void,
+    _source: pg_sys::GucSource::Type,
+) -> bool {
+    let value = *newval;
+    // Clearing never grants anything.
+    if value.is_null() || *value == 0 {
+        return true;
+    }
+    // A parallel worker receives the leader's value while it starts.
+    if pg_sys::InitializingParallelWorker {
+        return true;
+    }
+    if WRITING.with(Cell::get) {
+        return true;
+    }
+    pg_sys::GUC_check_errcode(PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE as i32);
+    pg_sys::GUC_check_errmsg_string = pg_sys::pstrdup(
+        c"levqor.context can only be set by levqor.authenticate(), levqor.set_tenant() or levqor.set_tenant_token()".as_ptr(),
+    );
+    false
+}
+
+unsafe extern "C-unwind" fn assign_context(newval: *const c_char, _extra: *mut c_void) {
+    let parsed = if newval.is_null() {
+        None
+    } else {
+        CStr::from_ptr(newval).to_str().ok().and_then(Context::decode)
+    };
+    CURRENT.with(|c| c.set(parsed));
+}
+
+/// Set (or with `None`, clear) the context for the transaction or the session.
+pub fn apply(ctx: Option<&Context>, session: bool) {
+    let value = CString::new(ctx.map(Context::encode).unwrap_or_default()).expect("no NUL");
+    struct Writing;
+    impl Drop for Writing {
+        fn drop(&mut self) {
+            WRITING.with(|w| w.set(false));
+        }
+    }
+    WRITING.with(|w| w.set(true));
+    let _reset = Writing;
+    let action = if session {
+        pg_sys::GucAction::GUC_ACTION_SET
+    } else {
+        pg_sys::GucAction::GUC_ACTION_LOCAL
+    };
+    // PGC_SUSET as the context argument: levqor acts with the authority to
+    // set a superuser-only parameter, which an ordinary role never has.
+    unsafe {
+        pg_sys::set_config_option(
+            GUC_NAME.as_ptr(),
+            value.as_ptr(),
+            pg_sys::GucContext::PGC_SUSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            action,
+            true,
+            pg_sys::PGERROR as i32,
+            false,
+        );
+    }
+    if ctx.is_some() && !session && unsafe { !pg_sys::IsTransactionBlock() } {
+        ereport!(
+            NOTICE,
+            PgSqlErrorCode::ERRCODE_WARNING,
+            "levqor: tenant context set for this statement's transaction only",
+            "Run it inside BEGIN … COMMIT, or pass session => true to keep it for the session."
+        );
+    }
+}
+
+/// The tenant the current transaction acts for; NULL when there is none, so
+/// that `tenant_id = levqor.current_tenant()` matches no row (fail closed).
+#[pg_extern(stable, parallel_safe)]
+fn current_tenant() -> Option<pgrx::Uuid> {
+    current().map(|c| pgrx::Uuid::from_bytes(*c.tenant.as_bytes()))
+}
+
+/// The end user the context carries (from a key bound to a user, a token's
+/// `sub`, or `set_tenant(..., user_id => ...)`).
+#[pg_extern(stable, parallel_safe)]
+fn current_user_id() -> Option<pgrx::Uuid> {
+    current().and_then(|c| c.user).map(|u| pgrx::Uuid::from_bytes(*u.as_bytes()))
+}
+
+/// The member role the context carries: owner, admin, operator, auditor or viewer.
+#[pg_extern(stable, parallel_safe)]
+fn current_member_role() -> Option<&'static str> {
+    current().and_then(|c| c.role).map(MemberRole::as_str)
+}
+
+/// Everything about the current context as one row, for humans and tests.
+#[pg_extern(stable, parallel_safe)]
+fn context_info() -> TableIterator<
+    'static,
+    (
+        name!(tenant_id, Option<pgrx::Uuid>),
+        name!(user_id, Option<pgrx::Uuid>),
+        name!(member_role, Option<&'static str>),
+        name!(source, Option<&'static str>),
+    ),
+> {
+    let c = current();
+    TableIterator::once((
+        c.map(|c| pgrx::Uuid::from_bytes(*c.tenant.as_bytes())),
+        c.and_then(|c| c.user).map(|u| pgrx::Uuid::from_bytes(*u.as_bytes())),
+        c.and_then(|c| c.role).map(MemberRole::as_str),
+        c.map(|c| c.source.as_str()),
+    ))
+}
+
+/// Drop the context, for the session and the transaction alike.
+#[pg_extern(volatile, parallel_unsafe)]
+fn clear_tenant() {
+    apply(None, true);
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use super::*;
+
+    #[pg_test]
+    fn encode_decode_roundtrip() {
+        let c = Context {
+            tenant: Uuid::from_u128(0x1234),
+            user: Some(Uuid::from_u128(0x99)),
+            role: Some(MemberRole::Auditor),
+            source: Source::Token,
+        };
+        assert_eq!(Context::decode(&c.encode()), Some(c));
+        assert_eq!(Context::decode("v1 not-a-uuid - - api_key"), None);
+        assert_eq!(Context::decode(&(c.encode() + " extra")), None);
+        assert_eq!(Context::decode(""), None);
+    }
+
+    #[pg_test]
+    fn no_context_means_null() {
+        assert_eq!(Spi::get_one::<pgrx::Uuid>("SELECT levqor.current_tenant()").unwrap(), None);
+    }
+
+    #[pg_test(
+        error = "levqor.context can only be set by levqor.authenticate(), levqor.set_tenant() or levqor.set_tenant_token()"
+    )]
+    fn superuser_set_is_refused_too() {
+        Spi::run("SET levqor.context = 'v1 00000000-0000-0000-0000-000000000001 - - api_key'").unwrap();
+    }
+}

@@ -1,0 +1,71 @@
+//! levqor: PostgreSQL enforces multi-tenancy.
+//!
+//! Modules are named after what they do:
+//! * `context`   — the unforgeable tenant context and the policy helpers;
+//! * `auth`      — authenticate / set_tenant / set_tenant_token;
+//! * `keys`, `token` — API keys and signed tokens;
+//! * `privilege` — running catalog lookups with the extension's authority;
+//! * `errors`    — every refusal, with a stable SQLSTATE.
+//!
+//! SQL that reads better as SQL lives in `sql/`: the catalog, tenant creation,
+//! table protection and its guards, and the grants.
+
+use pgrx::prelude::*;
+
+::pgrx::pg_module_magic!(name, version);
+
+mod auth;
+mod context;
+mod errors;
+mod keys;
+mod privilege;
+mod token;
+
+extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
+extension_sql_file!("../sql/tenants.sql", name = "tenants", requires = ["catalog"]);
+extension_sql_file!("../sql/tenancy.sql", name = "tenancy", requires = ["tenants"]);
+extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
+
+thread_local! {
+    static PRELOADED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    PRELOADED.with(|p| p.set(unsafe { pg_sys::process_shared_preload_libraries_in_progress }));
+    context::init();
+    token::init();
+}
+
+/// Whether levqor was loaded through shared_preload_libraries (recommended:
+/// no session can then create a placeholder for a levqor setting before the
+/// library defines it, and later features need shared memory).
+#[pg_extern(stable, parallel_safe)]
+fn preloaded() -> bool {
+    PRELOADED.with(|p| p.get())
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    #[pg_test]
+    fn loaded_through_shared_preload_libraries() {
+        assert_eq!(Spi::get_one::<bool>("SELECT levqor.preloaded()").unwrap(), Some(true));
+    }
+}
+
+/// Required by `cargo pgrx test`.
+#[cfg(test)]
+pub mod pg_test {
+    pub fn setup(_options: Vec<&str>) {}
+
+    #[must_use]
+    pub fn postgresql_conf_options() -> Vec<&'static str> {
+        vec![
+            "shared_preload_libraries = 'levqor'",
+            "levqor.token_secret = 'pg-test-secret-0123456789abcdef-0123456789'",
+        ]
+    }
+}
