@@ -34,9 +34,10 @@ RETURNS SETOF text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_variable
 DECLARE
-    c   record;
-    p   record;
-    col name;
+    c        record;
+    p        record;
+    col      name;
+    want_cmd text;
 BEGIN
     SELECT rel.relrowsecurity, rel.relforcerowsecurity INTO c FROM pg_class rel WHERE rel.oid = tbl;
     IF NOT FOUND THEN
@@ -61,10 +62,11 @@ BEGIN
             IF p.polpermissive THEN
                 RETURN NEXT format('policy %I must be restrictive', p.polname);
             END IF;
-            IF p.polcmd <> CASE p.polname WHEN 'levqor_tenant_select' THEN 'r'
-                                          WHEN 'levqor_tenant_insert' THEN 'a'
-                                          WHEN 'levqor_tenant_update' THEN 'w'
-                                          WHEN 'levqor_tenant_delete' THEN 'd' END THEN
+            want_cmd := (CASE p.polname WHEN 'levqor_tenant_select' THEN 'r'
+                                        WHEN 'levqor_tenant_insert' THEN 'a'
+                                        WHEN 'levqor_tenant_update' THEN 'w'
+                                        WHEN 'levqor_tenant_delete' THEN 'd' END);
+            IF want_cmd IS NULL OR p.polcmd::text <> want_cmd THEN
                 RETURN NEXT format('policy %I applies to the wrong command', p.polname);
             END IF;
             -- The expression must be the canonical one for a real column
