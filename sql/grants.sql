@@ -10,7 +10,7 @@ GRANT USAGE ON SCHEMA levqor TO PUBLIC;
 -- table runs current_tenant() through the policies.
 GRANT EXECUTE ON FUNCTION
     levqor.current_tenant(), levqor.current_user_id(), levqor.current_member_role(),
-    levqor.context_info(), levqor.clear_tenant()
+    levqor.context_info(), levqor.clear_tenant(), levqor.preloaded()
 TO PUBLIC;
 
 -- Protecting a table is for its owner, whoever that is; registering only
@@ -41,3 +41,15 @@ GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables TO
 -- Key metadata, never the hashes.
 GRANT SELECT (key_id, tenant_id, role, user_id, label, created_at, created_by, expires_at, revoked_at)
     ON levqor.tenant_keys TO levqor_admin;
+
+DO $preload$
+BEGIN
+    IF NOT levqor.preloaded() THEN
+        RAISE NOTICE 'levqor is not in shared_preload_libraries'
+            USING DETAIL = 'Tenant context, keys, tokens and table protection work without it. '
+                           'Recommended anyway: with it no session can ever hold a levqor.* placeholder, '
+                           'and the quota counters and audit sealing of later releases need it.',
+                  HINT = 'ALTER SYSTEM SET shared_preload_libraries = ''levqor''; then restart PostgreSQL.';
+    END IF;
+END
+$preload$;

@@ -35,6 +35,9 @@ pub extern "C-unwind" fn _PG_init() {
     PRELOADED.with(|p| p.set(unsafe { pg_sys::process_shared_preload_libraries_in_progress }));
     context::init();
     token::init();
+    // Any other levqor.* name is a typo or an attempt at one; refuse it, and
+    // drop placeholders a session made before the library was loaded.
+    unsafe { pg_sys::MarkGUCPrefixReserved(c"levqor".as_ptr()) };
 }
 
 /// Whether levqor was loaded through shared_preload_libraries (recommended:
