@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every levqor test, on a fresh Debian 12 machine or a warm one:
+#   1. installs what is missing (scripts/bootstrap.sh),
+#   2. #[pg_test] units inside a real PostgreSQL 15 (cargo pgrx test),
+#   3. installs the extension and starts two throwaway clusters (with and
+#      without shared_preload_libraries),
+#   4. the end-to-end suite (as non-superuser roles over TCP) and the sidecar's tests.
+# The clusters are stopped whatever happens.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
+export RUST_BACKTRACE=${RUST_BACKTRACE:-0}
+export LEVQOR_E2E_PORT=${LEVQOR_E2E_PORT:-28815}
+export LEVQOR_E2E_NOPRELOAD_PORT=${LEVQOR_E2E_NOPRELOAD_PORT:-28816}
+
+step() { printf '\n\033[1;34m== %s\033[0m\n' "$*"; }
+
+step "bootstrap"
+scripts/bootstrap.sh
+
+step "unit tests inside PostgreSQL (cargo pgrx test)"
+mkdir -p /tmp/levqor-pgdata && chown postgres:postgres /tmp/levqor-pgdata
+cargo pgrx test pg15 --runas postgres --pgdata /tmp/levqor-pgdata/data
+
+step "install the extension into PostgreSQL 15"
+cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
+
+step "throwaway clusters"
+cleanup() {
+  scripts/cluster.sh stop e2e || true
+  scripts/cluster.sh stop e2e-nopreload || true
+}
+trap cleanup EXIT
+scripts/cluster.sh start e2e "$LEVQOR_E2E_PORT" preload
+scripts/cluster.sh start e2e-nopreload "$LEVQOR_E2E_NOPRELOAD_PORT" nopreload
+
+step "end-to-end suite and sidecar"
+cargo test -p levqor-e2e -p levqor-sidecar
