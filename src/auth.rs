@@ -270,3 +270,69 @@ fn sign_token(
     };
     token::sign(&claims, &secret)
 }
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    fn new_tenant(slug: &str) -> (pgrx::Uuid, String) {
+        Spi::get_two::<pgrx::Uuid, String>(&format!(
+            "SELECT tenant_id, api_key FROM levqor.create_tenant('{slug}', 'Test {slug}')"
+        ))
+        .map(|(a, b)| (a.unwrap(), b.unwrap()))
+        .unwrap()
+    }
+
+    #[pg_test]
+    fn authenticate_sets_the_context_for_the_transaction() {
+        let (id, key) = new_tenant("unit-auth");
+        let got = Spi::get_one_with_args::<pgrx::Uuid>("SELECT levqor.authenticate($1)", &[key.as_str().into()]).unwrap();
+        assert_eq!(got, Some(id));
+        assert_eq!(Spi::get_one::<pgrx::Uuid>("SELECT levqor.current_tenant()").unwrap(), Some(id));
+        assert_eq!(Spi::get_one::<&str>("SELECT levqor.current_member_role()").unwrap(), Some("admin"));
+        assert_eq!(Spi::get_one::<&str>("SELECT source FROM levqor.context_info()").unwrap(), Some("api_key"));
+        Spi::run("SELECT levqor.clear_tenant()").unwrap();
+        assert_eq!(Spi::get_one::<pgrx::Uuid>("SELECT levqor.current_tenant()").unwrap(), None);
+    }
+
+    #[pg_test(error = "invalid levqor API key")]
+    fn a_wrong_secret_is_refused() {
+        let (_, key) = new_tenant("unit-wrong");
+        let wrong = format!("{}{}", &key[..key.len() - 1], if key.ends_with('x') { 'y' } else { 'x' });
+        Spi::get_one_with_args::<pgrx::Uuid>("SELECT levqor.authenticate($1)", &[wrong.as_str().into()]).unwrap();
+    }
+
+    #[pg_test]
+    fn set_tenant_accepts_slug_or_id_and_carries_user_and_role() {
+        let (id, _) = new_tenant("unit-set");
+        let user = "6f1c1a4e-0000-4000-8000-000000000001";
+        Spi::run(&format!("SELECT levqor.set_tenant('unit-set', user_id => '{user}', member_role => 'viewer')")).unwrap();
+        assert_eq!(Spi::get_one::<pgrx::Uuid>("SELECT levqor.current_tenant()").unwrap(), Some(id));
+        assert_eq!(
+            Spi::get_one::<String>("SELECT levqor.current_user_id()::text").unwrap().as_deref(),
+            Some(user)
+        );
+        assert_eq!(Spi::get_one::<&str>("SELECT levqor.current_member_role()").unwrap(), Some("viewer"));
+        Spi::run(&format!("SELECT levqor.set_tenant('{id}')")).unwrap();
+        assert_eq!(Spi::get_one::<&str>("SELECT levqor.current_member_role()").unwrap(), None);
+    }
+
+    #[pg_test]
+    fn a_signed_token_round_trips() {
+        let (id, _) = new_tenant("unit-token");
+        let token = Spi::get_one::<String>("SELECT levqor.sign_token('unit-token', member_role => 'operator')")
+            .unwrap()
+            .unwrap();
+        let got = Spi::get_one_with_args::<pgrx::Uuid>("SELECT levqor.set_tenant_token($1)", &[token.as_str().into()]).unwrap();
+        assert_eq!(got, Some(id));
+        assert_eq!(Spi::get_one::<&str>("SELECT source FROM levqor.context_info()").unwrap(), Some("token"));
+    }
+
+    #[pg_test(error = "tenant \"unit-off\" is offboarded")]
+    fn offboarded_tenants_get_no_context() {
+        new_tenant("unit-off");
+        Spi::run("UPDATE levqor.tenants SET status = 'offboarded' WHERE slug = 'unit-off'").unwrap();
+        Spi::run("SELECT levqor.set_tenant('unit-off')").unwrap();
+    }
+}

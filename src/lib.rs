@@ -19,6 +19,7 @@ mod context;
 mod errors;
 mod keys;
 mod privilege;
+mod tenancy_tests;
 mod token;
 
 extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
