@@ -53,3 +53,10 @@ BEGIN
     END IF;
 END
 $preload$;
+
+-- The policy helpers take no arguments and never raise, so they cannot leak
+-- a row's values: mark them LEAKPROOF, as the planner may then push them
+-- below security barriers.
+ALTER FUNCTION levqor.current_tenant() LEAKPROOF;
+ALTER FUNCTION levqor.current_user_id() LEAKPROOF;
+ALTER FUNCTION levqor.current_member_role() LEAKPROOF;
