@@ -1,6 +1,12 @@
 -- Privileges, last (finalize): close everything, then open exactly what each
 -- levqor role needs. docs/roles.md describes the matrix.
 
+-- Changes to tenants and keys reach every backend's authentication cache.
+CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.tenants
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
+CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.tenant_keys
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
+
 REVOKE ALL ON ALL TABLES IN SCHEMA levqor FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA levqor FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA levqor FROM PUBLIC;

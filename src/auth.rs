@@ -9,21 +9,24 @@ use pgrx::spi::{OwnedPreparedStatement, SpiClient};
 use pgrx::PgBuiltInOids;
 use uuid::Uuid;
 
+use crate::cache::{self, KeyRow, TenantRow};
 use crate::context::{self, Context, MemberRole, Source};
 use crate::privilege::{as_catalog_owner, current_role_has};
 use crate::{errors, keys, token};
 
 const KEY_SQL: &str = "
-    SELECT k.tenant_id, k.key_hash, k.role, k.user_id,
-           k.revoked_at IS NOT NULL,
-           k.expires_at IS NOT NULL AND k.expires_at <= statement_timestamp(),
-           t.status, t.slug
+    SELECT k.tenant_id, k.key_hash, k.role, k.user_id, k.revoked_at IS NOT NULL, k.expires_at,
+           t.status, t.slug, 'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid
       FROM levqor.tenant_keys k
       JOIN levqor.tenants t ON t.id = k.tenant_id
      WHERE k.key_id = $1";
 
-const TENANT_BY_ID_SQL: &str = "SELECT id, slug, status FROM levqor.tenants WHERE id = $1";
-const TENANT_BY_SLUG_SQL: &str = "SELECT id, slug, status FROM levqor.tenants WHERE slug = $1";
+const TENANT_BY_ID_SQL: &str = "
+    SELECT id, slug, status, 'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid
+      FROM levqor.tenants WHERE id = $1";
+const TENANT_BY_SLUG_SQL: &str = "
+    SELECT id, slug, status, 'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid
+      FROM levqor.tenants WHERE slug = $1";
 
 thread_local! {
     /// Plans are prepared once per backend under the pinned search_path and
@@ -56,17 +59,6 @@ fn run<R>(
     })
 }
 
-struct KeyRow {
-    tenant: Uuid,
-    hash: Vec<u8>,
-    role: String,
-    user: Option<Uuid>,
-    revoked: bool,
-    expired: bool,
-    status: String,
-    slug: String,
-}
-
 fn to_uuid(u: pgrx::Uuid) -> Uuid {
     Uuid::from_bytes(*u.as_bytes())
 }
@@ -76,48 +68,51 @@ fn from_uuid(u: Uuid) -> pgrx::Uuid {
 }
 
 fn lookup_key(key_id: &str) -> Option<KeyRow> {
-    as_catalog_owner(|| {
-        Spi::connect(|client| {
-            run(&client, KEY_SQL, PgBuiltInOids::TEXTOID, &[key_id.into()], |table| {
-                let row = table.into_iter().next()?;
-                Some(KeyRow {
-                    tenant: to_uuid(row.get::<pgrx::Uuid>(1).ok()??),
-                    hash: row.get::<Vec<u8>>(2).ok()??,
-                    role: row.get::<String>(3).ok()??,
-                    user: row.get::<pgrx::Uuid>(4).ok()?.map(to_uuid),
-                    revoked: row.get::<bool>(5).ok()??,
-                    expired: row.get::<bool>(6).ok()??,
-                    status: row.get::<String>(7).ok()??,
-                    slug: row.get::<String>(8).ok()??,
+    cache::key(key_id, || {
+        as_catalog_owner(|| {
+            Spi::connect(|client| {
+                run(&client, KEY_SQL, PgBuiltInOids::TEXTOID, &[key_id.into()], |table| {
+                    let row = table.into_iter().next()?;
+                    cache::remember_catalog(row.get(9).ok()??, row.get(10).ok()??);
+                    Some(KeyRow {
+                        tenant: to_uuid(row.get::<pgrx::Uuid>(1).ok()??),
+                        hash: row.get::<Vec<u8>>(2).ok()??,
+                        role: row.get::<String>(3).ok()??,
+                        user: row.get::<pgrx::Uuid>(4).ok()?.map(to_uuid),
+                        revoked: row.get::<bool>(5).ok()??,
+                        expires_at: row
+                            .get::<pgrx::datum::TimestampWithTimeZone>(6)
+                            .ok()?
+                            .map(pgrx::pg_sys::TimestampTz::from),
+                        status: row.get::<String>(7).ok()??,
+                        slug: row.get::<String>(8).ok()??,
+                    })
                 })
             })
         })
     })
 }
 
-pub struct TenantRow {
-    pub id: Uuid,
-    pub slug: String,
-    pub status: String,
-}
-
 /// Find a tenant by uuid or slug, with the catalog owner's authority.
 pub fn lookup_tenant(tenant: &str) -> Option<TenantRow> {
-    let by_id = Uuid::parse_str(tenant).ok();
-    as_catalog_owner(|| {
-        Spi::connect(|client| {
-            let read = |table: pgrx::spi::SpiTupleTable<'_>| {
-                let row = table.into_iter().next()?;
-                Some(TenantRow {
-                    id: to_uuid(row.get::<pgrx::Uuid>(1).ok()??),
-                    slug: row.get::<String>(2).ok()??,
-                    status: row.get::<String>(3).ok()??,
-                })
-            };
-            match by_id {
-                Some(id) => run(&client, TENANT_BY_ID_SQL, PgBuiltInOids::UUIDOID, &[from_uuid(id).into()], read),
-                None => run(&client, TENANT_BY_SLUG_SQL, PgBuiltInOids::TEXTOID, &[tenant.into()], read),
-            }
+    cache::tenant(tenant, || {
+        let by_id = Uuid::parse_str(tenant).ok();
+        as_catalog_owner(|| {
+            Spi::connect(|client| {
+                let read = |table: pgrx::spi::SpiTupleTable<'_>| {
+                    let row = table.into_iter().next()?;
+                    cache::remember_catalog(row.get(4).ok()??, row.get(5).ok()??);
+                    Some(TenantRow {
+                        id: to_uuid(row.get::<pgrx::Uuid>(1).ok()??),
+                        slug: row.get::<String>(2).ok()??,
+                        status: row.get::<String>(3).ok()??,
+                    })
+                };
+                match by_id {
+                    Some(id) => run(&client, TENANT_BY_ID_SQL, PgBuiltInOids::UUIDOID, &[from_uuid(id).into()], read),
+                    None => run(&client, TENANT_BY_SLUG_SQL, PgBuiltInOids::TEXTOID, &[tenant.into()], read),
+                }
+            })
         })
     })
 }
@@ -159,7 +154,7 @@ fn authenticate(api_key: Option<&str>, session: default!(bool, false)) -> pgrx::
     if row.revoked {
         errors::refused(format!("API key {key_id} has been revoked"), None);
     }
-    if row.expired {
+    if row.expired() {
         errors::refused(
             format!("API key {key_id} has expired"),
             Some("Ask a levqor_admin for a new key (levqor.issue_key)."),

@@ -15,6 +15,7 @@ use pgrx::prelude::*;
 ::pgrx::pg_module_magic!(name, version);
 
 mod auth;
+mod cache;
 mod context;
 mod errors;
 mod keys;
@@ -36,6 +37,7 @@ pub extern "C-unwind" fn _PG_init() {
     PRELOADED.with(|p| p.set(unsafe { pg_sys::process_shared_preload_libraries_in_progress }));
     context::init();
     token::init();
+    cache::init();
     // Any other levqor.* name is a typo or an attempt at one; refuse it, and
     // drop placeholders a session made before the library was loaded.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"levqor".as_ptr()) };

@@ -14,5 +14,7 @@ BEGIN
     END IF;
     RETURN round(extract(epoch FROM clock_timestamp() - t0) * 1e6 / calls, 2);
 END $$;
+BEGIN;
 SELECT pg_temp.time_calls('set_config', 50000) AS set_config_us,
        pg_temp.time_calls('authenticate', 50000) AS authenticate_us;
+COMMIT;

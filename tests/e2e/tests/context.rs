@@ -261,3 +261,22 @@ fn only_the_key_hash_is_stored() {
     assert!(!dump.contains(&t.key[21..]), "the secret is nowhere in the table");
     assert!(t.key.starts_with("lvq_") && t.key.len() == 64);
 }
+
+#[test]
+fn a_key_cached_by_one_session_is_refused_once_another_revokes_it() {
+    let a = tenant("xrevoke");
+    let mut c = app();
+    let key: String = admin().query_one("SELECT levqor.issue_key($1, 'operator')", &[&a.slug]).unwrap().get(0);
+    for _ in 0..3 {
+        as_tenant(&mut c, &Tenant { key: key.clone(), ..a.clone() }, |_| ());
+    }
+    // Another session suspends the tenant: the next transaction here is refused.
+    superuser().execute("UPDATE levqor.tenants SET status = 'suspended' WHERE id = $1", &[&a.id]).unwrap();
+    assert_eq!(sqlstate(c.query_one("SELECT levqor.authenticate($1)", &[&key])), "28000");
+    superuser().execute("UPDATE levqor.tenants SET status = 'active' WHERE id = $1", &[&a.id]).unwrap();
+    c.query_one("SELECT levqor.authenticate($1)", &[&key]).unwrap();
+    // And revokes the key.
+    admin().execute("SELECT levqor.revoke_key($1)", &[&key[4..20].to_string()]).unwrap();
+    let (code, msg) = error_of(c.query_one("SELECT levqor.authenticate($1)", &[&key]));
+    assert_eq!((code.as_str(), msg.contains("revoked")), ("28000", true), "{msg}");
+}

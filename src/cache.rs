@@ -1,0 +1,141 @@
+//! A backend-local cache of the catalog rows `authenticate()` and
+//! `set_tenant()` read, so that establishing a context costs a hash and a
+//! map lookup instead of a catalog query.
+//!
+//! Correctness comes from PostgreSQL's own cache invalidation: a statement
+//! trigger on `levqor.tenants` and `levqor.tenant_keys` queues a relcache
+//! invalidation for the table, which PostgreSQL delivers to every backend when
+//! the writing transaction commits (and to the writer itself at once). Each
+//! backend processes it before its next transaction starts, and the callback
+//! below empties the cache. So a revoked key, a new expiry or a suspended
+//! tenant is refused by every transaction that starts after the change
+//! commits. Expiry itself is checked on every use against the statement's
+//! start time.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use uuid::Uuid;
+
+/// Beyond this many entries the cache starts over rather than grow.
+const MAX_ENTRIES: usize = 10_000;
+
+#[derive(Clone)]
+pub struct KeyRow {
+    pub tenant: Uuid,
+    pub hash: Vec<u8>,
+    pub role: String,
+    pub user: Option<Uuid>,
+    pub revoked: bool,
+    pub expires_at: Option<pg_sys::TimestampTz>,
+    pub status: String,
+    pub slug: String,
+}
+
+impl KeyRow {
+    pub fn expired(&self) -> bool {
+        let now = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
+        self.expires_at.is_some_and(|e| e <= now)
+    }
+}
+
+#[derive(Clone)]
+pub struct TenantRow {
+    pub id: Uuid,
+    pub slug: String,
+    pub status: String,
+}
+
+thread_local! {
+    static KEYS: RefCell<HashMap<String, KeyRow>> = RefCell::new(HashMap::new());
+    static TENANTS: RefCell<HashMap<String, TenantRow>> = RefCell::new(HashMap::new());
+    /// The oids of levqor.tenants and levqor.tenant_keys, learnt on first fill.
+    static CATALOG: Cell<[pg_sys::Oid; 2]> = const { Cell::new([pg_sys::InvalidOid; 2]) };
+}
+
+pub fn init() {
+    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
+}
+
+unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    if relid == pg_sys::InvalidOid || CATALOG.with(Cell::get).contains(&relid) {
+        clear();
+    }
+}
+
+pub fn clear() {
+    KEYS.with(|k| k.borrow_mut().clear());
+    TENANTS.with(|t| t.borrow_mut().clear());
+}
+
+pub fn remember_catalog(tenants: pg_sys::Oid, keys: pg_sys::Oid) {
+    CATALOG.with(|c| c.set([tenants, keys]));
+}
+
+fn get_or_fill<V: Clone>(
+    map: &'static std::thread::LocalKey<RefCell<HashMap<String, V>>>,
+    key: &str,
+    fill: impl FnOnce() -> Option<V>,
+) -> Option<V> {
+    if let Some(v) = map.with(|m| m.borrow().get(key).cloned()) {
+        return Some(v);
+    }
+    let v = fill()?;
+    map.with(|m| {
+        let mut m = m.borrow_mut();
+        if m.len() >= MAX_ENTRIES {
+            m.clear();
+        }
+        m.insert(key.to_owned(), v.clone());
+    });
+    Some(v)
+}
+
+pub fn key(key_id: &str, fill: impl FnOnce() -> Option<KeyRow>) -> Option<KeyRow> {
+    get_or_fill(&KEYS, key_id, fill)
+}
+
+pub fn tenant(tenant: &str, fill: impl FnOnce() -> Option<TenantRow>) -> Option<TenantRow> {
+    get_or_fill(&TENANTS, tenant, fill)
+}
+
+/// Statement trigger on the catalog tables: tell every backend to drop its cache.
+#[pg_trigger]
+fn _catalog_changed<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    unsafe { pg_sys::CacheInvalidateRelcacheByRelid(trigger.relid()?) };
+    Ok(None)
+}
+
+#[cfg(any(test, feature = "pg_test"))]
+#[pg_schema]
+mod tests {
+    use pgrx::prelude::*;
+
+    /// authenticate() in a subtransaction: "ok" or the SQLSTATE it raised.
+    fn try_auth(key: &str) -> String {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.try_auth(k text) RETURNS text LANGUAGE plpgsql AS
+             $$ BEGIN PERFORM levqor.authenticate(k); RETURN 'ok';
+                EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$",
+        )
+        .unwrap();
+        Spi::get_one_with_args::<String>("SELECT pg_temp.try_auth($1)", &[key.into()]).unwrap().unwrap()
+    }
+
+    #[pg_test]
+    fn changes_to_a_cached_key_or_tenant_take_effect_at_once() {
+        let key = Spi::get_one::<String>("SELECT api_key FROM levqor.create_tenant('cache-rev', 'C')").unwrap().unwrap();
+        assert_eq!(try_auth(&key), "ok");
+        assert_eq!(try_auth(&key), "ok", "now served from the cache");
+        Spi::run("UPDATE levqor.tenants SET status = 'suspended' WHERE slug = 'cache-rev'").unwrap();
+        assert_eq!(try_auth(&key), "28000");
+        Spi::run("UPDATE levqor.tenants SET status = 'active' WHERE slug = 'cache-rev'").unwrap();
+        assert_eq!(try_auth(&key), "ok");
+        Spi::run(&format!("SELECT levqor.revoke_key('{}')", &key[4..20])).unwrap();
+        assert_eq!(try_auth(&key), "28000");
+    }
+}
