@@ -136,6 +136,8 @@ thread_local! {
     static CURRENT: Cell<Option<Context>> = const { Cell::new(None) };
     /// True only while levqor itself writes `levqor.context`.
     static WRITING: Cell<bool> = const { Cell::new(false) };
+    /// Whether this session was already told that its context ends with the statement.
+    static NOTICED: Cell<bool> = const { Cell::new(false) };
 }
 
 pub fn current() -> Option<Context> {
@@ -222,7 +224,8 @@ pub fn apply(ctx: Option<&Context>, session: bool) {
             false,
         );
     }
-    if ctx.is_some() && !session && unsafe { !pg_sys::IsTransactionBlock() } {
+    if ctx.is_some() && !session && unsafe { !pg_sys::IsTransactionBlock() } && !NOTICED.with(|n| n.replace(true)) {
+        // Once per session: a hint for people at psql, not noise in loops.
         ereport!(
             NOTICE,
             PgSqlErrorCode::ERRCODE_WARNING,

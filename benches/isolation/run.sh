@@ -5,6 +5,7 @@
 #   (c) levqor: authenticate() per transaction, levqor policies
 # Each transaction: one context statement + point read + top-10 list + update.
 # Usage: benches/isolation/run.sh [seconds per run, default 20] [clients, default 2]
+# LEVQOR_BENCH_ROUNDS (default 4) rounds, each running the three in a rotated order.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SECS=${1:-20}
@@ -29,26 +30,39 @@ run() {  # variant -> tps
     -T "$SECS" -f "$HERE/$1.sql" bench 2>&1 | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
 }
 
-declare -A tps
-for v in a_plain b_setting c_levqor; do tps[$v]=0; done
-# Two rounds in opposite orders, so drift on a shared machine hits all alike.
-for order in "a_plain b_setting c_levqor" "c_levqor b_setting a_plain"; do
-  for v in $order; do
+VARIANTS=(a_plain b_setting c_levqor)
+ROUNDS=${LEVQOR_BENCH_ROUNDS:-4}
+echo "warming up (5 s each, not counted)…"
+for v in "${VARIANTS[@]}"; do SECS_SAVE=$SECS; SECS=5; run "$v" >/dev/null; SECS=$SECS_SAVE; done
+
+declare -A samples
+# Rounds rotate the order, so drift on a shared 2-core machine hits all alike.
+for ((r = 0; r < ROUNDS; r++)); do
+  for ((i = 0; i < 3; i++)); do
+    v=${VARIANTS[$(((i + r) % 3))]}
     t=$(run "$v")
-    echo "  $v: $t tps"
-    tps[$v]=$(awk -v x="${tps[$v]}" -v y="$t" 'BEGIN { print x + y / 2 }')
+    echo "  round $((r + 1)) $v: $t tps"
+    samples[$v]="${samples[$v]:-} $t"
   done
 done
 
+# median, min and max of a list of numbers
+stats() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ x[NR] = $1 } END { m = (NR % 2) ? x[(NR + 1) / 2] : (x[NR / 2] + x[NR / 2 + 1]) / 2; printf "%.1f %.1f %.1f", m, x[1], x[NR] }'; }
+
+echo "in-server cost per statement, (b) vs (c)…"
+statements=$(scripts/cluster.sh psql bench -d bench -f "$HERE/statements.sql")
 calls=$(scripts/cluster.sh psql bench -d bench -At -F ' ' -f "$HERE/calls.sql")
 read -r setcfg auth <<<"$calls"
 
-a=${tps[a_plain]}; b=${tps[b_setting]}; c=${tps[c_levqor]}
-printf '\nresults (%s clients, %ss per run, mean of 2 runs, pgbench -M prepared)\n' "$CLIENTS" "$SECS"
-printf '  (a) no RLS, app lookup + WHERE tenant_id  %10.1f tps\n' "$a"
-printf '  (b) RLS on current_setting + set_config   %10.1f tps\n' "$b"
-printf '  (c) levqor authenticate + levqor policies %10.1f tps\n' "$c"
+read -r a amin amax <<<"$(stats "${samples[a_plain]}")"
+read -r b bmin bmax <<<"$(stats "${samples[b_setting]}")"
+read -r c cmin cmax <<<"$(stats "${samples[c_levqor]}")"
+printf '\nresults (%s clients, %s rounds of %ss, median [min-max], pgbench -M prepared)\n' "$CLIENTS" "$ROUNDS" "$SECS"
+printf '  (a) no RLS, app lookup + WHERE tenant_id  %8.1f tps [%s-%s]\n' "$a" "$amin" "$amax"
+printf '  (b) RLS on current_setting + set_config   %8.1f tps [%s-%s]\n' "$b" "$bmin" "$bmax"
+printf '  (c) levqor authenticate + levqor policies %8.1f tps [%s-%s]\n' "$c" "$cmin" "$cmax"
 printf '  ratio c/a = %.3f   (target >= 0.9)\n' "$(awk -v x="$c" -v y="$a" 'BEGIN { print x / y }')"
 printf '  ratio c/b = %.3f   (target >= 1.0)\n' "$(awk -v x="$c" -v y="$b" 'BEGIN { print x / y }')"
 printf '  one set_config() call   %8s us\n' "$setcfg"
 printf '  one authenticate() call %8s us   (%.1fx set_config)\n' "$auth" "$(awk -v x="$auth" -v y="$setcfg" 'BEGIN { print x / y }')"
+printf '\nin-server microseconds per statement (ctx = the context-setting statement)\n%s\n' "$statements"
