@@ -109,11 +109,13 @@ BEGIN
 END
 $fn$;
 
--- Is tbl under levqor tenancy (registered, or carrying a levqor policy)?
+-- Is tbl under levqor tenancy? Decided by its policies, not by
+-- levqor.protected_tables: pg_restore loads that table's rows before it
+-- re-enables row level security and re-creates the policies, and the guard
+-- must not trip over a restore in progress.
 CREATE FUNCTION levqor._is_protected(tbl oid) RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT EXISTS (SELECT 1 FROM levqor.protected_tables pt WHERE pt.tbl = $1)
-        OR EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = $1 AND pol.polname LIKE 'levqor\_tenant\_%')
+    SELECT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = $1 AND pol.polname LIKE 'levqor\_tenant\_%')
 $fn$;
 
 -- Record tbl as protected, after checking the protection is complete. Open to
