@@ -257,6 +257,12 @@ CREATE TABLE levqor._disabling (
     xid xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
 
+-- Whether disable_tenancy is removing tbl's protection in this transaction.
+CREATE FUNCTION levqor._being_disabled(tbl oid) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT 1 FROM levqor._disabling d WHERE d.tbl = $1 AND d.xid = pg_current_xact_id())
+$fn$;
+
 CREATE FUNCTION levqor.disable_tenancy(tbl regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_variable
@@ -306,7 +312,7 @@ BEGIN
                    WHEN 'pg_trigger'::regclass THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = cmd.objid)
                END;
         CONTINUE WHEN tbl IS NULL OR NOT levqor._is_protected(tbl);
-        CONTINUE WHEN EXISTS (SELECT 1 FROM levqor._disabling d WHERE d.tbl = tbl AND d.xid = pg_current_xact_id());
+        CONTINUE WHEN levqor._being_disabled(tbl);
         SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl::regclass, false) x;
         IF problems IS NOT NULL THEN
             RAISE EXCEPTION 'levqor: % would weaken tenant isolation on %: %', cmd.command_tag, tbl::regclass, problems
@@ -337,7 +343,7 @@ BEGIN
     LOOP
         tbl := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
         CONTINUE WHEN tbl IS NULL;  -- the table itself is going away
-        CONTINUE WHEN EXISTS (SELECT 1 FROM levqor._disabling d WHERE d.tbl = tbl AND d.xid = pg_current_xact_id());
+        CONTINUE WHEN levqor._being_disabled(tbl);
         RAISE EXCEPTION 'levqor: dropping % % on % would remove tenant isolation',
             obj.object_type, quote_ident(obj.address_names[3]), tbl
             USING ERRCODE = '42501',
