@@ -60,6 +60,13 @@ CREATE TABLE levqor.tenants (
                 CONSTRAINT tenants_isolation_check CHECK (isolation IN ('shared', 'schema')),
     parent      uuid REFERENCES levqor.tenants (id),
     settings    jsonb NOT NULL DEFAULT '{}' CONSTRAINT tenants_settings_object CHECK (jsonb_typeof(settings) = 'object'),
+    -- Lifecycle (sql/lifecycle.sql). A suspended tenant without a mode is
+    -- treated as blocked: fail closed.
+    suspension_mode   text CONSTRAINT tenants_suspension_mode_check CHECK (suspension_mode IN ('read_only', 'blocked')),
+    suspension_reason text,
+    trial_ends_at     timestamptz,
+    offboarded_at     timestamptz,
+    purge_after       timestamptz,
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()
 );

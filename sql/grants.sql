@@ -23,7 +23,7 @@ TO PUBLIC;
 -- adds a guard, and the TRUNCATE trigger function only refuses.
 GRANT EXECUTE ON FUNCTION
     levqor.enable_tenancy(regclass, name), levqor._register_protected(regclass, name),
-    levqor._tenant_qual(name), levqor._refuse_truncate()
+    levqor._tenant_qual(name), levqor._refuse_truncate(), levqor._write_guard()
 TO PUBLIC;
 
 GRANT EXECUTE ON FUNCTION
@@ -36,10 +36,17 @@ GRANT EXECUTE ON FUNCTION
 TO levqor_context_admin;
 
 GRANT EXECUTE ON FUNCTION
-    levqor.create_tenant(text, text, text, text, text, text),
+    levqor.create_tenant(text, text, text, text, text, text, timestamptz),
     levqor.issue_key(text, text, interval, uuid, text),
     levqor.revoke_key(text),
-    levqor.disable_tenancy(regclass)
+    levqor.disable_tenancy(regclass),
+    levqor.suspend_tenant(text, text, text),
+    levqor.resume_tenant(text),
+    levqor.change_plan(text, text, boolean),
+    levqor.tenant_storage_bytes(text),
+    levqor.offboard_tenant(text, interval),
+    levqor.purge_tenant(text, boolean),
+    levqor.rotate_keys(text, interval)
 TO levqor_admin;
 
 GRANT SELECT ON levqor.plans TO levqor_app, levqor_admin;

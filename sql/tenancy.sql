@@ -9,7 +9,9 @@
 --     adds can only ever narrow what a tenant sees, never widen it;
 --   * one PERMISSIVE policy levqor_base (true) so that, absent other
 --     policies, the restrictive ones decide;
---   * a BEFORE TRUNCATE trigger, because TRUNCATE ignores row level security.
+--   * a BEFORE TRUNCATE trigger, because TRUNCATE ignores row level security;
+--   * a BEFORE INSERT/UPDATE/DELETE statement trigger, the write guard, that
+--     refuses writes while the context's tenant is suspended (lifecycle.rs).
 
 -- The one expression every levqor policy must carry, for column c.
 CREATE FUNCTION levqor._tenant_qual(c name) RETURNS text
@@ -101,10 +103,17 @@ BEGIN
         IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
             RETURN NEXT 'the TRUNCATE guard trigger is missing';
         END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard') THEN
+            RETURN NEXT 'the write guard trigger is missing';
+        END IF;
     END IF;
     IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate'
                                            AND t.tgenabled = 'D') THEN
         RETURN NEXT 'the TRUNCATE guard trigger is disabled';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard'
+                                           AND t.tgenabled = 'D') THEN
+        RETURN NEXT 'the write guard trigger is disabled';
     END IF;
 END
 $fn$;
@@ -240,6 +249,10 @@ BEGIN
         EXECUTE format('CREATE TRIGGER levqor_no_truncate BEFORE TRUNCATE ON %s
                         FOR EACH STATEMENT EXECUTE FUNCTION levqor._refuse_truncate()', tbl);
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard') THEN
+        EXECUTE format('CREATE TRIGGER levqor_write_guard BEFORE INSERT OR UPDATE OR DELETE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._write_guard()', tbl);
+    END IF;
 
     -- Partitions can be queried directly, so each one is protected too.
     FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
@@ -286,6 +299,7 @@ BEGIN
         EXECUTE format('DROP POLICY %I ON %s', pol, tbl);
     END LOOP;
     EXECUTE format('DROP TRIGGER IF EXISTS levqor_no_truncate ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_write_guard ON %s', tbl);
     EXECUTE format('ALTER TABLE %s NO FORCE ROW LEVEL SECURITY', tbl);
     IF NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = tbl) THEN
         EXECUTE format('ALTER TABLE %s DISABLE ROW LEVEL SECURITY', tbl);
@@ -323,7 +337,7 @@ BEGIN
 END
 $fn$;
 
--- Drop guard: a levqor policy or the TRUNCATE trigger may go only with its table.
+-- Drop guard: a levqor policy or guard trigger may go only with its table.
 CREATE FUNCTION levqor._guard_drop() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_variable
@@ -339,7 +353,8 @@ BEGIN
         SELECT o.object_type, o.address_names
           FROM pg_event_trigger_dropped_objects() o
          WHERE o.object_type IN ('policy', 'trigger')
-           AND (o.address_names[3] LIKE 'levqor\_tenant\_%' OR o.address_names[3] = 'levqor_no_truncate')
+           AND (o.address_names[3] LIKE 'levqor\_tenant\_%'
+                OR o.address_names[3] IN ('levqor_no_truncate', 'levqor_write_guard'))
     LOOP
         tbl := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
         CONTINUE WHEN tbl IS NULL;  -- the table itself is going away

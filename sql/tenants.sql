@@ -30,7 +30,8 @@ CREATE FUNCTION levqor.create_tenant(
     plan      text DEFAULT 'free',
     region    text DEFAULT NULL,
     isolation text DEFAULT 'shared',
-    parent    text DEFAULT NULL
+    parent    text DEFAULT NULL,
+    trial_ends_at timestamptz DEFAULT NULL
 ) RETURNS TABLE (tenant_id uuid, api_key text)
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_variable
@@ -69,8 +70,9 @@ BEGIN
     END IF;
 
     BEGIN
-        INSERT INTO levqor.tenants (slug, name, plan, region, isolation, parent)
-        VALUES (slug, btrim(name), plan, region, isolation, parent_id)
+        INSERT INTO levqor.tenants (slug, name, plan, region, isolation, parent, status, trial_ends_at)
+        VALUES (slug, btrim(name), plan, region, isolation, parent_id,
+                CASE WHEN trial_ends_at IS NULL THEN 'active' ELSE 'trial' END, trial_ends_at)
         RETURNING id INTO new_id;
     EXCEPTION WHEN unique_violation THEN
         RAISE EXCEPTION 'tenant slug % already exists', quote_literal(slug) USING ERRCODE = '23505';
@@ -82,7 +84,8 @@ BEGIN
 
     PERFORM levqor._log_event(new_id, 'tenant_created',
         jsonb_build_object('slug', slug, 'plan', plan, 'region', region,
-                           'isolation', isolation, 'parent', parent_id, 'key_id', k.key_id));
+                           'isolation', isolation, 'parent', parent_id, 'key_id', k.key_id,
+                           'trial_ends_at', trial_ends_at));
 
     tenant_id := new_id;
     api_key := k.api_key;

@@ -16,17 +16,14 @@ use crate::{errors, keys, token};
 
 const KEY_SQL: &str = "
     SELECT k.tenant_id, k.key_hash, k.role, k.user_id, k.revoked_at IS NOT NULL, k.expires_at,
-           t.status, t.slug, 'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid
+           'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid
       FROM levqor.tenant_keys k
-      JOIN levqor.tenants t ON t.id = k.tenant_id
      WHERE k.key_id = $1";
 
-const TENANT_BY_ID_SQL: &str = "
-    SELECT id, slug, status, 'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid
-      FROM levqor.tenants WHERE id = $1";
-const TENANT_BY_SLUG_SQL: &str = "
-    SELECT id, slug, status, 'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid
-      FROM levqor.tenants WHERE slug = $1";
+const TENANT_BY_ID_SQL: &str = "SELECT id, slug, status, suspension_mode, suspension_reason, trial_ends_at,
+    'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid FROM levqor.tenants WHERE id = $1";
+const TENANT_BY_SLUG_SQL: &str = "SELECT id, slug, status, suspension_mode, suspension_reason, trial_ends_at,
+    'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid FROM levqor.tenants WHERE slug = $1";
 
 thread_local! {
     /// Plans are prepared once per backend under the pinned search_path and
@@ -67,25 +64,24 @@ fn from_uuid(u: Uuid) -> pgrx::Uuid {
     pgrx::Uuid::from_bytes(*u.as_bytes())
 }
 
+fn timestamp(row: &pgrx::spi::SpiHeapTupleData<'_>, i: usize) -> Option<Option<pgrx::pg_sys::TimestampTz>> {
+    Some(row.get::<pgrx::datum::TimestampWithTimeZone>(i).ok()?.map(pgrx::pg_sys::TimestampTz::from))
+}
+
 fn lookup_key(key_id: &str) -> Option<KeyRow> {
     cache::key(key_id, || {
         as_catalog_owner(|| {
             Spi::connect(|client| {
                 run(&client, KEY_SQL, PgBuiltInOids::TEXTOID, &[key_id.into()], |table| {
                     let row = table.into_iter().next()?;
-                    cache::remember_catalog(row.get(9).ok()??, row.get(10).ok()??);
+                    cache::remember_catalog(row.get(7).ok()??, row.get(8).ok()??);
                     Some(KeyRow {
                         tenant: to_uuid(row.get::<pgrx::Uuid>(1).ok()??),
                         hash: row.get::<Vec<u8>>(2).ok()??,
                         role: row.get::<String>(3).ok()??,
                         user: row.get::<pgrx::Uuid>(4).ok()?.map(to_uuid),
                         revoked: row.get::<bool>(5).ok()??,
-                        expires_at: row
-                            .get::<pgrx::datum::TimestampWithTimeZone>(6)
-                            .ok()?
-                            .map(pgrx::pg_sys::TimestampTz::from),
-                        status: row.get::<String>(7).ok()??,
-                        slug: row.get::<String>(8).ok()??,
+                        expires_at: timestamp(&row, 6)?,
                     })
                 })
             })
@@ -101,11 +97,14 @@ pub fn lookup_tenant(tenant: &str) -> Option<TenantRow> {
             Spi::connect(|client| {
                 let read = |table: pgrx::spi::SpiTupleTable<'_>| {
                     let row = table.into_iter().next()?;
-                    cache::remember_catalog(row.get(4).ok()??, row.get(5).ok()??);
+                    cache::remember_catalog(row.get(7).ok()??, row.get(8).ok()??);
                     Some(TenantRow {
                         id: to_uuid(row.get::<pgrx::Uuid>(1).ok()??),
                         slug: row.get::<String>(2).ok()??,
                         status: row.get::<String>(3).ok()??,
+                        suspension_mode: row.get::<String>(4).ok()?,
+                        suspension_reason: row.get::<String>(5).ok()?,
+                        trial_ends_at: timestamp(&row, 6)?,
                     })
                 };
                 match by_id {
@@ -117,16 +116,15 @@ pub fn lookup_tenant(tenant: &str) -> Option<TenantRow> {
     })
 }
 
-/// Refuse a context for tenants that may not have one.
-fn check_status(slug: &str, status: &str) {
-    match status {
-        "active" | "trial" => {}
-        "suspended" => errors::refused(
-            format!("tenant \"{slug}\" is suspended"),
-            Some("A levqor_admin can resume it with levqor.resume_tenant()."),
-        ),
-        "offboarded" => errors::refused(format!("tenant \"{slug}\" is offboarded"), None),
-        other => errors::refused(format!("tenant \"{slug}\" has unknown status \"{other}\""), None),
+pub fn lookup_tenant_id(id: Uuid) -> Option<TenantRow> {
+    lookup_tenant(&id.hyphenated().to_string())
+}
+
+/// Refuse a context for tenants that may not have one. A read-only
+/// (suspended) tenant gets one: the write guard refuses its writes.
+fn check_access(t: &TenantRow) {
+    if let cache::Access::Refused(why) = t.access() {
+        errors::refused(why, Some("A levqor_admin can see why in levqor.tenants and levqor.tenant_events."));
     }
 }
 
@@ -160,7 +158,8 @@ fn authenticate(api_key: Option<&str>, session: default!(bool, false)) -> pgrx::
             Some("Ask a levqor_admin for a new key (levqor.issue_key)."),
         );
     }
-    check_status(&row.slug, &row.status);
+    let Some(t) = lookup_tenant_id(row.tenant) else { errors::invalid_api_key() };
+    check_access(&t);
     let ctx = Context {
         tenant: row.tenant,
         user: row.user,
@@ -188,7 +187,7 @@ fn set_tenant(
     }
     let role = parse_role(member_role);
     let Some(t) = lookup_tenant(tenant) else { errors::unknown_tenant(tenant) };
-    check_status(&t.slug, &t.status);
+    check_access(&t);
     let ctx = Context { tenant: t.id, user: user_id.map(to_uuid), role, source: Source::SetTenant };
     context::apply(Some(&ctx), session);
     from_uuid(t.id)
@@ -220,7 +219,7 @@ fn set_tenant_token(token: Option<&str>, session: default!(bool, false)) -> pgrx
     let Some(t) = lookup_tenant(&claims.tenant) else {
         errors::refused("invalid levqor token: unknown tenant", None)
     };
-    check_status(&t.slug, &t.status);
+    check_access(&t);
     let ctx = Context { tenant: t.id, user, role, source: Source::Token };
     context::apply(Some(&ctx), session);
     from_uuid(t.id)

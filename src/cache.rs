@@ -30,14 +30,15 @@ pub struct KeyRow {
     pub user: Option<Uuid>,
     pub revoked: bool,
     pub expires_at: Option<pg_sys::TimestampTz>,
-    pub status: String,
-    pub slug: String,
+}
+
+fn now() -> pg_sys::TimestampTz {
+    unsafe { pg_sys::GetCurrentStatementStartTimestamp() }
 }
 
 impl KeyRow {
     pub fn expired(&self) -> bool {
-        let now = unsafe { pg_sys::GetCurrentStatementStartTimestamp() };
-        self.expires_at.is_some_and(|e| e <= now)
+        self.expires_at.is_some_and(|e| e <= now())
     }
 }
 
@@ -46,6 +47,33 @@ pub struct TenantRow {
     pub id: Uuid,
     pub slug: String,
     pub status: String,
+    pub suspension_mode: Option<String>,
+    pub suspension_reason: Option<String>,
+    pub trial_ends_at: Option<pg_sys::TimestampTz>,
+}
+
+/// What a tenant's status allows right now.
+pub enum Access {
+    Full,
+    ReadOnly,
+    Refused(String),
+}
+
+impl TenantRow {
+    pub fn access(&self) -> Access {
+        let slug = &self.slug;
+        match (self.status.as_str(), self.suspension_mode.as_deref()) {
+            ("active", _) => Access::Full,
+            ("trial", _) if self.trial_ends_at.is_some_and(|t| t <= now()) => {
+                Access::Refused(format!("the trial of tenant \"{slug}\" has ended"))
+            }
+            ("trial", _) => Access::Full,
+            ("suspended", Some("read_only")) => Access::ReadOnly,
+            ("suspended", _) => Access::Refused(format!("tenant \"{slug}\" is suspended")),
+            ("offboarded", _) => Access::Refused(format!("tenant \"{slug}\" is offboarded")),
+            (other, _) => Access::Refused(format!("tenant \"{slug}\" has unknown status \"{other}\"")),
+        }
+    }
 }
 
 thread_local! {
@@ -53,6 +81,13 @@ thread_local! {
     static TENANTS: RefCell<HashMap<String, TenantRow>> = RefCell::new(HashMap::new());
     /// The oids of levqor.tenants and levqor.tenant_keys, learnt on first fill.
     static CATALOG: Cell<[pg_sys::Oid; 2]> = const { Cell::new([pg_sys::InvalidOid; 2]) };
+    /// Set when the catalog changed: a session context must be re-checked.
+    static STALE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the catalog changed since the last call (and reset the flag).
+pub fn take_stale() -> bool {
+    STALE.with(|s| s.replace(false))
 }
 
 pub fn init() {
@@ -66,6 +101,7 @@ unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) 
 }
 
 pub fn clear() {
+    STALE.with(|s| s.set(true));
     KEYS.with(|k| k.borrow_mut().clear());
     TENANTS.with(|t| t.borrow_mut().clear());
 }

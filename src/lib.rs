@@ -19,6 +19,7 @@ mod cache;
 mod context;
 mod errors;
 mod keys;
+mod lifecycle;
 mod privilege;
 mod tenancy_tests;
 mod token;
@@ -26,6 +27,7 @@ mod token;
 extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
 extension_sql_file!("../sql/tenants.sql", name = "tenants", requires = ["catalog"]);
 extension_sql_file!("../sql/tenancy.sql", name = "tenancy", requires = ["tenants"]);
+extension_sql_file!("../sql/lifecycle.sql", name = "lifecycle", requires = ["tenancy"]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 thread_local! {
@@ -38,6 +40,7 @@ pub extern "C-unwind" fn _PG_init() {
     context::init();
     token::init();
     cache::init();
+    lifecycle::init();
     // Any other levqor.* name is a typo or an attempt at one; refuse it, and
     // drop placeholders a session made before the library was loaded.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"levqor".as_ptr()) };

@@ -1,0 +1,81 @@
+//! Enforcing the tenant lifecycle on contexts that already exist.
+//!
+//! `authenticate` and friends refuse new contexts for blocked, offboarded and
+//! expired-trial tenants. Two things cover the contexts made before a change:
+//!
+//! * the write guard, a statement trigger on every protected table, refuses
+//!   writes unless the context's tenant may write *now* (a suspended
+//!   `read_only` tenant reads but does not write);
+//! * an `ExecutorStart` hook: after the tenants table changed (the cache's
+//!   invalidation says so), the next query re-checks the context and clears it
+//!   if its tenant may no longer have one. It runs in the leader before any
+//!   parallel worker copies the context, so workers never see a stale one.
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+
+use crate::auth::lookup_tenant_id;
+use crate::cache::{self, Access};
+use crate::context;
+
+static mut PREV_EXECUTOR_START: pg_sys::ExecutorStart_hook_type = None;
+
+pub fn init() {
+    unsafe {
+        PREV_EXECUTOR_START = pg_sys::ExecutorStart_hook;
+        pg_sys::ExecutorStart_hook = Some(executor_start);
+    }
+}
+
+#[pg_guard]
+unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
+    // take_stale() resets the flag first, so the lookup's own queries pass
+    // straight through this hook.
+    if cache::take_stale() && pg_sys::ParallelWorkerNumber < 0 {
+        recheck_context();
+    }
+    match PREV_EXECUTOR_START {
+        Some(prev) => prev(query, eflags),
+        None => pg_sys::standard_ExecutorStart(query, eflags),
+    }
+}
+
+fn recheck_context() {
+    let Some(ctx) = context::current() else { return };
+    let refused = match lookup_tenant_id(ctx.tenant) {
+        None => Some("its tenant no longer exists".to_string()),
+        Some(t) => match t.access() {
+            Access::Refused(why) => Some(why),
+            Access::Full | Access::ReadOnly => None,
+        },
+    };
+    if let Some(why) = refused {
+        context::apply(None, true);
+        ereport!(WARNING, PgSqlErrorCode::ERRCODE_WARNING, format!("levqor: tenant context cleared: {why}"));
+    }
+}
+
+/// BEFORE INSERT OR UPDATE OR DELETE, once per statement, on protected tables.
+#[pg_trigger]
+fn _write_guard<'a>(
+    _trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    // No context: the policies already refuse (or match nothing).
+    let Some(ctx) = context::current() else { return Ok(None) };
+    let Some(t) = lookup_tenant_id(ctx.tenant) else {
+        crate::errors::refused("the tenant of this context no longer exists", None)
+    };
+    match t.access() {
+        Access::Full => Ok(None),
+        Access::ReadOnly => crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            format!(
+                "tenant \"{}\" is suspended (read only): writes are refused{}",
+                t.slug,
+                t.suspension_reason.map(|r| format!(" ({r})")).unwrap_or_default()
+            ),
+            Some("A levqor_admin can lift the suspension with levqor.resume_tenant()."),
+        ),
+        Access::Refused(why) => crate::errors::refused(why, None),
+    }
+}
