@@ -46,11 +46,13 @@ GRANT EXECUTE ON FUNCTION
     levqor.tenant_storage_bytes(text),
     levqor.offboard_tenant(text, interval),
     levqor.purge_tenant(text, boolean),
-    levqor.rotate_keys(text, interval)
+    levqor.rotate_keys(text, interval),
+    levqor.isolation_report(),
+    levqor.exempt_from_report(regclass, text)
 TO levqor_admin;
 
 GRANT SELECT ON levqor.plans TO levqor_app, levqor_admin;
-GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables TO levqor_admin;
+GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables, levqor.report_exemptions TO levqor_admin;
 -- Key metadata, never the hashes.
 GRANT SELECT (key_id, tenant_id, role, user_id, label, created_at, created_by, expires_at, revoked_at)
     ON levqor.tenant_keys TO levqor_admin;

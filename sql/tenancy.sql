@@ -254,6 +254,21 @@ BEGIN
                         FOR EACH STATEMENT EXECUTE FUNCTION levqor._write_guard()', tbl);
     END IF;
 
+    -- A unique constraint without the tenant column answers, through its
+    -- errors, whether another tenant already has a value. Warn; rewriting a
+    -- constraint others may reference is the owner's decision.
+    DECLARE
+        u record;
+    BEGIN
+        FOR u IN SELECT i.indexrelid::regclass AS idx FROM pg_index i
+                  WHERE i.indrelid = tbl AND i.indisunique AND NOT i.indisprimary
+                    AND NOT (col.attnum = ANY (i.indkey::int2[])) LOOP
+            RAISE WARNING 'levqor: unique index % on % does not include %: its errors tell one tenant what another has',
+                u.idx, tbl, quote_ident(tenant_column)
+                USING HINT = format('Make it UNIQUE (%I, …) unless the values must be unique across tenants.', tenant_column);
+        END LOOP;
+    END;
+
     -- Partitions can be queried directly, so each one is protected too.
     FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
         PERFORM levqor.enable_tenancy(child, tenant_column);
