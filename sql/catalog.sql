@@ -62,6 +62,7 @@ CREATE TABLE levqor.tenants (
     settings    jsonb NOT NULL DEFAULT '{}' CONSTRAINT tenants_settings_object CHECK (jsonb_typeof(settings) = 'object'),
     -- Lifecycle (sql/lifecycle.sql). A suspended tenant without a mode is
     -- treated as blocked: fail closed.
+    schema_name       name CONSTRAINT tenants_schema_name_key UNIQUE,
     suspension_mode   text CONSTRAINT tenants_suspension_mode_check CHECK (suspension_mode IN ('read_only', 'blocked')),
     suspension_reason text,
     trial_ends_at     timestamptz,
@@ -110,6 +111,23 @@ CREATE TABLE levqor.protected_tables (
     enabled_by     name NOT NULL DEFAULT session_user
 );
 
+-- The template for schema-isolation tenants: every table here is cloned
+-- into each new tenant's schema (sql/schemas.sql).
+CREATE SCHEMA IF NOT EXISTS levqor_template;
+COMMENT ON SCHEMA levqor_template IS 'levqor: tables created here are cloned into every schema-isolation tenant';
+
+-- What levqor.migrate() ran where.
+CREATE TABLE levqor.migrations (
+    name        text NOT NULL,
+    schema_name name NOT NULL,
+    status      text NOT NULL CONSTRAINT migrations_status_check CHECK (status IN ('done', 'failed')),
+    error       text,
+    attempts    int NOT NULL DEFAULT 1,
+    ran_at      timestamptz NOT NULL DEFAULT clock_timestamp(),
+    ran_by      name NOT NULL DEFAULT session_user,
+    PRIMARY KEY (name, schema_name)
+);
+
 -- pg_dump keeps the rows of extension tables only when asked. Built-in plans
 -- are recreated by CREATE EXTENSION, so only custom ones are dumped.
 SELECT pg_catalog.pg_extension_config_dump('levqor.plans', 'WHERE NOT builtin');
@@ -117,4 +135,5 @@ SELECT pg_catalog.pg_extension_config_dump('levqor.tenants', '');
 SELECT pg_catalog.pg_extension_config_dump('levqor.tenant_keys', '');
 SELECT pg_catalog.pg_extension_config_dump('levqor.tenant_events', '');
 SELECT pg_catalog.pg_extension_config_dump('levqor.protected_tables', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.migrations', '');
 SELECT pg_catalog.pg_extension_config_dump('levqor.tenant_events_id_seq', '');

@@ -173,6 +173,13 @@ BEGIN
             RETURN NEXT;
         END IF;
     END LOOP;
+    IF t.schema_name IS NOT NULL AND to_regnamespace(quote_ident(t.schema_name)) IS NOT NULL THEN
+        EXECUTE format('DROP SCHEMA %I CASCADE', t.schema_name);
+        table_name := t.schema_name || '.*';
+        rows_deleted := NULL;
+        counts := counts || jsonb_build_object('schema', t.schema_name);
+        RETURN NEXT;
+    END IF;
     DELETE FROM levqor.tenant_keys k WHERE k.tenant_id = t.id;
     DELETE FROM levqor.tenants WHERE id = t.id;
     -- The tombstone: who was purged, when, by whom, and how much.

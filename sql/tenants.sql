@@ -38,6 +38,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 DECLARE
     new_id     uuid;
     parent_id  uuid;
+    schema     name;
     k          record;
 BEGIN
     IF slug IS NULL OR slug !~ '^[a-z0-9_-]{1,63}$' THEN
@@ -59,8 +60,11 @@ BEGIN
             USING ERRCODE = '22023', HINT = 'A region is lowercase letters, digits and "-", e.g. eu-west-1.';
     END IF;
     IF isolation = 'schema' THEN
-        RAISE EXCEPTION 'schema isolation is not available in this version of levqor'
-            USING ERRCODE = '0A000', HINT = 'Use isolation => ''shared'' (row-level isolation).';
+        IF length(slug) > 56 THEN
+            RAISE EXCEPTION 'the slug of a schema tenant is at most 56 characters'
+                USING ERRCODE = '22023', HINT = 'Its schema is tenant_<slug>, and names are at most 63 characters.';
+        END IF;
+        schema := 'tenant_' || replace(slug, '-', '_');
     ELSIF isolation IS DISTINCT FROM 'shared' THEN
         RAISE EXCEPTION 'unknown isolation %', coalesce(quote_literal(isolation), 'NULL')
             USING ERRCODE = '22023', HINT = 'isolation is ''shared'' or ''schema''.';
@@ -70,13 +74,21 @@ BEGIN
     END IF;
 
     BEGIN
-        INSERT INTO levqor.tenants (slug, name, plan, region, isolation, parent, status, trial_ends_at)
+        INSERT INTO levqor.tenants (slug, name, plan, region, isolation, parent, status, trial_ends_at, schema_name)
         VALUES (slug, btrim(name), plan, region, isolation, parent_id,
-                CASE WHEN trial_ends_at IS NULL THEN 'active' ELSE 'trial' END, trial_ends_at)
+                CASE WHEN trial_ends_at IS NULL THEN 'active' ELSE 'trial' END, trial_ends_at, schema)
         RETURNING id INTO new_id;
     EXCEPTION WHEN unique_violation THEN
-        RAISE EXCEPTION 'tenant slug % already exists', quote_literal(slug) USING ERRCODE = '23505';
+        RAISE EXCEPTION 'tenant slug % already exists%', quote_literal(slug),
+            CASE WHEN schema IS NULL THEN '' ELSE format(' (or a tenant with schema %I)', schema) END
+            USING ERRCODE = '23505';
     END;
+    IF schema IS NOT NULL THEN
+        IF to_regnamespace(quote_ident(schema)) IS NOT NULL THEN
+            RAISE EXCEPTION 'schema % already exists', quote_ident(schema) USING ERRCODE = '42P06';
+        END IF;
+        PERFORM levqor._clone_template(schema, new_id);
+    END IF;
 
     SELECT * INTO k FROM levqor._new_api_key();
     INSERT INTO levqor.tenant_keys (key_id, tenant_id, key_hash, role, label)
@@ -84,7 +96,7 @@ BEGIN
 
     PERFORM levqor._log_event(new_id, 'tenant_created',
         jsonb_build_object('slug', slug, 'plan', plan, 'region', region,
-                           'isolation', isolation, 'parent', parent_id, 'key_id', k.key_id,
+                           'isolation', isolation, 'schema', schema, 'parent', parent_id, 'key_id', k.key_id,
                            'trial_ends_at', trial_ends_at));
 
     tenant_id := new_id;

@@ -21,9 +21,11 @@ const KEY_SQL: &str = "
      WHERE k.key_id = $1";
 
 const TENANT_BY_ID_SQL: &str = "SELECT id, slug, status, suspension_mode, suspension_reason, trial_ends_at,
-    'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid FROM levqor.tenants WHERE id = $1";
+    'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid, schema_name::text
+    FROM levqor.tenants WHERE id = $1";
 const TENANT_BY_SLUG_SQL: &str = "SELECT id, slug, status, suspension_mode, suspension_reason, trial_ends_at,
-    'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid FROM levqor.tenants WHERE slug = $1";
+    'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid, schema_name::text
+    FROM levqor.tenants WHERE slug = $1";
 
 thread_local! {
     /// Plans are prepared once per backend under the pinned search_path and
@@ -105,6 +107,7 @@ pub fn lookup_tenant(tenant: &str) -> Option<TenantRow> {
                         suspension_mode: row.get::<String>(4).ok()?,
                         suspension_reason: row.get::<String>(5).ok()?,
                         trial_ends_at: timestamp(&row, 6)?,
+                        schema: row.get::<String>(9).ok()?,
                     })
                 };
                 match by_id {
@@ -166,7 +169,7 @@ fn authenticate(api_key: Option<&str>, session: default!(bool, false)) -> pgrx::
         role: MemberRole::parse(&row.role),
         source: Source::ApiKey,
     };
-    context::apply(Some(&ctx), session);
+    context::apply_for(&ctx, t.schema.as_deref(), session);
     from_uuid(row.tenant)
 }
 
@@ -189,7 +192,7 @@ fn set_tenant(
     let Some(t) = lookup_tenant(tenant) else { errors::unknown_tenant(tenant) };
     check_access(&t);
     let ctx = Context { tenant: t.id, user: user_id.map(to_uuid), role, source: Source::SetTenant };
-    context::apply(Some(&ctx), session);
+    context::apply_for(&ctx, t.schema.as_deref(), session);
     from_uuid(t.id)
 }
 
@@ -221,7 +224,7 @@ fn set_tenant_token(token: Option<&str>, session: default!(bool, false)) -> pgrx
     };
     check_access(&t);
     let ctx = Context { tenant: t.id, user, role, source: Source::Token };
-    context::apply(Some(&ctx), session);
+    context::apply_for(&ctx, t.schema.as_deref(), session);
     from_uuid(t.id)
 }
 

@@ -50,6 +50,8 @@ pub struct TenantRow {
     pub suspension_mode: Option<String>,
     pub suspension_reason: Option<String>,
     pub trial_ends_at: Option<pg_sys::TimestampTz>,
+    /// The tenant's own schema, for schema-isolation tenants.
+    pub schema: Option<String>,
 }
 
 /// What a tenant's status allows right now.

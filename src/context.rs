@@ -138,6 +138,8 @@ thread_local! {
     static WRITING: Cell<bool> = const { Cell::new(false) };
     /// Whether this session was already told that its context ends with the statement.
     static NOTICED: Cell<bool> = const { Cell::new(false) };
+    /// Whether a session-scoped context set search_path (to undo on clear).
+    static SESSION_PATH: Cell<bool> = const { Cell::new(false) };
 }
 
 pub fn current() -> Option<Context> {
@@ -235,6 +237,49 @@ pub fn apply(ctx: Option<&Context>, session: bool) {
     }
 }
 
+fn set_search_path(value: Option<&CStr>, session: bool) {
+    let action = if session {
+        pg_sys::GucAction::GUC_ACTION_SET
+    } else {
+        pg_sys::GucAction::GUC_ACTION_LOCAL
+    };
+    unsafe {
+        pg_sys::set_config_option(
+            c"search_path".as_ptr(),
+            value.map_or(std::ptr::null(), CStr::as_ptr),
+            pg_sys::GucContext::PGC_USERSET,
+            pg_sys::GucSource::PGC_S_SESSION,
+            action,
+            true,
+            pg_sys::PGERROR as i32,
+            false,
+        );
+    }
+}
+
+/// Set the context and, for a schema-isolation tenant, point search_path at
+/// its schema (then public), for the same scope.
+pub fn apply_for(ctx: &Context, schema: Option<&str>, session: bool) {
+    apply(Some(ctx), session);
+    if let Some(schema) = schema {
+        let quoted = pgrx::spi::quote_identifier(schema);
+        let path = CString::new(format!("{quoted}, public")).expect("identifiers have no NUL");
+        set_search_path(Some(&path), session);
+        if session {
+            SESSION_PATH.with(|p| p.set(true));
+        }
+    }
+}
+
+/// Clear the context for the session and the transaction, and undo a
+/// search_path a session-scoped schema context had set.
+pub fn clear() {
+    apply(None, true);
+    if SESSION_PATH.with(|p| p.replace(false)) {
+        set_search_path(None, true);
+    }
+}
+
 /// The tenant the current transaction acts for; NULL when there is none, so
 /// that `tenant_id = levqor.current_tenant()` matches no row (fail closed).
 #[pg_extern(stable, parallel_safe)]
@@ -278,7 +323,7 @@ fn context_info() -> TableIterator<
 /// Drop the context, for the session and the transaction alike.
 #[pg_extern(volatile, parallel_unsafe)]
 fn clear_tenant() {
-    apply(None, true);
+    clear();
 }
 
 #[cfg(any(test, feature = "pg_test"))]

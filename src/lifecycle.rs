@@ -50,23 +50,18 @@ fn recheck_context() {
         },
     };
     if let Some(why) = refused {
-        context::apply(None, true);
+        context::clear();
         ereport!(WARNING, PgSqlErrorCode::ERRCODE_WARNING, format!("levqor: tenant context cleared: {why}"));
     }
 }
 
-/// BEFORE INSERT OR UPDATE OR DELETE, once per statement, on protected tables.
-#[pg_trigger]
-fn _write_guard<'a>(
-    _trigger: &'a pgrx::PgTrigger<'a>,
-) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
-    // No context: the policies already refuse (or match nothing).
-    let Some(ctx) = context::current() else { return Ok(None) };
+/// May the context's tenant write now? Raises if not.
+fn check_write(ctx: &context::Context) {
     let Some(t) = lookup_tenant_id(ctx.tenant) else {
         crate::errors::refused("the tenant of this context no longer exists", None)
     };
     match t.access() {
-        Access::Full => Ok(None),
+        Access::Full => {}
         Access::ReadOnly => crate::errors::raise(
             PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
             format!(
@@ -78,4 +73,45 @@ fn _write_guard<'a>(
         ),
         Access::Refused(why) => crate::errors::refused(why, None),
     }
+}
+
+/// BEFORE INSERT OR UPDATE OR DELETE, once per statement, on protected tables.
+#[pg_trigger]
+fn _write_guard<'a>(
+    _trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    // No context: the policies already refuse (or match nothing).
+    if let Some(ctx) = context::current() {
+        check_write(&ctx);
+    }
+    Ok(None)
+}
+
+/// BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE, once per statement, on the
+/// tables of a tenant's schema; the trigger's argument is the owning tenant.
+/// Row level security already hides other schemas' rows; this also stops
+/// TRUNCATE (which ignores it) and writes while suspended.
+#[pg_trigger]
+fn _schema_guard<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    let owner = trigger
+        .extra_args()?
+        .first()
+        .and_then(|a| uuid::Uuid::parse_str(a).ok())
+        .unwrap_or_else(|| crate::errors::refused("levqor_schema_guard has no tenant argument", None));
+    match context::current() {
+        // Maintenance by a role that bypasses row level security (migrations).
+        None if unsafe { pg_sys::has_bypassrls_privilege(pg_sys::GetUserId()) } => {}
+        None => crate::errors::not_allowed(
+            format!("no levqor tenant context for a write to {}", trigger.table_name()?),
+            Some("Call levqor.authenticate() in this transaction first."),
+        ),
+        Some(ctx) if ctx.tenant != owner => crate::errors::not_allowed(
+            format!("{}.{} belongs to another tenant's schema", trigger.table_schema()?, trigger.table_name()?),
+            None,
+        ),
+        Some(ctx) => check_write(&ctx),
+    }
+    Ok(None)
 }
