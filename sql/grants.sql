@@ -52,7 +52,7 @@ GRANT EXECUTE ON FUNCTION
 TO levqor_admin;
 
 GRANT SELECT ON levqor.plans TO levqor_app, levqor_admin;
-GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables, levqor.report_exemptions, levqor.migrations TO levqor_admin;
+GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables, levqor.report_exemptions, levqor.migrations, levqor.adoptions TO levqor_admin;
 -- Key metadata, never the hashes.
 GRANT SELECT (key_id, tenant_id, role, user_id, label, created_at, created_by, expires_at, revoked_at)
     ON levqor.tenant_keys TO levqor_admin;

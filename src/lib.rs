@@ -30,6 +30,7 @@ extension_sql_file!("../sql/tenancy.sql", name = "tenancy", requires = ["tenants
 extension_sql_file!("../sql/lifecycle.sql", name = "lifecycle", requires = ["tenancy"]);
 extension_sql_file!("../sql/report.sql", name = "report", requires = ["lifecycle"]);
 extension_sql_file!("../sql/schemas.sql", name = "schemas", requires = ["report"]);
+extension_sql_file!("../sql/adopt.sql", name = "adopt", requires = ["schemas"]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 thread_local! {
