@@ -25,6 +25,8 @@ cargo pgrx test pg15 --runas postgres --pgdata /tmp/levqor-pgdata/data
 
 step "install the extension into PostgreSQL 15"
 cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
+# The previous release's install script, for the upgrade test.
+cp sql/archive/levqor--0.1.0.sql "$("$PG_CONFIG" --sharedir)/extension/"
 
 step "throwaway clusters"
 cleanup() {

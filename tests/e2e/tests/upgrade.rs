@@ -1,0 +1,113 @@
+//! ALTER EXTENSION levqor UPDATE from 0.1.0, with data in place: the data and
+//! its protection survive, the new features work, and the catalog is the
+//! same as a fresh install of the new version.
+//! (scripts/test.sh installs sql/archive/levqor--0.1.0.sql beside the new one.)
+
+use levqor_e2e::*;
+
+const FINGERPRINT: &str = "
+WITH ext AS (SELECT oid FROM pg_extension WHERE extname = 'levqor')
+SELECT x FROM (
+  SELECT 'fn ' || p.oid::regprocedure::text || ' ' || p.prokind::text || p.provolatile::text || p.proparallel::text
+         || p.prosecdef::text || p.proleakproof::text || p.proisstrict::text || ' '
+         || coalesce(array_to_string(p.proconfig, ','), '') || ' ' || md5(p.prosrc) || ' '
+         || coalesce(p.probin, '') || ' ' || coalesce(pg_get_function_result(p.oid), '') || ' '
+         || coalesce(array_to_string(ARRAY(SELECT unnest(p.proacl)::text ORDER BY 1), ','), '') AS x
+    FROM pg_proc p WHERE p.pronamespace = 'levqor'::regnamespace
+  UNION ALL
+  SELECT 'col ' || c.relname || '.' || a.attname || ' ' || format_type(a.atttypid, a.atttypmod) || ' '
+         || a.attnotnull::text || ' ' || coalesce(pg_get_expr(d.adbin, d.adrelid), '') || ' ' || a.attidentity::text
+    FROM pg_class c
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+    LEFT JOIN pg_attrdef d ON d.adrelid = c.oid AND d.adnum = a.attnum
+   WHERE c.relnamespace = 'levqor'::regnamespace AND c.relkind IN ('r', 'v')
+  UNION ALL
+  SELECT 'rel ' || c.relname || ' ' || c.relkind::text || ' '
+         || coalesce(array_to_string(ARRAY(SELECT unnest(c.relacl)::text ORDER BY 1), ','), '')
+    FROM pg_class c WHERE c.relnamespace = 'levqor'::regnamespace
+  UNION ALL
+  SELECT 'colacl ' || c.relname || '.' || a.attname || ' ' || array_to_string(ARRAY(SELECT unnest(a.attacl)::text ORDER BY 1), ',')
+    FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attacl IS NOT NULL
+   WHERE c.relnamespace = 'levqor'::regnamespace
+  UNION ALL
+  SELECT 'con ' || conrelid::regclass::text || ' ' || conname || ' ' || pg_get_constraintdef(oid)
+    FROM pg_constraint WHERE connamespace = 'levqor'::regnamespace
+  UNION ALL
+  SELECT 'idx ' || pg_get_indexdef(indexrelid)
+    FROM pg_index WHERE indrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'levqor'::regnamespace)
+  UNION ALL
+  SELECT 'trg ' || pg_get_triggerdef(oid)
+    FROM pg_trigger WHERE NOT tgisinternal AND tgrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'levqor'::regnamespace)
+  UNION ALL
+  SELECT 'evt ' || evtname || ' ' || evtevent || ' ' || evtfoid::regproc::text || ' ' || evtenabled::text || ' '
+         || coalesce(array_to_string(evttags, ','), '')
+    FROM pg_event_trigger
+  UNION ALL
+  SELECT 'nsp ' || nspname || ' ' || coalesce(array_to_string(ARRAY(SELECT unnest(nspacl)::text ORDER BY 1), ','), '')
+    FROM pg_namespace WHERE nspname IN ('levqor', 'levqor_template')
+  UNION ALL
+  SELECT 'cfg ' || u.c::regclass::text || ' ' || coalesce(u.w, '')
+    FROM pg_extension e, unnest(e.extconfig, e.extcondition) AS u(c, w) WHERE e.extname = 'levqor'
+  UNION ALL
+  SELECT 'member ' || pg_describe_object(classid, objid, objsubid)
+    FROM pg_depend, ext WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e' AND refobjid = ext.oid
+) f ORDER BY 1";
+
+fn fingerprint(c: &mut Client) -> Vec<String> {
+    c.query(FINGERPRINT, &[]).unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+fn fresh(prefix: &str) -> (String, Client) {
+    let _ = db();
+    let name = unique(prefix);
+    connect_to(port(), "postgres", "postgres").batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    let c = connect_to(port(), "postgres", &name);
+    (name, c)
+}
+
+#[test]
+fn update_from_0_1_0_keeps_data_and_matches_a_fresh_install() {
+    let (old_db, mut old) = fresh("upgrade_old");
+    old.batch_execute(&format!(
+        "CREATE EXTENSION levqor VERSION '0.1.0';
+         CREATE TABLE orders (id bigserial PRIMARY KEY, item text NOT NULL);
+         SELECT levqor.enable_tenancy('orders');
+         GRANT SELECT, INSERT, UPDATE, DELETE ON orders TO {APP};
+         GRANT USAGE ON SEQUENCE orders_id_seq TO {APP};"
+    ))
+    .unwrap();
+    let a = create_tenant_on(&mut old, "upg-a");
+    let b = create_tenant_on(&mut old, "upg-b");
+    old.execute("INSERT INTO orders (item, tenant_id) VALUES ('a-order', $1), ('b-order', $2)", &[&a.id, &b.id]).unwrap();
+    let version: String = old.query_one("SELECT extversion FROM pg_extension WHERE extname = 'levqor'", &[]).unwrap().get(0);
+    assert_eq!(version, "0.1.0");
+
+    old.batch_execute("ALTER EXTENSION levqor UPDATE").unwrap();
+    let version: String = old.query_one("SELECT extversion FROM pg_extension WHERE extname = 'levqor'", &[]).unwrap().get(0);
+    assert_eq!(version, "0.2.0");
+
+    // Data, keys and protection came through.
+    let mut c = connect_to(port(), APP, &old_db);
+    assert_eq!(as_tenant(&mut c, &a, |tx| tx.query("SELECT item FROM orders", &[]).unwrap().len()), 1);
+    assert_eq!(c.query("SELECT item FROM orders", &[]).unwrap().len(), 0);
+    assert_eq!(sqlstate(old.batch_execute("ALTER TABLE orders NO FORCE ROW LEVEL SECURITY")), "42501");
+    // What 0.2.0 added works on the old tables: suspension refuses writes.
+    old.execute("SELECT levqor.suspend_tenant($1, 'upgrade test')", &[&b.slug]).unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT levqor.authenticate($1)", &[&b.key]).unwrap();
+    assert_eq!(sqlstate(tx.execute("INSERT INTO orders (item) VALUES ('x')", &[])), "25006");
+    drop(tx);
+    assert!(old.query("SELECT * FROM levqor.isolation_report()", &[]).unwrap().is_empty());
+
+    // The catalog is exactly that of a fresh 0.2.0 install.
+    let (_new_db, mut new) = fresh("upgrade_new");
+    new.batch_execute("CREATE EXTENSION levqor").unwrap();
+    let (o, n) = (fingerprint(&mut old), fingerprint(&mut new));
+    let only_old: Vec<_> = o.iter().filter(|x| !n.contains(x)).collect();
+    let only_new: Vec<_> = n.iter().filter(|x| !o.contains(x)).collect();
+    assert!(
+        only_old.is_empty() && only_new.is_empty(),
+        "upgraded catalog differs from a fresh install\nonly after upgrade: {only_old:#?}\nonly in fresh install: {only_new:#?}"
+    );
+    assert!(o.len() > 100, "the fingerprint covers the catalog ({} items)", o.len());
+}
