@@ -26,6 +26,8 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use uuid::Uuid;
 
+use crate::guc;
+
 
 pub const GUC_NAME: &CStr = c"levqor.context";
 
@@ -207,25 +209,9 @@ pub fn apply(ctx: Option<&Context>, session: bool) {
     }
     WRITING.with(|w| w.set(true));
     let _reset = Writing;
-    let action = if session {
-        pg_sys::GucAction::GUC_ACTION_SET
-    } else {
-        pg_sys::GucAction::GUC_ACTION_LOCAL
-    };
-    // PGC_SUSET as the context argument: levqor acts with the authority to
-    // set a superuser-only parameter, which an ordinary role never has.
-    unsafe {
-        pg_sys::set_config_option(
-            GUC_NAME.as_ptr(),
-            value.as_ptr(),
-            pg_sys::GucContext::PGC_SUSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            action,
-            true,
-            pg_sys::PGERROR as i32,
-            false,
-        );
-    }
+    // With superuser authority: levqor may set this superuser-only parameter;
+    // an ordinary role never can.
+    guc::set(GUC_NAME, Some(&value), guc::Scope::of_session(session), true);
     if ctx.is_some() && !session && unsafe { !pg_sys::IsTransactionBlock() } && !NOTICED.with(|n| n.replace(true)) {
         // Once per session: a hint for people at psql, not noise in loops.
         ereport!(
@@ -237,26 +223,6 @@ pub fn apply(ctx: Option<&Context>, session: bool) {
     }
 }
 
-fn set_search_path(value: Option<&CStr>, session: bool) {
-    let action = if session {
-        pg_sys::GucAction::GUC_ACTION_SET
-    } else {
-        pg_sys::GucAction::GUC_ACTION_LOCAL
-    };
-    unsafe {
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            value.map_or(std::ptr::null(), CStr::as_ptr),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            action,
-            true,
-            pg_sys::PGERROR as i32,
-            false,
-        );
-    }
-}
-
 /// Set the context and, for a schema-isolation tenant, point search_path at
 /// its schema (then public), for the same scope.
 pub fn apply_for(ctx: &Context, schema: Option<&str>, session: bool) {
@@ -264,7 +230,7 @@ pub fn apply_for(ctx: &Context, schema: Option<&str>, session: bool) {
     if let Some(schema) = schema {
         let quoted = pgrx::spi::quote_identifier(schema);
         let path = CString::new(format!("{quoted}, public")).expect("identifiers have no NUL");
-        set_search_path(Some(&path), session);
+        guc::set(c"search_path", Some(&path), guc::Scope::of_session(session), false);
         if session {
             SESSION_PATH.with(|p| p.set(true));
         }
@@ -276,7 +242,7 @@ pub fn apply_for(ctx: &Context, schema: Option<&str>, session: bool) {
 pub fn clear() {
     apply(None, true);
     if SESSION_PATH.with(|p| p.replace(false)) {
-        set_search_path(None, true);
+        guc::set(c"search_path", None, guc::Scope::Session, false);
     }
 }
 

@@ -18,6 +18,7 @@ mod auth;
 mod cache;
 mod context;
 mod errors;
+mod guc;
 mod keys;
 mod lifecycle;
 mod privilege;

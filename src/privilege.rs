@@ -45,19 +45,7 @@ pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> R {
     }
     let nest = unsafe { pg_sys::NewGUCNestLevel() };
     let _restore = Restore { user, sec_context, nest };
-    let path = CString::new("pg_catalog, pg_temp").unwrap();
-    unsafe {
-        pg_sys::set_config_option(
-            c"search_path".as_ptr(),
-            path.as_ptr(),
-            pg_sys::GucContext::PGC_USERSET,
-            pg_sys::GucSource::PGC_S_SESSION,
-            pg_sys::GucAction::GUC_ACTION_SAVE,
-            true,
-            pg_sys::PGERROR as i32,
-            false,
-        );
-    }
+    crate::guc::set(c"search_path", Some(c"pg_catalog, pg_temp"), crate::guc::Scope::Nested, false);
     f()
 }
 

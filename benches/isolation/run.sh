@@ -11,14 +11,10 @@ cd "$(dirname "$0")/../.."
 SECS=${1:-20}
 CLIENTS=${2:-2}
 PORT=${LEVQOR_BENCH_PORT:-28817}
-BIN=/usr/lib/postgresql/15/bin
 HERE=benches/isolation
+. benches/common.sh
 
-scripts/bootstrap.sh >/dev/null
-echo "building levqor (release) and installing…"
-cargo pgrx install --release --pg-config "$BIN/pg_config" >/dev/null
-trap 'scripts/cluster.sh stop bench' EXIT
-scripts/cluster.sh start bench "$PORT" preload
+start_bench_cluster bench "$PORT"
 echo "shared_buffers = '1GB'" >> /tmp/levqor-clusters/bench/data/postgresql.conf
 runuser -u postgres -- "$BIN/pg_ctl" -D /tmp/levqor-clusters/bench/data -w restart -l /tmp/levqor-clusters/bench/server.log >/dev/null
 scripts/cluster.sh psql bench -c "CREATE DATABASE bench" >/dev/null

@@ -8,14 +8,10 @@ cd "$(dirname "$0")/../.."
 SHARED=${1:-10000}
 SCHEMA=${2:-2000}
 PORT=${LEVQOR_BENCH_PORT:-28818}
-BIN=/usr/lib/postgresql/15/bin
 HERE=benches/provisioning
+. benches/common.sh
 
-scripts/bootstrap.sh >/dev/null
-echo "building levqor (release) and installing…"
-cargo pgrx install --release --pg-config "$BIN/pg_config" >/dev/null
-trap 'scripts/cluster.sh stop provisioning' EXIT
-scripts/cluster.sh start provisioning "$PORT" preload
+start_bench_cluster provisioning "$PORT"
 psql() { scripts/cluster.sh psql provisioning -d bench -v ON_ERROR_STOP=1 -qAt "$@"; }
 scripts/cluster.sh psql provisioning -c "CREATE DATABASE bench" >/dev/null
 psql -c "CREATE EXTENSION levqor" 2>/dev/null
