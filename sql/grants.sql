@@ -23,7 +23,8 @@ TO PUBLIC;
 -- adds a guard, and the TRUNCATE trigger function only refuses.
 GRANT EXECUTE ON FUNCTION
     levqor.enable_tenancy(regclass, name), levqor._register_protected(regclass, name),
-    levqor._tenant_qual(name), levqor._refuse_truncate(), levqor._write_guard()
+    levqor._tenant_qual(name), levqor._refuse_truncate(), levqor._write_guard(),
+    levqor.enable_audit(regclass), levqor._audit_row()
 TO PUBLIC;
 
 GRANT EXECUTE ON FUNCTION
@@ -48,10 +49,18 @@ GRANT EXECUTE ON FUNCTION
     levqor.purge_tenant(text, boolean),
     levqor.rotate_keys(text, interval),
     levqor.isolation_report(),
-    levqor.exempt_from_report(regclass, text)
+    levqor.exempt_from_report(regclass, text),
+    levqor.disable_audit(regclass),
+    levqor.seal_audit(integer),
+    levqor.verify_audit(text),
+    levqor.audit_head(text)
 TO levqor_admin;
 
 GRANT SELECT ON levqor.plans TO levqor_app, levqor_admin;
+-- The audit log: row level security shows tenants their own trail (auditor,
+-- admin, owner) and levqor_admin all of it; nobody is granted any write.
+GRANT SELECT ON levqor.audit_log TO PUBLIC;
+GRANT SELECT ON levqor.audit_heads TO levqor_admin;
 GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables, levqor.report_exemptions, levqor.migrations, levqor.adoptions TO levqor_admin;
 -- Key metadata, never the hashes.
 GRANT SELECT (key_id, tenant_id, role, user_id, label, created_at, created_by, expires_at, revoked_at)

@@ -1,10 +1,11 @@
 -- levqor 0.1.0 -> 0.2.0
 --
 -- 0.2.0 adds the tenant lifecycle, the isolation report, schema-per-tenant
--- isolation with fleet migrations, and adoption of legacy databases. Run by
--- ALTER EXTENSION levqor UPDATE; tests/e2e/tests/upgrade.rs checks that the
--- result is the same catalog as a fresh 0.2.0 install, with data kept.
--- Install the 0.2.0 library first (and restart, with levqor preloaded).
+-- isolation with fleet migrations, adoption of legacy databases and the
+-- tamper-evident audit log. Run by ALTER EXTENSION levqor UPDATE;
+-- tests/e2e/tests/upgrade.rs checks that the result is the same catalog as a
+-- fresh 0.2.0 install, with data kept. Install the 0.2.0 library first (and
+-- restart, with levqor preloaded).
 
 -- 1. Catalog: lifecycle and schema columns on tenants, the template schema,
 --    the migration ledger.
@@ -33,6 +34,71 @@ CREATE TABLE levqor.migrations (
 SELECT pg_catalog.pg_extension_config_dump('levqor.migrations', '');
 
 -- 2. Changed functions.
+CREATE OR REPLACE FUNCTION levqor._guard_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    cmd      record;
+    tbl      oid;
+    problems text;
+BEGIN
+    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        tbl := CASE cmd.classid
+                   WHEN 'pg_class'::regclass THEN cmd.objid
+                   WHEN 'pg_policy'::regclass THEN (SELECT p.polrelid FROM pg_policy p WHERE p.oid = cmd.objid)
+                   WHEN 'pg_trigger'::regclass THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = cmd.objid)
+               END;
+        CONTINUE WHEN tbl IS NULL OR levqor._being_disabled(tbl);
+        IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname IN ('levqor_audit', 'levqor_audit_truncate')
+                                               AND t.tgenabled = 'D') THEN
+            RAISE EXCEPTION 'levqor: % would switch auditing off on %', cmd.command_tag, tbl::regclass
+                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
+        END IF;
+        CONTINUE WHEN NOT levqor._is_protected(tbl);
+        SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl::regclass, false) x;
+        IF problems IS NOT NULL THEN
+            RAISE EXCEPTION 'levqor: % would weaken tenant isolation on %: %', cmd.command_tag, tbl::regclass, problems
+                USING ERRCODE = '42501',
+                      HINT = 'A levqor_admin can remove levqor tenancy with levqor.disable_tenancy().';
+        END IF;
+    END LOOP;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._guard_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    obj record;
+    tbl regclass;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() o
+                WHERE o.object_type = 'extension' AND o.object_name = 'levqor') THEN
+        RETURN;
+    END IF;
+    FOR obj IN
+        SELECT o.object_type, o.address_names
+          FROM pg_event_trigger_dropped_objects() o
+         WHERE o.object_type IN ('policy', 'trigger')
+           AND (o.address_names[3] LIKE 'levqor\_tenant\_%'
+                OR o.address_names[3] IN ('levqor_no_truncate', 'levqor_write_guard', 'levqor_audit', 'levqor_audit_truncate'))
+    LOOP
+        tbl := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
+        CONTINUE WHEN tbl IS NULL;  -- the table itself is going away
+        CONTINUE WHEN levqor._being_disabled(tbl);
+        IF obj.address_names[3] IN ('levqor_audit', 'levqor_audit_truncate') THEN
+            RAISE EXCEPTION 'levqor: dropping % % on % would switch auditing off',
+                obj.object_type, quote_ident(obj.address_names[3]), tbl
+                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
+        END IF;
+        RAISE EXCEPTION 'levqor: dropping % % on % would remove tenant isolation',
+            obj.object_type, quote_ident(obj.address_names[3]), tbl
+            USING ERRCODE = '42501',
+                  HINT = 'A levqor_admin can remove levqor tenancy with levqor.disable_tenancy().';
+    END LOOP;
+    DELETE FROM levqor.protected_tables pt
+     WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = pt.tbl);
+END
+$fn$;
 CREATE OR REPLACE FUNCTION levqor._tenancy_problems(tbl regclass, complete boolean)
 RETURNS SETOF text
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -117,6 +183,39 @@ BEGIN
                                            AND t.tgenabled = 'D') THEN
         RETURN NEXT 'the write guard trigger is disabled';
     END IF;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.disable_tenancy(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    pol   name;
+    child regclass;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'disable_tenancy: table must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF NOT levqor._is_protected(tbl) THEN
+        RAISE NOTICE 'levqor: % is not under tenancy; nothing to do', tbl;
+        RETURN;
+    END IF;
+    FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
+        PERFORM levqor.disable_tenancy(child);
+    END LOOP;
+    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
+    FOR pol IN SELECT p.polname FROM pg_policy p
+                WHERE p.polrelid = tbl AND (p.polname LIKE 'levqor\_tenant\_%' OR p.polname = 'levqor_base') LOOP
+        EXECUTE format('DROP POLICY %I ON %s', pol, tbl);
+    END LOOP;
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_no_truncate ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_write_guard ON %s', tbl);
+    EXECUTE format('ALTER TABLE %s NO FORCE ROW LEVEL SECURITY', tbl);
+    IF NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = tbl) THEN
+        EXECUTE format('ALTER TABLE %s DISABLE ROW LEVEL SECURITY', tbl);
+    END IF;
+    DELETE FROM levqor.protected_tables pt WHERE pt.tbl = $1;
+    DELETE FROM levqor._disabling d WHERE d.tbl = $1;
+    PERFORM levqor._log_event(NULL, 'tenancy_disabled', jsonb_build_object('table', tbl::text));
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor.enable_tenancy(tbl regclass, tenant_column name DEFAULT 'tenant_id')
@@ -252,69 +351,6 @@ BEGIN
     PERFORM levqor._register_protected(tbl, tenant_column);
 END
 $fn$;
-CREATE OR REPLACE FUNCTION levqor.disable_tenancy(tbl regclass) RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-#variable_conflict use_variable
-DECLARE
-    pol   name;
-    child regclass;
-BEGIN
-    IF tbl IS NULL THEN
-        RAISE EXCEPTION 'disable_tenancy: table must not be NULL' USING ERRCODE = '22023';
-    END IF;
-    IF NOT levqor._is_protected(tbl) THEN
-        RAISE NOTICE 'levqor: % is not under tenancy; nothing to do', tbl;
-        RETURN;
-    END IF;
-    FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
-        PERFORM levqor.disable_tenancy(child);
-    END LOOP;
-    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
-    FOR pol IN SELECT p.polname FROM pg_policy p
-                WHERE p.polrelid = tbl AND (p.polname LIKE 'levqor\_tenant\_%' OR p.polname = 'levqor_base') LOOP
-        EXECUTE format('DROP POLICY %I ON %s', pol, tbl);
-    END LOOP;
-    EXECUTE format('DROP TRIGGER IF EXISTS levqor_no_truncate ON %s', tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS levqor_write_guard ON %s', tbl);
-    EXECUTE format('ALTER TABLE %s NO FORCE ROW LEVEL SECURITY', tbl);
-    IF NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = tbl) THEN
-        EXECUTE format('ALTER TABLE %s DISABLE ROW LEVEL SECURITY', tbl);
-    END IF;
-    DELETE FROM levqor.protected_tables pt WHERE pt.tbl = $1;
-    DELETE FROM levqor._disabling d WHERE d.tbl = $1;
-    PERFORM levqor._log_event(NULL, 'tenancy_disabled', jsonb_build_object('table', tbl::text));
-END
-$fn$;
-CREATE OR REPLACE FUNCTION levqor._guard_drop() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-#variable_conflict use_variable
-DECLARE
-    obj record;
-    tbl regclass;
-BEGIN
-    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() o
-                WHERE o.object_type = 'extension' AND o.object_name = 'levqor') THEN
-        RETURN;
-    END IF;
-    FOR obj IN
-        SELECT o.object_type, o.address_names
-          FROM pg_event_trigger_dropped_objects() o
-         WHERE o.object_type IN ('policy', 'trigger')
-           AND (o.address_names[3] LIKE 'levqor\_tenant\_%'
-                OR o.address_names[3] IN ('levqor_no_truncate', 'levqor_write_guard'))
-    LOOP
-        tbl := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
-        CONTINUE WHEN tbl IS NULL;  -- the table itself is going away
-        CONTINUE WHEN levqor._being_disabled(tbl);
-        RAISE EXCEPTION 'levqor: dropping % % on % would remove tenant isolation',
-            obj.object_type, quote_ident(obj.address_names[3]), tbl
-            USING ERRCODE = '42501',
-                  HINT = 'A levqor_admin can remove levqor tenancy with levqor.disable_tenancy().';
-    END LOOP;
-    DELETE FROM levqor.protected_tables pt
-     WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = pt.tbl);
-END
-$fn$;
 -- create_tenant gained trial_ends_at: a new signature.
 DROP FUNCTION levqor.create_tenant(text, text, text, text, text, text);
 CREATE FUNCTION levqor.create_tenant(
@@ -412,6 +448,13 @@ CREATE FUNCTION "_schema_guard"()
 	RETURNS TRIGGER
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', '_schema_guard_wrapper';
+
+-- src/audit.rs:66
+-- levqor::audit::_audit_row
+CREATE FUNCTION "_audit_row"()
+	RETURNS TRIGGER
+	LANGUAGE c
+	AS 'MODULE_PATHNAME', '_audit_row_wrapper';
 
 -- 4. Lifecycle (sql/lifecycle.sql, new in 0.2.0).
 -- Tenant lifecycle: suspend, resume, change plan, offboard, purge, rotate keys.
@@ -1170,7 +1213,239 @@ BEGIN
 END
 $fn$;
 
--- 8. Existing protected tables get the write guard that 0.2.0 adds to the
+-- 8. The audit log (sql/audit.sql, new in 0.2.0).
+-- The audit log: every change to an audited table and every levqor event,
+-- per tenant, in a SHA-256 hash chain.
+--
+-- Writers (the Rust trigger levqor._audit_row, and levqor._log_event) only
+-- append *unchained* entries, so no writer waits for another's transaction.
+-- levqor.seal_audit() links committed entries into their tenant's chain, one
+-- sealer at a time, in id order of what has committed: entry N of a chain
+-- stores hash_N = sha256(hash_{N-1} || canonical(entry N)).
+
+CREATE TABLE levqor.audit_log (
+    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id        uuid,                      -- NULL: platform-level entries
+    at               timestamptz NOT NULL DEFAULT statement_timestamp(),
+    xid              xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    db_role          name NOT NULL DEFAULT current_user,
+    user_id          uuid DEFAULT levqor.current_user_id(),
+    member_role      text DEFAULT levqor.current_member_role(),
+    application_name text DEFAULT current_setting('application_name'),
+    client_addr      inet DEFAULT inet_client_addr(),
+    kind             text NOT NULL CONSTRAINT audit_log_kind_check CHECK (kind IN ('row', 'event')),
+    table_name       text,
+    operation        text,
+    pk               jsonb,
+    old_row          jsonb,
+    new_row          jsonb,
+    changed          text[],
+    event            text,
+    detail           jsonb,
+    -- the chain, set by seal_audit()
+    seq              bigint,
+    prev_hash        bytea,
+    hash             bytea,
+    sealed_at        timestamptz
+);
+CREATE UNIQUE INDEX audit_log_chain_idx ON levqor.audit_log
+    ((coalesce(tenant_id, '00000000-0000-0000-0000-000000000000'::uuid)), seq) WHERE seq IS NOT NULL;
+CREATE INDEX audit_log_unsealed_idx ON levqor.audit_log (id) WHERE seq IS NULL;
+CREATE INDEX audit_log_tenant_idx ON levqor.audit_log (tenant_id, id);
+
+-- The head of each chain: its length and last hash.
+CREATE TABLE levqor.audit_heads (
+    chain      uuid PRIMARY KEY,   -- the tenant, or the nil uuid for the platform
+    seq        bigint NOT NULL,
+    hash       bytea NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_log', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_log_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_heads', '');
+
+-- Tenants read their own trail, as auditor, admin or owner. Nobody else
+-- reads, and nobody at all writes through SQL (see the guards below).
+ALTER TABLE levqor.audit_log ENABLE ROW LEVEL SECURITY;
+ALTER TABLE levqor.audit_log FORCE ROW LEVEL SECURITY;
+CREATE POLICY audit_read ON levqor.audit_log FOR SELECT TO PUBLIC
+    USING (tenant_id = levqor.current_tenant() AND levqor.current_member_role() IN ('auditor', 'admin', 'owner'));
+
+-- The canonical serialization an entry's hash covers: a JSON array in a fixed
+-- order (jsonb text output is deterministic), including its chain position.
+CREATE FUNCTION levqor._audit_canonical(e levqor.audit_log, chain_seq bigint) RETURNS bytea
+LANGUAGE sql IMMUTABLE AS $fn$
+    SELECT convert_to(jsonb_build_array(
+        e.id, e.tenant_id, to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'), e.xid::text,
+        e.db_role, e.user_id, e.member_role, e.application_name, host(e.client_addr), e.kind,
+        e.table_name, e.operation, e.pk, e.old_row, e.new_row, to_jsonb(e.changed), e.event, e.detail,
+        chain_seq)::text, 'UTF8')
+$fn$;
+
+CREATE FUNCTION levqor.seal_audit(max_entries int DEFAULT 10000) RETURNS int
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    e      levqor.audit_log;
+    head   record;
+    ch     uuid;
+    nseq   bigint;
+    prev   bytea;
+    h      bytea;
+    sealed int := 0;
+BEGIN
+    -- One sealer at a time; a second one has nothing to do.
+    IF NOT pg_try_advisory_xact_lock(hashtext('levqor.seal_audit')) THEN
+        RETURN 0;
+    END IF;
+    SET LOCAL levqor_audit.sealing = 'on';
+    FOR e IN SELECT * FROM levqor.audit_log a WHERE a.seq IS NULL ORDER BY a.id LIMIT max_entries LOOP
+        ch := coalesce(e.tenant_id, '00000000-0000-0000-0000-000000000000');
+        SELECT hd.seq, hd.hash INTO head FROM levqor.audit_heads hd WHERE hd.chain = ch;
+        nseq := coalesce(head.seq, 0) + 1;
+        prev := coalesce(head.hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
+        h := sha256(prev || levqor._audit_canonical(e, nseq));
+        UPDATE levqor.audit_log a SET seq = nseq, prev_hash = prev, hash = h, sealed_at = clock_timestamp()
+         WHERE a.id = e.id;
+        INSERT INTO levqor.audit_heads AS hd (chain, seq, hash) VALUES (ch, nseq, h)
+        ON CONFLICT (chain) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, updated_at = now();
+        sealed := sealed + 1;
+    END LOOP;
+    RETURN sealed;
+END
+$fn$;
+
+CREATE FUNCTION levqor.verify_audit(tenant text DEFAULT NULL)
+RETURNS TABLE (ok boolean, checked bigint, first_bad_id bigint, reason text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    ch    uuid := CASE WHEN tenant IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid
+                       ELSE levqor._tenant_id(tenant) END;
+    e     levqor.audit_log;
+    prev  bytea := '\x0000000000000000000000000000000000000000000000000000000000000000';
+    n     bigint := 0;
+    head  record;
+BEGIN
+    checked := 0;
+    FOR e IN SELECT * FROM levqor.audit_log a
+              WHERE coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000') = ch AND a.seq IS NOT NULL
+              ORDER BY a.seq LOOP
+        n := n + 1;
+        IF e.seq <> n THEN
+            RETURN QUERY SELECT false, checked, e.id, format('entry %s of the chain is missing (found %s next)', n, e.seq);
+            RETURN;
+        END IF;
+        IF e.prev_hash IS DISTINCT FROM prev THEN
+            RETURN QUERY SELECT false, checked, e.id, format('entry %s does not link to the entry before it', n);
+            RETURN;
+        END IF;
+        IF e.hash IS DISTINCT FROM sha256(prev || levqor._audit_canonical(e, e.seq)) THEN
+            RETURN QUERY SELECT false, checked, e.id, format('entry %s was changed after it was sealed', n);
+            RETURN;
+        END IF;
+        prev := e.hash;
+        checked := checked + 1;
+    END LOOP;
+    SELECT hd.seq, hd.hash INTO head FROM levqor.audit_heads hd WHERE hd.chain = ch;
+    IF coalesce(head.seq, 0) <> n OR (n > 0 AND head.hash IS DISTINCT FROM prev) THEN
+        RETURN QUERY SELECT false, checked, NULL::bigint,
+            format('the chain ends at entry %s but its recorded head is entry %s: entries were removed from its end', n, coalesce(head.seq, 0));
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT true, checked, NULL::bigint, NULL::text;
+END
+$fn$;
+
+-- The latest chain hash, for an outside party to anchor.
+CREATE FUNCTION levqor.audit_head(tenant text DEFAULT NULL)
+RETURNS TABLE (seq bigint, hash text, updated_at timestamptz)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT hd.seq, encode(hd.hash, 'hex'), hd.updated_at FROM levqor.audit_heads hd
+     WHERE hd.chain = CASE WHEN $1 IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE levqor._tenant_id($1) END
+$fn$;
+
+-- Nobody edits or deletes entries through SQL: the only change allowed is
+-- sealing (filling the chain columns once), and deletion only through
+-- levqor.purge_audit_before() (retention), both marked with a local setting
+-- that only levqor's definer functions set.
+CREATE FUNCTION levqor._audit_immutable() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_OP = 'UPDATE' AND current_setting('levqor_audit.sealing', true) = 'on'
+       AND OLD.seq IS NULL AND NEW.seq IS NOT NULL
+       AND (OLD.id, OLD.tenant_id, OLD.at, OLD.kind, OLD.table_name, OLD.operation, OLD.pk, OLD.old_row, OLD.new_row, OLD.event, OLD.detail)
+           IS NOT DISTINCT FROM
+           (NEW.id, NEW.tenant_id, NEW.at, NEW.kind, NEW.table_name, NEW.operation, NEW.pk, NEW.old_row, NEW.new_row, NEW.event, NEW.detail) THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'DELETE' AND current_setting('levqor_audit.retention', true) = 'on' THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'the levqor audit log is append-only: % refused', TG_OP
+        USING ERRCODE = '42501', HINT = 'Retention is levqor.purge_audit_before(), for superusers.';
+END
+$fn$;
+CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE OR DELETE ON levqor.audit_log
+    FOR EACH ROW EXECUTE FUNCTION levqor._audit_immutable();
+CREATE TRIGGER levqor_audit_no_truncate BEFORE TRUNCATE ON levqor.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_immutable();
+
+-- Retention (superusers): delete sealed entries older than a point. The chain
+-- keeps verifying from the first remaining entry, whose prev_hash anchors it;
+-- the deletion itself is recorded as a platform event.
+CREATE FUNCTION levqor.purge_audit_before(cutoff timestamptz) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM levqor._require_superuser('levqor.purge_audit_before()');
+    SET LOCAL levqor_audit.retention = 'on';
+    DELETE FROM levqor.audit_log a WHERE a.at < cutoff AND a.seq IS NOT NULL;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM levqor._log_event(NULL, 'audit_retention', jsonb_build_object('before', cutoff, 'deleted', n));
+    RETURN n;
+END
+$fn$;
+
+CREATE FUNCTION levqor.enable_audit(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tbl AND c.relkind IN ('r', 'p')) THEN
+        RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '42809';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_audit') THEN
+        EXECUTE format('CREATE TRIGGER levqor_audit AFTER INSERT OR UPDATE OR DELETE ON %s
+                        FOR EACH ROW EXECUTE FUNCTION levqor._audit_row()', tbl);
+        EXECUTE format('CREATE TRIGGER levqor_audit_truncate AFTER TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+        PERFORM levqor._log_event(levqor.current_tenant(), 'audit_enabled', jsonb_build_object('table', tbl::text));
+    END IF;
+END
+$fn$;
+
+-- Switching auditing off is for levqor_admin, and recorded: a table owner
+-- cannot drop or disable the audit triggers (the DDL guards refuse).
+CREATE FUNCTION levqor.disable_audit(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_audit ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_audit_truncate ON %s', tbl);
+    DELETE FROM levqor._disabling d WHERE d.tbl = $1;
+    PERFORM levqor._log_event(NULL, 'audit_disabled', jsonb_build_object('table', tbl::text));
+END
+$fn$;
+
+CREATE POLICY audit_admin_read ON levqor.audit_log FOR SELECT TO levqor_admin USING (true);
+
+-- levqor's own events (lifecycle, keys, plans) go into the chained log too.
+CREATE OR REPLACE FUNCTION levqor._log_event(tenant uuid, event text, detail jsonb DEFAULT '{}')
+RETURNS void LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    INSERT INTO levqor.tenant_events (tenant_id, event, detail) VALUES (tenant, event, detail);
+    INSERT INTO levqor.audit_log (tenant_id, db_role, kind, event, detail)
+    VALUES (tenant, session_user, 'event', event, detail);
+$fn$;
+
+-- 9. Existing protected tables get the write guard that 0.2.0 adds to the
 --    protection (enable_tenancy creates it for new ones).
 DO $upgrade$
 DECLARE
@@ -1185,7 +1460,7 @@ BEGIN
 END
 $upgrade$;
 
--- 9. Privileges, as in a fresh 0.2.0 install (sql/grants.sql).
+-- 10. Privileges, as in a fresh 0.2.0 install (sql/grants.sql).
 REVOKE ALL ON ALL TABLES IN SCHEMA levqor FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA levqor FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA levqor FROM PUBLIC;
@@ -1202,7 +1477,8 @@ TO PUBLIC;
 -- adds a guard, and the TRUNCATE trigger function only refuses.
 GRANT EXECUTE ON FUNCTION
     levqor.enable_tenancy(regclass, name), levqor._register_protected(regclass, name),
-    levqor._tenant_qual(name), levqor._refuse_truncate(), levqor._write_guard()
+    levqor._tenant_qual(name), levqor._refuse_truncate(), levqor._write_guard(),
+    levqor.enable_audit(regclass), levqor._audit_row()
 TO PUBLIC;
 
 GRANT EXECUTE ON FUNCTION
@@ -1227,10 +1503,18 @@ GRANT EXECUTE ON FUNCTION
     levqor.purge_tenant(text, boolean),
     levqor.rotate_keys(text, interval),
     levqor.isolation_report(),
-    levqor.exempt_from_report(regclass, text)
+    levqor.exempt_from_report(regclass, text),
+    levqor.disable_audit(regclass),
+    levqor.seal_audit(integer),
+    levqor.verify_audit(text),
+    levqor.audit_head(text)
 TO levqor_admin;
 
 GRANT SELECT ON levqor.plans TO levqor_app, levqor_admin;
+-- The audit log: row level security shows tenants their own trail (auditor,
+-- admin, owner) and levqor_admin all of it; nobody is granted any write.
+GRANT SELECT ON levqor.audit_log TO PUBLIC;
+GRANT SELECT ON levqor.audit_heads TO levqor_admin;
 GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables, levqor.report_exemptions, levqor.migrations, levqor.adoptions TO levqor_admin;
 -- Key metadata, never the hashes.
 GRANT SELECT (key_id, tenant_id, role, user_id, label, created_at, created_by, expires_at, revoked_at)

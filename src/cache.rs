@@ -97,6 +97,7 @@ pub fn init() {
 }
 
 unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+    crate::audit::forget(relid);
     if relid == pg_sys::InvalidOid || CATALOG.with(Cell::get).contains(&relid) {
         clear();
     }

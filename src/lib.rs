@@ -14,6 +14,7 @@ use pgrx::prelude::*;
 
 ::pgrx::pg_module_magic!(name, version);
 
+mod audit;
 mod auth;
 mod cache;
 mod context;
@@ -32,6 +33,7 @@ extension_sql_file!("../sql/lifecycle.sql", name = "lifecycle", requires = ["ten
 extension_sql_file!("../sql/report.sql", name = "report", requires = ["lifecycle"]);
 extension_sql_file!("../sql/schemas.sql", name = "schemas", requires = ["report"]);
 extension_sql_file!("../sql/adopt.sql", name = "adopt", requires = ["schemas"]);
+extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["adopt", current_user_id, current_member_role]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 thread_local! {

@@ -1,0 +1,141 @@
+//! The audit trigger: one entry per inserted, updated or deleted row (and per
+//! TRUNCATE) of an audited table, appended to `levqor.audit_log` unchained;
+//! `levqor.seal_audit()` links entries into their tenant's hash chain later,
+//! so writers never wait for one another (sql/audit.sql).
+//!
+//! The insert runs with the catalog owner's authority (nobody else may write
+//! the log) through one saved plan per table, whose first two parameters are
+//! the old and new row as the table's own row type.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::ffi::CStr;
+
+use pgrx::datum::DatumWithOid;
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use pgrx::spi::OwnedPreparedStatement;
+use pgrx::PgBuiltInOids;
+
+use crate::privilege::as_catalog_owner;
+
+const INSERT_SQL: &str = "
+    INSERT INTO levqor.audit_log
+        (tenant_id, db_role, user_id, member_role, kind, table_name, operation, pk, old_row, new_row, changed)
+    SELECT coalesce((coalesce(r.n, r.o) ->> $7)::uuid, levqor.current_tenant()), $5,
+           levqor.current_user_id(), levqor.current_member_role(), 'row', $4, $3,
+           (SELECT jsonb_object_agg(k, coalesce(r.n, r.o) -> k) FROM unnest($6::text[]) k),
+           r.o, r.n,
+           CASE WHEN $3 = 'UPDATE' THEN
+               ARRAY(SELECT e.key FROM jsonb_each(r.n) e WHERE e.value IS DISTINCT FROM r.o -> e.key ORDER BY 1)
+           END
+      FROM (SELECT to_jsonb($1) AS o, to_jsonb($2) AS n) r";
+
+const TABLE_SQL: &str = "
+    SELECT (SELECT array_agg(a.attname::text ORDER BY k.ord)
+              FROM pg_index i
+              CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = $1 AND i.indisprimary),
+           (SELECT p.tenant_column::text FROM levqor._protected() p WHERE p.tbl = $1 LIMIT 1),
+           $1::regclass::text";
+
+struct TablePlan {
+    plan: OwnedPreparedStatement,
+    pk: Vec<String>,
+    tenant_column: Option<String>,
+    name: String,
+}
+
+thread_local! {
+    static PLANS: RefCell<HashMap<pg_sys::Oid, TablePlan>> = RefCell::new(HashMap::new());
+}
+
+/// Forget plans when a table changes shape (called from the relcache callback).
+pub fn forget(relid: pg_sys::Oid) {
+    PLANS.with(|p| {
+        let mut p = p.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            p.clear();
+        } else {
+            p.remove(&relid);
+        }
+    });
+}
+
+#[pg_trigger]
+fn _audit_row<'a>(
+    trigger: &'a pgrx::PgTrigger<'a>,
+) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    let data = trigger.trigger_data();
+    let relid = trigger.relid()?;
+    let op = match trigger.op()? {
+        pgrx::PgTriggerOperation::Insert => "INSERT",
+        pgrx::PgTriggerOperation::Update => "UPDATE",
+        pgrx::PgTriggerOperation::Delete => "DELETE",
+        pgrx::PgTriggerOperation::Truncate => "TRUNCATE",
+    };
+    // The role that made the change, before switching to the catalog owner.
+    let role = unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)) }
+        .to_string_lossy()
+        .into_owned();
+    let (reltype, tupdesc) = unsafe { ((*(*data.tg_relation).rd_rel).reltype, (*data.tg_relation).rd_att) };
+    // Row images as composite datums of the table's row type.
+    let as_datum = |t: *mut pg_sys::HeapTupleData| -> Option<pg_sys::Datum> {
+        (!t.is_null()).then(|| unsafe { pg_sys::heap_copy_tuple_as_datum(t, tupdesc) })
+    };
+    let row_level = matches!(trigger.level(), pgrx::PgTriggerLevel::Row);
+    let (old, new) = match (row_level, op) {
+        (false, _) => (None, None),
+        (true, "INSERT") => (None, as_datum(data.tg_trigtuple)),
+        (true, "UPDATE") => (as_datum(data.tg_trigtuple), as_datum(data.tg_newtuple)),
+        (true, _) => (as_datum(data.tg_trigtuple), None),
+    };
+    as_catalog_owner(|| {
+        Spi::connect_mut(|client| {
+            PLANS.with(|plans| {
+                let mut plans = plans.borrow_mut();
+                if !plans.contains_key(&relid) {
+                    let (pk, tenant_column, name) = {
+                        let t = client
+                            .select(TABLE_SQL, Some(1), &[relid.into()])
+                            .expect("audit: read table metadata");
+                        let row = t.first();
+                        (
+                            row.get::<Vec<String>>(1).ok().flatten().unwrap_or_default(),
+                            row.get::<String>(2).ok().flatten(),
+                            row.get::<String>(3).ok().flatten().unwrap_or_default(),
+                        )
+                    };
+                    let types = [
+                        pg_sys::PgOid::from(reltype),
+                        pg_sys::PgOid::from(reltype),
+                        pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
+                        pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
+                        pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
+                        pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+                        pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
+                    ];
+                    let plan = client.prepare_mut(INSERT_SQL, &types).expect("audit: prepare").keep();
+                    plans.insert(relid, TablePlan { plan, pk, tenant_column, name });
+                }
+                let p = &plans[&relid];
+                let row = |d: Option<pg_sys::Datum>| match d {
+                    Some(d) => unsafe { DatumWithOid::new(d, reltype) },
+                    None => DatumWithOid::null_oid(reltype),
+                };
+                let args = [
+                    row(old),
+                    row(new),
+                    op.into(),
+                    p.name.as_str().into(),
+                    role.as_str().into(),
+                    p.pk.clone().into(),
+                    p.tenant_column.clone().into(),
+                ];
+                client.update(&p.plan, None, &args).expect("audit: append entry");
+            })
+        })
+    });
+    Ok(None)
+}

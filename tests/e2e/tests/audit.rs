@@ -1,0 +1,252 @@
+//! The tamper-evident audit trail, attacked. Each test has its own database,
+//! so chains and seals of other tests do not interfere.
+
+use levqor_e2e::*;
+
+fn fresh_db(prefix: &str) -> (String, Client) {
+    let _ = db();
+    let name = unique(prefix);
+    connect_to(port(), "postgres", "postgres").batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    let mut su = connect_to(port(), "postgres", &name);
+    su.batch_execute(&format!(
+        "CREATE EXTENSION levqor;
+         CREATE TABLE items (id serial PRIMARY KEY, body text NOT NULL);
+         SELECT levqor.enable_tenancy('items');
+         SELECT levqor.enable_audit('items');
+         GRANT SELECT, INSERT, UPDATE, DELETE ON items TO {APP}, {SERVER};
+         GRANT USAGE ON SEQUENCE items_id_seq TO {APP}, {SERVER};"
+    ))
+    .unwrap();
+    (name, su)
+}
+
+fn seal(su: &mut Client) -> i32 {
+    su.query_one("SELECT levqor.seal_audit()", &[]).unwrap().get(0)
+}
+
+fn verify(su: &mut Client, t: &Tenant) -> (bool, i64, Option<i64>, Option<String>) {
+    let r = su.query_one("SELECT * FROM levqor.verify_audit($1)", &[&t.slug]).unwrap();
+    (r.get(0), r.get(1), r.get(2), r.get(3))
+}
+
+#[test]
+fn every_change_is_recorded_with_who_what_and_when() {
+    let (db, mut su) = fresh_db("audit_rec");
+    let a = create_tenant_on(&mut su, "aud-rec");
+    let user = uuid::Uuid::new_v4();
+    let mut s = connect_to(port(), SERVER, &db);
+    s.batch_execute("SET application_name = 'billing-api'").unwrap();
+    let mut tx = s.transaction().unwrap();
+    tx.execute("SELECT levqor.set_tenant($1, user_id => $2, member_role => 'operator')", &[&a.slug, &user]).unwrap();
+    tx.batch_execute(
+        "INSERT INTO items (body) VALUES ('first'), ('second');
+         UPDATE items SET body = 'FIRST' WHERE body = 'first';
+         DELETE FROM items WHERE body = 'second';",
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let rows = su
+        .query(
+            "SELECT operation, pk::text, old_row->>'body', new_row->>'body', changed, db_role::text, user_id,
+                    member_role, application_name, client_addr IS NOT NULL, tenant_id
+               FROM levqor.audit_log WHERE kind = 'row' ORDER BY id",
+            &[],
+        )
+        .unwrap();
+    let ops: Vec<(String, String, Option<String>, Option<String>, Option<Vec<String>>)> =
+        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))).collect();
+    assert_eq!(
+        ops,
+        [
+            ("INSERT".into(), r#"{"id": 1}"#.into(), None, Some("first".into()), None),
+            ("INSERT".into(), r#"{"id": 2}"#.into(), None, Some("second".into()), None),
+            ("UPDATE".into(), r#"{"id": 1}"#.into(), Some("first".into()), Some("FIRST".into()), Some(vec!["body".into()])),
+            ("DELETE".into(), r#"{"id": 2}"#.into(), Some("second".into()), None, None),
+        ]
+    );
+    for r in &rows {
+        assert_eq!(r.get::<_, String>(5), SERVER);
+        assert_eq!(r.get::<_, Option<uuid::Uuid>>(6), Some(user));
+        assert_eq!(r.get::<_, Option<String>>(7).as_deref(), Some("operator"));
+        assert_eq!(r.get::<_, Option<String>>(8).as_deref(), Some("billing-api"));
+        assert!(r.get::<_, bool>(9));
+        assert_eq!(r.get::<_, Option<uuid::Uuid>>(10), Some(a.id));
+    }
+    // Lifecycle calls land in the same log and chain.
+    su.execute("SELECT levqor.suspend_tenant($1, 'audit test')", &[&a.slug]).unwrap();
+    let ev: i64 = su
+        .query_one("SELECT count(*) FROM levqor.audit_log WHERE tenant_id = $1 AND event = 'tenant_suspended'", &[&a.id])
+        .unwrap()
+        .get(0);
+    assert_eq!(ev, 1);
+    assert!(seal(&mut su) >= 6);
+    assert_eq!(verify(&mut su, &a), (true, 6, None, None), "created, 4 rows, suspended");
+    // TRUNCATE of an audited table is recorded (protected tables refuse it).
+    su.batch_execute("CREATE TABLE scratch (x int); SELECT levqor.enable_audit('scratch'); TRUNCATE scratch;").unwrap();
+    let t: i64 = su.query_one("SELECT count(*) FROM levqor.audit_log WHERE operation = 'TRUNCATE'", &[]).unwrap().get(0);
+    assert_eq!(t, 1);
+}
+
+#[test]
+fn tenants_read_only_their_own_trail_and_nobody_edits_it() {
+    let (db, mut su) = fresh_db("audit_read");
+    let (a, b) = (create_tenant_on(&mut su, "aud-a"), create_tenant_on(&mut su, "aud-b"));
+    let mut c = connect_to(port(), APP, &db);
+    insert_rows(&mut c, &a, "items", &["a-secret"]);
+    insert_rows(&mut c, &b, "items", &["b-secret"]);
+    let auditor: String = su.query_one("SELECT levqor.issue_key($1, 'auditor')", &[&a.slug]).unwrap().get(0);
+    let viewer: String = su.query_one("SELECT levqor.issue_key($1, 'viewer')", &[&a.slug]).unwrap().get(0);
+    let seen = |c: &mut Client, key: &str| -> Vec<String> {
+        let mut tx = c.transaction().unwrap();
+        tx.execute("SELECT levqor.authenticate($1)", &[&key]).unwrap();
+        let v = tx
+            .query("SELECT coalesce(new_row->>'body', event) FROM levqor.audit_log ORDER BY id", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        tx.commit().unwrap();
+        v
+    };
+    let mine = seen(&mut c, &auditor);
+    assert!(mine.contains(&"a-secret".to_string()), "{mine:?}");
+    assert!(!mine.iter().any(|x| x.contains("b-secret")), "{mine:?}");
+    assert!(seen(&mut c, &a.key).contains(&"a-secret".to_string()), "admin keys read it too");
+    assert_eq!(seen(&mut c, &viewer), Vec::<String>::new(), "viewers do not");
+    assert_eq!(c.query("SELECT * FROM levqor.audit_log", &[]).unwrap().len(), 0, "no context, nothing");
+    let all: i64 = connect_to(port(), ADMIN, &db).query_one("SELECT count(*) FROM levqor.audit_log", &[]).unwrap().get(0);
+    assert!(all >= 4, "levqor_admin reads every tenant's trail");
+
+    for who in [APP, ADMIN] {
+        let mut x = connect_to(port(), who, &db);
+        for sql in [
+            "UPDATE levqor.audit_log SET detail = '{}'",
+            "DELETE FROM levqor.audit_log",
+            "TRUNCATE levqor.audit_log",
+            "INSERT INTO levqor.audit_log (kind, event) VALUES ('event', 'forged')",
+            "SELECT levqor.purge_audit_before(now())",
+        ] {
+            assert_eq!(sqlstate(x.batch_execute(sql)), "42501", "{who}: {sql}");
+        }
+    }
+    // Even a superuser is stopped by the triggers (and caught by verify_audit if they bypass them).
+    assert_eq!(sqlstate(su.batch_execute("UPDATE levqor.audit_log SET detail = '{}'")), "42501");
+    assert_eq!(sqlstate(su.batch_execute("TRUNCATE levqor.audit_log")), "42501");
+    // The owner of an audited table cannot switch auditing off.
+    assert_eq!(sqlstate(su.batch_execute("DROP TRIGGER levqor_audit ON items")), "42501");
+    assert_eq!(sqlstate(su.batch_execute("ALTER TABLE items DISABLE TRIGGER levqor_audit")), "42501");
+    assert_eq!(sqlstate(c.batch_execute("SELECT levqor.disable_audit('items')")), "42501");
+}
+
+#[test]
+fn verify_audit_catches_edits_deletions_insertions_and_reordering() {
+    let (db, mut su) = fresh_db("audit_tamper");
+    let a = create_tenant_on(&mut su, "aud-t");
+    let mut c = connect_to(port(), APP, &db);
+    for i in 0..6 {
+        insert_rows(&mut c, &a, "items", &[&format!("row-{i}")]);
+    }
+    seal(&mut su);
+    assert_eq!(verify(&mut su, &a).0, true);
+    let ids: Vec<i64> = su
+        .query("SELECT id FROM levqor.audit_log WHERE tenant_id = $1 ORDER BY seq", &[&a.id])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Tampering as a superuser with triggers bypassed, each undone afterwards.
+    let tamper = |su: &mut Client, sql: &str| {
+        su.batch_execute(&format!("BEGIN; SET LOCAL session_replication_role = replica; {sql}; COMMIT;")).unwrap();
+    };
+    let snapshot = "CREATE TEMP TABLE IF NOT EXISTS saved AS SELECT * FROM levqor.audit_log WITH NO DATA;
+                    TRUNCATE saved; INSERT INTO saved SELECT * FROM levqor.audit_log";
+    su.batch_execute(snapshot).unwrap();
+    let restore = |su: &mut Client| {
+        tamper(su, "DELETE FROM levqor.audit_log; INSERT INTO levqor.audit_log OVERRIDING SYSTEM VALUE SELECT * FROM saved");
+    };
+
+    // an edited entry
+    tamper(&mut su, &format!("UPDATE levqor.audit_log SET new_row = jsonb_set(new_row, '{{body}}', '\"rewritten\"') WHERE id = {}", ids[2]));
+    let (ok, _, bad, why) = verify(&mut su, &a);
+    assert_eq!((ok, bad), (false, Some(ids[2])), "{why:?}");
+    assert!(why.unwrap().contains("changed"));
+    restore(&mut su);
+    assert_eq!(verify(&mut su, &a).0, true);
+
+    // a deleted entry in the middle
+    tamper(&mut su, &format!("DELETE FROM levqor.audit_log WHERE id = {}", ids[3]));
+    let (ok, _, bad, why) = verify(&mut su, &a);
+    assert_eq!((ok, bad), (false, Some(ids[4])), "{why:?}");
+    assert!(why.unwrap().contains("missing"));
+    restore(&mut su);
+
+    // the newest entries deleted (the tail)
+    tamper(&mut su, &format!("DELETE FROM levqor.audit_log WHERE id >= {}", ids[5]));
+    let (ok, _, _, why) = verify(&mut su, &a);
+    assert!(!ok && why.as_deref().unwrap_or("").contains("removed from its end"), "{why:?}");
+    restore(&mut su);
+
+    // a forged entry inserted into the chain (later entries shifted to make room)
+    tamper(
+        &mut su,
+        &format!(
+            "UPDATE levqor.audit_log SET seq = seq + 1000 WHERE tenant_id = '{id}' AND seq >= 3;
+             UPDATE levqor.audit_log SET seq = seq - 999 WHERE tenant_id = '{id}' AND seq >= 1003;
+             INSERT INTO levqor.audit_log (tenant_id, kind, event, seq, prev_hash, hash)
+             SELECT '{id}', 'event', 'forged', 3, hash, sha256(hash) FROM levqor.audit_log WHERE tenant_id = '{id}' AND seq = 2",
+            id = a.id
+        ),
+    );
+    let (ok, _, bad, _) = verify(&mut su, &a);
+    assert!(!ok && bad.is_some());
+    restore(&mut su);
+
+    // two entries swapped
+    tamper(
+        &mut su,
+        &format!(
+            "UPDATE levqor.audit_log SET seq = CASE id WHEN {x} THEN -1 ELSE seq END WHERE id = {x};
+             UPDATE levqor.audit_log SET seq = (SELECT seq FROM saved WHERE id = {x}) WHERE id = {y};
+             UPDATE levqor.audit_log SET seq = (SELECT seq FROM saved WHERE id = {y}) WHERE id = {x}",
+            x = ids[1],
+            y = ids[4]
+        ),
+    );
+    let (ok, _, bad, _) = verify(&mut su, &a);
+    assert_eq!((ok, bad), (false, Some(ids[4])));
+    restore(&mut su);
+    assert_eq!(verify(&mut su, &a), (true, 7, None, None), "tenant created + 6 rows, intact again");
+
+    // audit_head is the last hash of the chain
+    let head: String = su.query_one("SELECT hash FROM levqor.audit_head($1)", &[&a.slug]).unwrap().get(0);
+    let last: String = su
+        .query_one("SELECT encode(hash, 'hex') FROM levqor.audit_log WHERE tenant_id = $1 ORDER BY seq DESC LIMIT 1", &[&a.id])
+        .unwrap()
+        .get(0);
+    assert_eq!(head, last);
+}
+
+#[test]
+fn a_long_open_transaction_does_not_block_its_tenants_other_writers() {
+    let (db, mut su) = fresh_db("audit_conc");
+    let a = create_tenant_on(&mut su, "aud-c");
+    let mut slow = connect_to(port(), APP, &db);
+    let mut tx = slow.transaction().unwrap();
+    tx.execute("SELECT levqor.authenticate($1)", &[&a.key]).unwrap();
+    tx.execute("INSERT INTO items (body) VALUES ('slow')", &[]).unwrap();
+    // Meanwhile, the same tenant writes from another session, and it seals.
+    let mut fast = connect_to(port(), APP, &db);
+    fast.batch_execute("SET statement_timeout = '3s'").unwrap();
+    insert_rows(&mut fast, &a, "items", &["fast-1", "fast-2"]);
+    assert_eq!(seal(&mut su), 4, "audit_enabled (platform), tenant created, two committed rows; the open one waits");
+    tx.commit().unwrap();
+    assert_eq!(seal(&mut su), 1);
+    assert_eq!(verify(&mut su, &a), (true, 4, None, None));
+    let order: Vec<String> = su
+        .query("SELECT coalesce(new_row->>'body', event) FROM levqor.audit_log WHERE tenant_id = $1 ORDER BY seq", &[&a.id])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(order, ["tenant_created", "fast-1", "fast-2", "slow"], "sealed in commit-visible order");
+}
