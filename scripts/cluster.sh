@@ -40,6 +40,9 @@ start)
     echo "log_min_messages = warning"
     if [ "$preload" = preload ]; then
       echo "shared_preload_libraries = 'levqor'"
+      # The audit sealing worker, for the database the sealer test creates.
+      echo "levqor.audit_database = 'levqor_sealer'"
+      echo "levqor.audit_seal_interval = 200"
     fi
     echo "levqor.token_secret = 'e2e-token-secret-please-change-0123456789'"
   } | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null

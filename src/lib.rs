@@ -23,6 +23,7 @@ mod guc;
 mod keys;
 mod lifecycle;
 mod privilege;
+mod sealer;
 mod tenancy_tests;
 mod token;
 
@@ -47,6 +48,7 @@ pub extern "C-unwind" fn _PG_init() {
     token::init();
     cache::init();
     lifecycle::init();
+    sealer::init();
     // Any other levqor.* name is a typo or an attempt at one; refuse it, and
     // drop placeholders a session made before the library was loaded.
     unsafe { pg_sys::MarkGUCPrefixReserved(c"levqor".as_ptr()) };

@@ -250,3 +250,35 @@ fn a_long_open_transaction_does_not_block_its_tenants_other_writers() {
         .collect();
     assert_eq!(order, ["tenant_created", "fast-1", "fast-2", "slow"], "sealed in commit-visible order");
 }
+
+#[test]
+fn the_sealing_worker_seals_committed_entries_by_itself() {
+    // scripts/cluster.sh points levqor.audit_database at this database, with
+    // a 200 ms interval; the worker retries until the database exists.
+    let _ = db();
+    let mut pg = connect_to(port(), "postgres", "postgres");
+    pg.batch_execute("DROP DATABASE IF EXISTS levqor_sealer WITH (FORCE)").unwrap();
+    pg.batch_execute("CREATE DATABASE levqor_sealer").unwrap();
+    let mut su = connect_to(port(), "postgres", "levqor_sealer");
+    su.batch_execute("CREATE EXTENSION levqor").unwrap();
+    let a = create_tenant_on(&mut su, "sealed");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let unsealed: i64 = su.query_one("SELECT count(*) FROM levqor.audit_log WHERE seq IS NULL", &[]).unwrap().get(0);
+        if unsealed == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the worker did not seal {unsealed} entries within 30 s");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let (ok, checked): (bool, i64) = {
+        let r = su.query_one("SELECT ok, checked FROM levqor.verify_audit($1)", &[&a.slug]).unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(ok && checked >= 1);
+    let workers: i64 = su
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'levqor audit sealer'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(workers, 1);
+}
