@@ -28,7 +28,8 @@ GRANT EXECUTE ON FUNCTION
 TO PUBLIC;
 
 GRANT EXECUTE ON FUNCTION
-    levqor.authenticate(text, boolean), levqor.set_tenant_token(text, boolean)
+    levqor.authenticate(text, boolean), levqor.set_tenant_token(text, boolean),
+    levqor.export_my_tenant()
 TO levqor_app;
 
 GRANT EXECUTE ON FUNCTION
@@ -53,7 +54,8 @@ GRANT EXECUTE ON FUNCTION
     levqor.disable_audit(regclass),
     levqor.seal_audit(integer),
     levqor.verify_audit(text),
-    levqor.audit_head(text)
+    levqor.audit_head(text),
+    levqor.export_tenant(text)
 TO levqor_admin;
 
 GRANT SELECT ON levqor.plans TO levqor_app, levqor_admin;

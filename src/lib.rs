@@ -35,6 +35,7 @@ extension_sql_file!("../sql/report.sql", name = "report", requires = ["lifecycle
 extension_sql_file!("../sql/schemas.sql", name = "schemas", requires = ["report"]);
 extension_sql_file!("../sql/adopt.sql", name = "adopt", requires = ["schemas"]);
 extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["adopt", current_user_id, current_member_role]);
+extension_sql_file!("../sql/export.sql", name = "export", requires = ["audit"]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 thread_local! {

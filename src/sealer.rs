@@ -17,14 +17,19 @@ static AUDIT_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString
 static SEAL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
 
 pub fn init() {
-    GucRegistry::define_string_guc(
-        c"levqor.audit_database",
-        c"Database whose audit log the levqor sealing worker seals (empty: no worker)",
-        c"Needs shared_preload_libraries = 'levqor'; takes effect at server start.",
-        &AUDIT_DATABASE,
-        GucContext::Postmaster,
-        GucFlags::default(),
-    );
+    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
+    // A server-start setting can only be defined while the server starts
+    // (PostgreSQL refuses it, fatally, in a session that loads levqor later).
+    if preloading {
+        GucRegistry::define_string_guc(
+            c"levqor.audit_database",
+            c"Database whose audit log the levqor sealing worker seals (empty: no worker)",
+            c"Needs shared_preload_libraries = 'levqor'; takes effect at server start.",
+            &AUDIT_DATABASE,
+            GucContext::Postmaster,
+            GucFlags::default(),
+        );
+    }
     GucRegistry::define_int_guc(
         c"levqor.audit_seal_interval",
         c"Milliseconds between two sealing passes of the levqor audit worker",
@@ -35,7 +40,6 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
-    let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
     if preloading && AUDIT_DATABASE.get().is_some_and(|d| !d.as_bytes().is_empty()) {
         BackgroundWorkerBuilder::new("levqor audit sealer")
             .set_type("levqor audit sealer")

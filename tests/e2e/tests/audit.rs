@@ -282,3 +282,67 @@ fn the_sealing_worker_seals_committed_entries_by_itself() {
         .get(0);
     assert_eq!(workers, 1);
 }
+
+#[test]
+fn export_holds_everything_of_one_tenant_and_nothing_of_another() {
+    let (db, mut su) = fresh_db("audit_export");
+    su.batch_execute(
+        "GRANT USAGE ON SCHEMA levqor_template TO levqor_app;
+         CREATE TABLE levqor_template.notes (id serial PRIMARY KEY, body text);
+         GRANT SELECT, INSERT ON ALL TABLES IN SCHEMA levqor_template TO levqor_app;
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA levqor_template TO levqor_app;",
+    )
+    .unwrap();
+    let (a, b) = (create_tenant_on(&mut su, "exp-a"), create_tenant_on(&mut su, "exp-b"));
+    let s_row = su.query_one("SELECT tenant_id, api_key FROM levqor.create_tenant('exp-s', 'S', isolation => 'schema')", &[]).unwrap();
+    let s = Tenant { id: s_row.get(0), slug: "exp-s".into(), key: s_row.get(1) };
+    let mut c = connect_to(port(), APP, &db);
+    insert_rows(&mut c, &a, "items", &["a-1", "a-2"]);
+    insert_rows(&mut c, &b, "items", &["b-SECRET"]);
+    insert_rows(&mut c, &s, "items", &["s-shared"]);
+    as_tenant(&mut c, &s, |tx| {
+        tx.execute("INSERT INTO notes (body) VALUES ('s-own-schema')", &[]).unwrap();
+    });
+
+    let export = |cl: &mut Client, sql: &str, arg: Option<&str>| -> Vec<(String, serde_like::Json)> {
+        let rows = match arg {
+            Some(x) => cl.query(sql, &[&x]).unwrap(),
+            None => cl.query(sql, &[]).unwrap(),
+        };
+        rows.iter().map(|r| (r.get::<_, String>(0), serde_like::Json(r.get::<_, String>(1)))).collect()
+    };
+    let rows = export(&mut su, "SELECT table_name, row_data::text FROM levqor.export_tenant($1)", Some(&a.slug));
+    assert_eq!(rows[0].0, "manifest");
+    assert!(rows[0].1 .0.contains("\"public.items\": 2"), "{}", rows[0].1 .0);
+    let items: Vec<&str> = rows.iter().filter(|(t, _)| t == "public.items").map(|(_, j)| j.0.as_str()).collect();
+    assert_eq!(items.len(), 2);
+    let all = rows.iter().map(|(_, j)| j.0.clone()).collect::<Vec<_>>().join("\n");
+    assert!(!all.contains("b-SECRET") && !all.contains(&b.id.to_string()), "another tenant's data leaked into the export");
+    assert!(!all.contains("key_hash"), "key hashes are never exported");
+    assert!(rows.iter().any(|(t, _)| t == "levqor.tenant_keys") && rows.iter().any(|(t, _)| t == "levqor.audit_log"));
+
+    // A schema tenant's export includes its own schema's tables.
+    let srows = export(&mut su, "SELECT table_name, row_data::text FROM levqor.export_tenant($1)", Some(&s.slug));
+    assert!(srows.iter().any(|(t, j)| t == "tenant_exp_s.notes" && j.0.contains("s-own-schema")));
+    assert!(srows.iter().any(|(t, j)| t == "public.items" && j.0.contains("s-shared")));
+
+    // Self-service: the owner or admin exports its own tenant, and only that.
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT levqor.authenticate($1)", &[&a.key]).unwrap();
+    let own: Vec<String> = tx.query("SELECT row_data::text FROM levqor.export_my_tenant()", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    tx.commit().unwrap();
+    assert!(own.iter().any(|r| r.contains("a-1")) && !own.iter().any(|r| r.contains("b-SECRET")));
+    let viewer: String = su.query_one("SELECT levqor.issue_key($1, 'viewer')", &[&a.slug]).unwrap().get(0);
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT levqor.authenticate($1)", &[&viewer]).unwrap();
+    assert_eq!(sqlstate(tx.query("SELECT * FROM levqor.export_my_tenant()", &[])), "42501");
+    drop(tx);
+    assert_eq!(sqlstate(c.query("SELECT * FROM levqor.export_my_tenant()", &[])), "42501", "no context");
+    assert_eq!(sqlstate(c.query("SELECT * FROM levqor.export_tenant($1)", &[&b.slug])), "42501");
+}
+
+/// Rows compared as text; a tiny newtype keeps the test readable.
+mod serde_like {
+    #[derive(Debug)]
+    pub struct Json(pub String);
+}
