@@ -1258,6 +1258,10 @@ CREATE TABLE levqor.audit_heads (
     chain      uuid PRIMARY KEY,   -- the tenant, or the nil uuid for the platform
     seq        bigint NOT NULL,
     hash       bytea NOT NULL,
+    -- Retention removed entries 1..floor_seq; verification starts after them,
+    -- from floor_hash (the hash of the last removed entry).
+    floor_seq  bigint NOT NULL DEFAULT 0,
+    floor_hash bytea NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000',
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 SELECT pg_catalog.pg_extension_config_dump('levqor.audit_log', '');
@@ -1321,11 +1325,14 @@ DECLARE
     ch    uuid := CASE WHEN tenant IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid
                        ELSE levqor._tenant_id(tenant) END;
     e     levqor.audit_log;
-    prev  bytea := '\x0000000000000000000000000000000000000000000000000000000000000000';
-    n     bigint := 0;
+    prev  bytea;
+    n     bigint;
     head  record;
 BEGIN
     checked := 0;
+    SELECT hd.seq, hd.hash, hd.floor_seq, hd.floor_hash INTO head FROM levqor.audit_heads hd WHERE hd.chain = ch;
+    n := coalesce(head.floor_seq, 0);
+    prev := coalesce(head.floor_hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
     FOR e IN SELECT * FROM levqor.audit_log a
               WHERE coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000') = ch AND a.seq IS NOT NULL
               ORDER BY a.seq LOOP
@@ -1345,7 +1352,6 @@ BEGIN
         prev := e.hash;
         checked := checked + 1;
     END LOOP;
-    SELECT hd.seq, hd.hash INTO head FROM levqor.audit_heads hd WHERE hd.chain = ch;
     IF coalesce(head.seq, 0) <> n OR (n > 0 AND head.hash IS DISTINCT FROM prev) THEN
         RETURN QUERY SELECT false, checked, NULL::bigint,
             format('the chain ends at entry %s but its recorded head is entry %s: entries were removed from its end', n, coalesce(head.seq, 0));
@@ -1389,9 +1395,9 @@ CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE OR DELETE ON levqor.audit_lo
 CREATE TRIGGER levqor_audit_no_truncate BEFORE TRUNCATE ON levqor.audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_immutable();
 
--- Retention (superusers): delete sealed entries older than a point. The chain
--- keeps verifying from the first remaining entry, whose prev_hash anchors it;
--- the deletion itself is recorded as a platform event.
+-- Retention (superusers): delete sealed entries older than a point, a prefix
+-- of each chain. The chain keeps verifying from its recorded floor; the
+-- deletion itself is recorded as a platform event.
 CREATE FUNCTION levqor.purge_audit_before(cutoff timestamptz) RETURNS bigint
 LANGUAGE plpgsql VOLATILE AS $fn$
 DECLARE
@@ -1399,7 +1405,23 @@ DECLARE
 BEGIN
     PERFORM levqor._require_superuser('levqor.purge_audit_before()');
     SET LOCAL levqor_audit.retention = 'on';
-    DELETE FROM levqor.audit_log a WHERE a.at < cutoff AND a.seq IS NOT NULL;
+    -- Per chain, only a prefix can go (entries sealed before the cutoff, up to
+    -- the first one that is not): the floor records where the chain now starts.
+    WITH doomed AS (
+        SELECT coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) AS chain, a.seq, a.hash, a.id
+          FROM levqor.audit_log a
+         WHERE a.seq IS NOT NULL
+           AND a.seq < coalesce((SELECT min(b.seq) FROM levqor.audit_log b
+                                  WHERE coalesce(b.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid)
+                                        = coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid)
+                                    AND b.seq IS NOT NULL AND b.at >= cutoff), 9223372036854775807)
+    ), floors AS (
+        SELECT DISTINCT ON (d.chain) d.chain, d.seq, d.hash FROM doomed d ORDER BY d.chain, d.seq DESC
+    ), moved AS (
+        UPDATE levqor.audit_heads hd SET floor_seq = f.seq, floor_hash = f.hash
+          FROM floors f WHERE hd.chain = f.chain
+    )
+    DELETE FROM levqor.audit_log a USING doomed d WHERE a.id = d.id;
     GET DIAGNOSTICS n = ROW_COUNT;
     PERFORM levqor._log_event(NULL, 'audit_retention', jsonb_build_object('before', cutoff, 'deleted', n));
     RETURN n;

@@ -346,3 +346,39 @@ mod serde_like {
     #[derive(Debug)]
     pub struct Json(pub String);
 }
+
+#[test]
+fn retention_keeps_the_chain_verifiable_and_unrecorded_deletions_still_fail() {
+    let (db, mut su) = fresh_db("audit_retention");
+    let a = create_tenant_on(&mut su, "aud-ret");
+    let mut c = connect_to(port(), APP, &db);
+    insert_rows(&mut c, &a, "items", &["old-1", "old-2"]);
+    seal(&mut su);
+    su.batch_execute("SELECT pg_sleep(0.05)").unwrap();
+    let cutoff: std::time::SystemTime = su.query_one("SELECT clock_timestamp()", &[]).unwrap().get(0);
+    su.batch_execute("SELECT pg_sleep(0.05)").unwrap();
+    insert_rows(&mut c, &a, "items", &["new-1"]);
+    seal(&mut su);
+    let removed: i64 = su.query_one("SELECT levqor.purge_audit_before($1)", &[&cutoff]).unwrap().get(0);
+    assert!(removed >= 3, "tenant created + 2 old rows (+ platform entries): {removed}");
+    let left: Vec<String> = su
+        .query("SELECT coalesce(new_row->>'body', event) FROM levqor.audit_log WHERE tenant_id = $1 ORDER BY seq", &[&a.id])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(left, ["new-1"]);
+    assert_eq!(verify(&mut su, &a), (true, 1, None, None), "verifies from the recorded floor");
+    // Only superusers keep records short.
+    assert_eq!(sqlstate(connect_to(port(), ADMIN, &db).query("SELECT levqor.purge_audit_before(now())", &[])), "42501");
+    // Deleting the oldest remaining entry without retention is still caught.
+    su.batch_execute(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica;
+         DELETE FROM levqor.audit_log WHERE tenant_id = '{}'; COMMIT;",
+        a.id
+    ))
+    .unwrap();
+    insert_rows(&mut c, &a, "items", &["after"]);
+    seal(&mut su);
+    assert!(!verify(&mut su, &a).0);
+}
