@@ -1,6 +1,5 @@
 //! Setting a PostgreSQL setting from levqor's own code, the one way levqor
-//! does it (the tenant context, search_path for schema tenants, the pinned
-//! search_path of catalog lookups).
+//! does it (the tenant context, and search_path for schema tenants).
 
 use std::ffi::CStr;
 
@@ -13,8 +12,6 @@ pub enum Scope {
     Transaction,
     /// Until changed or reset (`SET`).
     Session,
-    /// Until the enclosing GUC nest level is popped (a function's `SET` clause).
-    Nested,
 }
 
 impl Scope {
@@ -33,7 +30,6 @@ pub fn set(name: &CStr, value: Option<&CStr>, scope: Scope, superuser: bool) {
     let action = match scope {
         Scope::Transaction => pg_sys::GucAction::GUC_ACTION_LOCAL,
         Scope::Session => pg_sys::GucAction::GUC_ACTION_SET,
-        Scope::Nested => pg_sys::GucAction::GUC_ACTION_SAVE,
     };
     let context = if superuser {
         pg_sys::GucContext::PGC_SUSET

@@ -6,8 +6,9 @@
 //! that setting when it returns (PostgreSQL pops every GUC change made under a
 //! function's own `SET` clause), so these functions stay invoker functions and
 //! do what `SECURITY DEFINER` does only around the lookup: switch to the
-//! bootstrap superuser (the role that owns the catalog), pin `search_path` to
-//! `pg_catalog, pg_temp`, run fixed, parameterised SQL, and switch back.
+//! bootstrap superuser (the role that owns the catalog), pin the search path
+//! to `pg_catalog`, run fixed, parameterised, schema-qualified SQL, and
+//! switch back.
 
 use std::ffi::CString;
 
@@ -16,23 +17,26 @@ use pgrx::pg_sys;
 struct Restore {
     user: pg_sys::Oid,
     sec_context: i32,
-    nest: i32,
 }
 
 impl Drop for Restore {
     fn drop(&mut self) {
         unsafe {
-            // On an error the transaction's abort already unwinds the GUC
-            // nest level; popping it here twice would be wrong.
+            // On an error the transaction's abort pops the override itself
+            // (and would complain about a second pop).
             if !std::thread::panicking() {
-                pg_sys::AtEOXact_GUC(true, self.nest);
+                pg_sys::PopOverrideSearchPath();
             }
             pg_sys::SetUserIdAndSecContext(self.user, self.sec_context);
         }
     }
 }
 
-/// Run `f` as the catalog owner with a pinned `search_path`.
+/// Run `f` as the catalog owner with the search path pinned to `pg_catalog`
+/// alone (no temporary schema). The pin is PostgreSQL's override search path (what
+/// the plan cache itself compares against), not a setting change: cheap
+/// enough for every audited row, and saved plans made under it are never
+/// re-planned because a caller's search_path differs.
 pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> R {
     let mut user = pg_sys::InvalidOid;
     let mut sec_context = 0;
@@ -42,10 +46,16 @@ pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> R {
             pg_sys::Oid::from(pg_sys::BOOTSTRAP_SUPERUSERID),
             sec_context | pg_sys::SECURITY_LOCAL_USERID_CHANGE as i32,
         );
+        let mut path = pg_sys::OverrideSearchPath {
+            schemas: std::ptr::null_mut(),
+            addCatalog: true,
+            addTemp: false,
+            generation: 0,
+        };
+        // PushOverrideSearchPath copies what it is given.
+        pg_sys::PushOverrideSearchPath(&mut path);
     }
-    let nest = unsafe { pg_sys::NewGUCNestLevel() };
-    let _restore = Restore { user, sec_context, nest };
-    crate::guc::set(c"search_path", Some(c"pg_catalog, pg_temp"), crate::guc::Scope::Nested, false);
+    let _restore = Restore { user, sec_context };
     f()
 }
 

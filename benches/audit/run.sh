@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Audit cost, side by side in one run: single-row insert transactions at N
+# clients and one bulk INSERT … SELECT of 100,000 rows, for
+#   none      no audit
+#   plpgsql   the classic PL/pgSQL trigger writing to_jsonb(OLD/NEW) to a table
+#   levqor    levqor.enable_audit, with the sealing worker chaining as it runs
+#   pgaudit   pgaudit's write logging (to the server log), as a reference
+# then verify_audit over ENTRIES sealed entries.
+# Usage: benches/audit/run.sh [seconds per run, default 15] [clients, default 2] [entries, default 1000000]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+SECS=${1:-15}
+CLIENTS=${2:-2}
+ENTRIES=${3:-1000000}
+PORT=${LEVQOR_BENCH_PORT:-28819}
+HERE=benches/audit
+. benches/common.sh
+
+dpkg-query -W -f='${Status}' postgresql-15-pgaudit 2>/dev/null | grep -q "install ok installed" \
+  || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15-pgaudit >/dev/null
+start_bench_cluster audit "$PORT"
+conf=/tmp/levqor-clusters/audit/data/postgresql.conf
+{
+  echo "shared_preload_libraries = 'levqor,pgaudit'"
+  echo "levqor.audit_database = 'bench'"
+  echo "levqor.audit_seal_interval = 200"
+  echo "shared_buffers = '1GB'"
+  echo "max_wal_size = '4GB'"
+} | runuser -u postgres -- tee -a "$conf" >/dev/null
+runuser -u postgres -- "$BIN/pg_ctl" -D /tmp/levqor-clusters/audit/data -w restart -l /tmp/levqor-clusters/audit/server.log >/dev/null
+psql() { scripts/cluster.sh psql audit -v ON_ERROR_STOP=1 -qAt "$@"; }
+psql -c "CREATE DATABASE bench" -c "CREATE DATABASE bench_pgaudit" >/dev/null
+psql -d bench -f "$HERE/setup.sql"
+psql -d bench_pgaudit -c "CREATE EXTENSION pgaudit" \
+  -c "CREATE TABLE t_none (id bigserial PRIMARY KEY, body text NOT NULL, n int NOT NULL DEFAULT 0)" \
+  -c "ALTER DATABASE bench_pgaudit SET pgaudit.log = 'write'" >/dev/null
+
+tmp=$(mktemp -d)
+for v in none plpgsql levqor; do echo "INSERT INTO t_$v (body) VALUES ('a fairly ordinary row of text');" >"$tmp/$v.sql"; done
+echo "INSERT INTO t_none (body) VALUES ('a fairly ordinary row of text');" >"$tmp/pgaudit.sql"
+run() {  # variant -> tps
+  local db=bench; [ "$1" = pgaudit ] && db=bench_pgaudit
+  "$BIN/pgbench" -h 127.0.0.1 -p "$PORT" -U postgres -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECS" \
+    -f "$tmp/$1.sql" "$db" 2>&1 | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
+}
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ x[NR] = $1 } END { print (NR % 2) ? x[(NR + 1) / 2] : (x[NR / 2] + x[NR / 2 + 1]) / 2 }'; }
+
+VARIANTS=(none plpgsql levqor pgaudit)
+declare -A tps bulk
+echo "single-row insert transactions, $CLIENTS clients, 3 rotated rounds of ${SECS}s…"
+for r in 0 1 2; do
+  for i in 0 1 2 3; do
+    v=${VARIANTS[$(((i + r) % 4))]}
+    t=$(run "$v"); echo "  $v: $t tps"; tps[$v]="${tps[$v]:-} $t"
+  done
+done
+echo "bulk: INSERT … SELECT of 100,000 rows, 3 rounds…"
+for r in 0 1 2; do
+  for v in "${VARIANTS[@]}"; do
+    db=bench; tbl=t_$v; [ "$v" = pgaudit ] && { db=bench_pgaudit; tbl=t_none; }
+    ms=$(psql -d "$db" -c "SELECT extract(epoch FROM clock_timestamp()) * 1000" \
+             -c "INSERT INTO $tbl (body, n) SELECT 'bulk row ' || g, g FROM generate_series(1, 100000) g" \
+             -c "SELECT extract(epoch FROM clock_timestamp()) * 1000" | awk 'NR == 1 { a = $1 } END { printf "%.0f", $1 - a }')
+    echo "  $v: $ms ms"; bulk[$v]="${bulk[$v]:-} $ms"
+  done
+done
+
+echo "verify_audit over $ENTRIES entries…"
+have=$(psql -d bench -c "SELECT count(*) FROM levqor.audit_log")
+if [ "$have" -lt "$ENTRIES" ]; then
+  psql -d bench -c "INSERT INTO t_levqor (body, n) SELECT 'verify row ' || g, g FROM generate_series(1, $ENTRIES - $have) g" >/dev/null
+fi
+# The worker may hold the sealing lock; wait until everything is sealed.
+until [ "$(psql -d bench -c "SELECT count(*) FROM levqor.audit_log WHERE seq IS NULL")" = 0 ]; do
+  psql -d bench -c "SELECT levqor.seal_audit(100000000)" >/dev/null; sleep 1
+done
+verify=$(psql -d bench -c "SELECT extract(epoch FROM clock_timestamp())" -c "SELECT checked FROM levqor.verify_audit()" \
+                       -c "SELECT extract(epoch FROM clock_timestamp())" | awk 'NR == 1 { a = $1 } NR == 2 { n = $1 } END { printf "%d %.1f", n, $1 - a }')
+read -r vn vs <<<"$verify"
+
+n=$(median "${tps[none]}"); p=$(median "${tps[plpgsql]}"); l=$(median "${tps[levqor]}"); g=$(median "${tps[pgaudit]}")
+bn=$(median "${bulk[none]}"); bp=$(median "${bulk[plpgsql]}"); bl=$(median "${bulk[levqor]}"); bg=$(median "${bulk[pgaudit]}")
+printf '\nresults (median of 3)\n'
+printf '  single-row inserts: none %s, plpgsql %s, levqor %s, pgaudit %s tps\n' "$n" "$p" "$l" "$g"
+printf '    levqor / plpgsql = %.3f (target >= 1.0), levqor / none = %.3f (target >= 0.7)\n' \
+  "$(awk -v x="$l" -v y="$p" 'BEGIN { print x / y }')" "$(awk -v x="$l" -v y="$n" 'BEGIN { print x / y }')"
+printf '  bulk 100,000 rows: none %s, plpgsql %s, levqor %s, pgaudit %s ms\n' "$bn" "$bp" "$bl" "$bg"
+printf '    levqor / plpgsql time = %.3f, levqor / none time = %.3f\n' \
+  "$(awk -v x="$bl" -v y="$bp" 'BEGIN { print x / y }')" "$(awk -v x="$bl" -v y="$bn" 'BEGIN { print x / y }')"
+printf '  verify_audit: %s entries in %s s = %.0f entries/s\n' "$vn" "$vs" "$(awk -v n="$vn" -v s="$vs" 'BEGIN { print n / s }')"

@@ -1,0 +1,26 @@
+-- Four identical tables: no audit, the classic PL/pgSQL audit trigger
+-- (to_jsonb(OLD), to_jsonb(NEW) into a log table, as supa_audit and the
+-- audit-trigger recipes do), and levqor's audit. (pgaudit runs against a copy
+-- in a second database, see run.sh.)
+\set QUIET on
+\set ON_ERROR_STOP on
+CREATE EXTENSION IF NOT EXISTS levqor;
+CREATE TABLE t_none (id bigserial PRIMARY KEY, body text NOT NULL, n int NOT NULL DEFAULT 0);
+CREATE TABLE t_plpgsql (LIKE t_none INCLUDING ALL);
+CREATE TABLE t_levqor (LIKE t_none INCLUDING ALL);
+ALTER TABLE t_plpgsql ALTER COLUMN id SET DEFAULT nextval('t_none_id_seq');
+ALTER TABLE t_levqor ALTER COLUMN id SET DEFAULT nextval('t_none_id_seq');
+
+CREATE TABLE plpgsql_audit_log (
+    id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT now(), db_role name NOT NULL DEFAULT current_user,
+    table_name text NOT NULL, operation text NOT NULL, old_row jsonb, new_row jsonb, xid bigint DEFAULT txid_current());
+CREATE FUNCTION plpgsql_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO plpgsql_audit_log (table_name, operation, old_row, new_row)
+    VALUES (TG_TABLE_NAME, TG_OP,
+            CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
+            CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON t_plpgsql FOR EACH ROW EXECUTE FUNCTION plpgsql_audit();
+SELECT levqor.enable_audit('t_levqor');
