@@ -10,6 +10,8 @@ CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCA
 REVOKE ALL ON ALL TABLES IN SCHEMA levqor FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA levqor FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA levqor FROM PUBLIC;
+-- Procedures are not "functions" to GRANT: closed separately (superusers only).
+REVOKE ALL ON ALL PROCEDURES IN SCHEMA levqor FROM PUBLIC;
 GRANT USAGE ON SCHEMA levqor TO PUBLIC;
 
 -- Anyone may ask about their own context; every role that reads a protected

@@ -1579,6 +1579,8 @@ $upgrade$;
 REVOKE ALL ON ALL TABLES IN SCHEMA levqor FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA levqor FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA levqor FROM PUBLIC;
+-- Procedures are not "functions" to GRANT: closed separately (superusers only).
+REVOKE ALL ON ALL PROCEDURES IN SCHEMA levqor FROM PUBLIC;
 GRANT USAGE ON SCHEMA levqor TO PUBLIC;
 
 -- Anyone may ask about their own context; every role that reads a protected
