@@ -48,6 +48,10 @@ start)
   } | as_pg tee -a "$dir/data/postgresql.conf" >/dev/null
   as_pg "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null \
     || { cat "$dir/server.log"; exit 1; }
+  if [ "$preload" = preload ]; then
+    # The database the audit sealing worker serves exists from the start.
+    as_pg "$BIN/createdb" -h "$dir/sock" -p "$port" levqor_sealer
+  fi
   echo "cluster $name: port $port, socket $dir/sock ($preload)"
   ;;
 stop)

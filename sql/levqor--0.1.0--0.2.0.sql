@@ -50,7 +50,7 @@ BEGIN
                END;
         CONTINUE WHEN tbl IS NULL OR levqor._being_disabled(tbl);
         IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname IN ('levqor_audit', 'levqor_audit_truncate')
-                                               AND t.tgenabled = 'D') THEN
+                                               AND t.tgenabled NOT IN ('O', 'A')) THEN
             RAISE EXCEPTION 'levqor: % would switch auditing off on %', cmd.command_tag, tbl::regclass
                 USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
         END IF;
@@ -175,12 +175,14 @@ BEGIN
             RETURN NEXT 'the write guard trigger is missing';
         END IF;
     END IF;
+    -- A trigger fires in ordinary sessions only when enabled 'O' (origin) or
+    -- 'A' (always): 'D' (disabled) and 'R' (ENABLE REPLICA) both switch it off.
     IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate'
-                                           AND t.tgenabled = 'D') THEN
+                                           AND t.tgenabled NOT IN ('O', 'A')) THEN
         RETURN NEXT 'the TRUNCATE guard trigger is disabled';
     END IF;
     IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard'
-                                           AND t.tgenabled = 'D') THEN
+                                           AND t.tgenabled NOT IN ('O', 'A')) THEN
         RETURN NEXT 'the write guard trigger is disabled';
     END IF;
 END

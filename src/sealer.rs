@@ -46,7 +46,7 @@ pub fn init() {
             .set_function("levqor_audit_sealer_main")
             .set_library("levqor")
             .enable_spi_access()
-            .set_restart_time(Some(Duration::from_secs(5)))
+            .set_restart_time(Some(Duration::from_secs(1)))
             .load();
     }
 }

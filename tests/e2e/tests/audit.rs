@@ -135,6 +135,7 @@ fn tenants_read_only_their_own_trail_and_nobody_edits_it() {
     // The owner of an audited table cannot switch auditing off.
     assert_eq!(sqlstate(su.batch_execute("DROP TRIGGER levqor_audit ON items")), "42501");
     assert_eq!(sqlstate(su.batch_execute("ALTER TABLE items DISABLE TRIGGER levqor_audit")), "42501");
+    assert_eq!(sqlstate(su.batch_execute("ALTER TABLE items ENABLE REPLICA TRIGGER levqor_audit")), "42501");
     assert_eq!(sqlstate(c.batch_execute("SELECT levqor.disable_audit('items')")), "42501");
 }
 
@@ -253,14 +254,12 @@ fn a_long_open_transaction_does_not_block_its_tenants_other_writers() {
 
 #[test]
 fn the_sealing_worker_seals_committed_entries_by_itself() {
-    // scripts/cluster.sh points levqor.audit_database at this database, with
-    // a 200 ms interval; the worker retries until the database exists.
+    // scripts/cluster.sh creates this database and points
+    // levqor.audit_database at it, with a 200 ms interval; the worker waits
+    // there until levqor is installed.
     let _ = db();
-    let mut pg = connect_to(port(), "postgres", "postgres");
-    pg.batch_execute("DROP DATABASE IF EXISTS levqor_sealer WITH (FORCE)").unwrap();
-    pg.batch_execute("CREATE DATABASE levqor_sealer").unwrap();
     let mut su = connect_to(port(), "postgres", "levqor_sealer");
-    su.batch_execute("CREATE EXTENSION levqor").unwrap();
+    su.batch_execute("CREATE EXTENSION IF NOT EXISTS levqor").unwrap();
     let a = create_tenant_on(&mut su, "sealed");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {

@@ -44,6 +44,8 @@ fn the_owner_cannot_undo_the_protection() {
         format!("ALTER TABLE {t} DROP COLUMN tenant_id CASCADE"),
         format!("ALTER TABLE {t} DISABLE TRIGGER levqor_no_truncate"),
         format!("ALTER TABLE {t} DISABLE TRIGGER ALL"),
+        format!("ALTER TABLE {t} ENABLE REPLICA TRIGGER levqor_no_truncate"),
+        format!("ALTER TABLE {t} ENABLE REPLICA TRIGGER levqor_write_guard"),
         format!("DROP TRIGGER levqor_no_truncate ON {t}"),
         format!("TRUNCATE {t}"),
         format!("SELECT levqor.disable_tenancy('{t}')"),
