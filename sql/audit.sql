@@ -212,19 +212,33 @@ BEGIN
 END
 $fn$;
 
+-- Statement-level triggers over transition tables (one set-based insert per
+-- statement); updates are paired by primary key, so a table without one has
+-- its updates audited row by row. TRUNCATE is recorded as one entry.
 CREATE FUNCTION levqor.enable_audit(tbl regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tbl AND c.relkind IN ('r', 'p')) THEN
         RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '42809';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_audit') THEN
-        EXECUTE format('CREATE TRIGGER levqor_audit AFTER INSERT OR UPDATE OR DELETE ON %s
-                        FOR EACH ROW EXECUTE FUNCTION levqor._audit_row()', tbl);
-        EXECUTE format('CREATE TRIGGER levqor_audit_truncate AFTER TRUNCATE ON %s
-                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
-        PERFORM levqor._log_event(levqor.current_tenant(), 'audit_enabled', jsonb_build_object('table', tbl::text));
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_audit_insert') THEN
+        RETURN;
     END IF;
+    EXECUTE format('CREATE TRIGGER levqor_audit_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS levqor_new
+                    FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+    EXECUTE format('CREATE TRIGGER levqor_audit_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS levqor_old
+                    FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+    IF EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = tbl AND i.indisprimary) THEN
+        EXECUTE format('CREATE TRIGGER levqor_audit_update AFTER UPDATE ON %s
+                        REFERENCING OLD TABLE AS levqor_old NEW TABLE AS levqor_new
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+    ELSE
+        EXECUTE format('CREATE TRIGGER levqor_audit_update AFTER UPDATE ON %s
+                        FOR EACH ROW EXECUTE FUNCTION levqor._audit_row()', tbl);
+    END IF;
+    EXECUTE format('CREATE TRIGGER levqor_audit_truncate AFTER TRUNCATE ON %s
+                    FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+    PERFORM levqor._log_event(levqor.current_tenant(), 'audit_enabled', jsonb_build_object('table', tbl::text));
 END
 $fn$;
 
@@ -234,7 +248,9 @@ CREATE FUNCTION levqor.disable_audit(tbl regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     INSERT INTO levqor._disabling (tbl) VALUES (tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS levqor_audit ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_audit_insert ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_audit_update ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_audit_delete ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS levqor_audit_truncate ON %s', tbl);
     DELETE FROM levqor._disabling d WHERE d.tbl = $1;
     PERFORM levqor._log_event(NULL, 'audit_disabled', jsonb_build_object('table', tbl::text));

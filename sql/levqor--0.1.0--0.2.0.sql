@@ -49,7 +49,7 @@ BEGIN
                    WHEN 'pg_trigger'::regclass THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = cmd.objid)
                END;
         CONTINUE WHEN tbl IS NULL OR levqor._being_disabled(tbl);
-        IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname IN ('levqor_audit', 'levqor_audit_truncate')
+        IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname LIKE 'levqor\_audit\_%'
                                                AND t.tgenabled NOT IN ('O', 'A')) THEN
             RAISE EXCEPTION 'levqor: % would switch auditing off on %', cmd.command_tag, tbl::regclass
                 USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
@@ -80,12 +80,13 @@ BEGIN
           FROM pg_event_trigger_dropped_objects() o
          WHERE o.object_type IN ('policy', 'trigger')
            AND (o.address_names[3] LIKE 'levqor\_tenant\_%'
-                OR o.address_names[3] IN ('levqor_no_truncate', 'levqor_write_guard', 'levqor_audit', 'levqor_audit_truncate'))
+                OR o.address_names[3] IN ('levqor_no_truncate', 'levqor_write_guard')
+                OR o.address_names[3] LIKE 'levqor\_audit\_%')
     LOOP
         tbl := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
         CONTINUE WHEN tbl IS NULL;  -- the table itself is going away
         CONTINUE WHEN levqor._being_disabled(tbl);
-        IF obj.address_names[3] IN ('levqor_audit', 'levqor_audit_truncate') THEN
+        IF obj.address_names[3] LIKE 'levqor\_audit\_%' THEN
             RAISE EXCEPTION 'levqor: dropping % % on % would switch auditing off',
                 obj.object_type, quote_ident(obj.address_names[3]), tbl
                 USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
@@ -451,7 +452,7 @@ CREATE FUNCTION "_schema_guard"()
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', '_schema_guard_wrapper';
 
--- src/audit.rs:66
+-- src/audit.rs:110
 -- levqor::audit::_audit_row
 CREATE FUNCTION "_audit_row"()
 	RETURNS TRIGGER
@@ -1430,19 +1431,33 @@ BEGIN
 END
 $fn$;
 
+-- Statement-level triggers over transition tables (one set-based insert per
+-- statement); updates are paired by primary key, so a table without one has
+-- its updates audited row by row. TRUNCATE is recorded as one entry.
 CREATE FUNCTION levqor.enable_audit(tbl regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tbl AND c.relkind IN ('r', 'p')) THEN
         RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '42809';
     END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_audit') THEN
-        EXECUTE format('CREATE TRIGGER levqor_audit AFTER INSERT OR UPDATE OR DELETE ON %s
-                        FOR EACH ROW EXECUTE FUNCTION levqor._audit_row()', tbl);
-        EXECUTE format('CREATE TRIGGER levqor_audit_truncate AFTER TRUNCATE ON %s
-                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
-        PERFORM levqor._log_event(levqor.current_tenant(), 'audit_enabled', jsonb_build_object('table', tbl::text));
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_audit_insert') THEN
+        RETURN;
     END IF;
+    EXECUTE format('CREATE TRIGGER levqor_audit_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS levqor_new
+                    FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+    EXECUTE format('CREATE TRIGGER levqor_audit_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS levqor_old
+                    FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+    IF EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = tbl AND i.indisprimary) THEN
+        EXECUTE format('CREATE TRIGGER levqor_audit_update AFTER UPDATE ON %s
+                        REFERENCING OLD TABLE AS levqor_old NEW TABLE AS levqor_new
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+    ELSE
+        EXECUTE format('CREATE TRIGGER levqor_audit_update AFTER UPDATE ON %s
+                        FOR EACH ROW EXECUTE FUNCTION levqor._audit_row()', tbl);
+    END IF;
+    EXECUTE format('CREATE TRIGGER levqor_audit_truncate AFTER TRUNCATE ON %s
+                    FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+    PERFORM levqor._log_event(levqor.current_tenant(), 'audit_enabled', jsonb_build_object('table', tbl::text));
 END
 $fn$;
 
@@ -1452,7 +1467,9 @@ CREATE FUNCTION levqor.disable_audit(tbl regclass) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     INSERT INTO levqor._disabling (tbl) VALUES (tbl);
-    EXECUTE format('DROP TRIGGER IF EXISTS levqor_audit ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_audit_insert ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_audit_update ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_audit_delete ON %s', tbl);
     EXECUTE format('DROP TRIGGER IF EXISTS levqor_audit_truncate ON %s', tbl);
     DELETE FROM levqor._disabling d WHERE d.tbl = $1;
     PERFORM levqor._log_event(NULL, 'audit_disabled', jsonb_build_object('table', tbl::text));

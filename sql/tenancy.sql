@@ -343,7 +343,7 @@ BEGIN
                    WHEN 'pg_trigger'::regclass THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = cmd.objid)
                END;
         CONTINUE WHEN tbl IS NULL OR levqor._being_disabled(tbl);
-        IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname IN ('levqor_audit', 'levqor_audit_truncate')
+        IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname LIKE 'levqor\_audit\_%'
                                                AND t.tgenabled NOT IN ('O', 'A')) THEN
             RAISE EXCEPTION 'levqor: % would switch auditing off on %', cmd.command_tag, tbl::regclass
                 USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
@@ -376,12 +376,13 @@ BEGIN
           FROM pg_event_trigger_dropped_objects() o
          WHERE o.object_type IN ('policy', 'trigger')
            AND (o.address_names[3] LIKE 'levqor\_tenant\_%'
-                OR o.address_names[3] IN ('levqor_no_truncate', 'levqor_write_guard', 'levqor_audit', 'levqor_audit_truncate'))
+                OR o.address_names[3] IN ('levqor_no_truncate', 'levqor_write_guard')
+                OR o.address_names[3] LIKE 'levqor\_audit\_%')
     LOOP
         tbl := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
         CONTINUE WHEN tbl IS NULL;  -- the table itself is going away
         CONTINUE WHEN levqor._being_disabled(tbl);
-        IF obj.address_names[3] IN ('levqor_audit', 'levqor_audit_truncate') THEN
+        IF obj.address_names[3] LIKE 'levqor\_audit\_%' THEN
             RAISE EXCEPTION 'levqor: dropping % % on % would switch auditing off',
                 obj.object_type, quote_ident(obj.address_names[3]), tbl
                 USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';

@@ -3,9 +3,12 @@
 //! `levqor.seal_audit()` links entries into their tenant's hash chain later,
 //! so writers never wait for one another (sql/audit.sql).
 //!
-//! The insert runs with the catalog owner's authority (nobody else may write
-//! the log) through one saved plan per table, whose first two parameters are
-//! the old and new row as the table's own row type.
+//! Statement-level triggers over transition tables write all of a
+//! statement's entries with one set-based insert (a 100,000-row INSERT is one
+//! audit insert, not 100,000). Updates are paired by primary key; a table
+//! without one is audited row by row for updates. Inserts run with the
+//! catalog owner's authority (nobody else may write the log) through saved
+//! plans, one per table, operation and kind of trigger.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -47,8 +50,49 @@ struct TablePlan {
     name: String,
 }
 
+/// (table, operation, statement-level)
+type PlanKey = (pg_sys::Oid, &'static str, bool);
+
 thread_local! {
-    static PLANS: RefCell<HashMap<pg_sys::Oid, TablePlan>> = RefCell::new(HashMap::new());
+    static PLANS: RefCell<HashMap<PlanKey, TablePlan>> = RefCell::new(HashMap::new());
+}
+
+/// The set-based insert of a statement-level trigger: rows come from the
+/// transition tables levqor_old / levqor_new (named in enable_audit).
+fn statement_sql(op: &str, pk: &[String]) -> String {
+    // Whole-row references (alias.*) under aliases no user column is
+    // likely to share; primary key columns are NOT NULL, so `=` pairs rows
+    // (and FULL JOIN needs a hashable or mergeable condition).
+    let source = match op {
+        "INSERT" => "SELECT NULL::jsonb AS o, to_jsonb(levqor_n.*) AS n FROM levqor_new AS levqor_n".to_string(),
+        "DELETE" => "SELECT to_jsonb(levqor_o.*) AS o, NULL::jsonb AS n FROM levqor_old AS levqor_o".to_string(),
+        _ => {
+            let on = pk
+                .iter()
+                .map(|c| {
+                    let c = pgrx::spi::quote_identifier(c);
+                    format!("levqor_o.{c} = levqor_n.{c}")
+                })
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            format!(
+                "SELECT to_jsonb(levqor_o.*) AS o, to_jsonb(levqor_n.*) AS n
+                   FROM levqor_old AS levqor_o FULL JOIN levqor_new AS levqor_n ON {on}"
+            )
+        }
+    };
+    format!(
+        "INSERT INTO levqor.audit_log
+             (tenant_id, db_role, user_id, member_role, kind, table_name, operation, pk, old_row, new_row, changed)
+         SELECT coalesce((coalesce(r.n, r.o) ->> $3)::uuid, levqor.current_tenant()), $1,
+                levqor.current_user_id(), levqor.current_member_role(), 'row', $2, '{op}',
+                (SELECT jsonb_object_agg(k, coalesce(r.n, r.o) -> k) FROM unnest($4::text[]) k),
+                r.o, r.n,
+                CASE WHEN '{op}' = 'UPDATE' THEN
+                    ARRAY(SELECT e.key FROM jsonb_each(r.n) e WHERE e.value IS DISTINCT FROM r.o -> e.key ORDER BY 1)
+                END
+           FROM ({source}) r"
+    )
 }
 
 /// Forget plans when a table changes shape (called from the relcache callback).
@@ -58,7 +102,7 @@ pub fn forget(relid: pg_sys::Oid) {
         if relid == pg_sys::InvalidOid {
             p.clear();
         } else {
-            p.remove(&relid);
+            p.retain(|k, _| k.0 != relid);
         }
     });
 }
@@ -85,17 +129,24 @@ fn _audit_row<'a>(
         (!t.is_null()).then(|| unsafe { pg_sys::heap_copy_tuple_as_datum(t, tupdesc) })
     };
     let row_level = matches!(trigger.level(), pgrx::PgTriggerLevel::Row);
+    // Statement level with transition tables, except TRUNCATE (no rows).
+    let set_based = !row_level && op != "TRUNCATE";
     let (old, new) = match (row_level, op) {
         (false, _) => (None, None),
         (true, "INSERT") => (None, as_datum(data.tg_trigtuple)),
         (true, "UPDATE") => (as_datum(data.tg_trigtuple), as_datum(data.tg_newtuple)),
         (true, _) => (as_datum(data.tg_trigtuple), None),
     };
+    let key: PlanKey = (relid, op, set_based);
     as_catalog_owner(|| {
         Spi::connect_mut(|client| {
+            if set_based {
+                // Makes levqor_old / levqor_new visible to this SPI connection.
+                unsafe { pg_sys::SPI_register_trigger_data(data as *const _ as *mut pg_sys::TriggerData) };
+            }
             PLANS.with(|plans| {
                 let mut plans = plans.borrow_mut();
-                if !plans.contains_key(&relid) {
+                if !plans.contains_key(&key) {
                     let (pk, tenant_column, name) = {
                         let t = client
                             .select(TABLE_SQL, Some(1), &[relid.into()])
@@ -107,33 +158,51 @@ fn _audit_row<'a>(
                             row.get::<String>(3).ok().flatten().unwrap_or_default(),
                         )
                     };
-                    let types = [
-                        pg_sys::PgOid::from(reltype),
-                        pg_sys::PgOid::from(reltype),
-                        pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
-                        pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
-                        pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
-                        pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
-                        pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTOID),
-                    ];
-                    let plan = client.prepare_mut(INSERT_SQL, &types).expect("audit: prepare").keep();
-                    plans.insert(relid, TablePlan { plan, pk, tenant_column, name });
+                    let text = pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTOID);
+                    let plan = if set_based {
+                        let types = [text, text, text, pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID)];
+                        client.prepare_mut(statement_sql(op, &pk).as_str(), &types)
+                    } else {
+                        let types = [
+                            pg_sys::PgOid::from(reltype),
+                            pg_sys::PgOid::from(reltype),
+                            text,
+                            text,
+                            text,
+                            pg_sys::PgOid::BuiltIn(PgBuiltInOids::TEXTARRAYOID),
+                            text,
+                        ];
+                        client.prepare_mut(INSERT_SQL, &types)
+                    }
+                    .expect("audit: prepare")
+                    .keep();
+                    plans.insert(key, TablePlan { plan, pk, tenant_column, name });
                 }
-                let p = &plans[&relid];
-                let row = |d: Option<pg_sys::Datum>| match d {
-                    Some(d) => unsafe { DatumWithOid::new(d, reltype) },
-                    None => DatumWithOid::null_oid(reltype),
-                };
-                let args = [
-                    row(old),
-                    row(new),
-                    op.into(),
-                    p.name.as_str().into(),
-                    role.as_str().into(),
-                    p.pk.clone().into(),
-                    p.tenant_column.clone().into(),
-                ];
-                client.update(&p.plan, None, &args).expect("audit: append entry");
+                let p = &plans[&key];
+                if set_based {
+                    let args = [
+                        role.as_str().into(),
+                        p.name.as_str().into(),
+                        p.tenant_column.clone().into(),
+                        p.pk.clone().into(),
+                    ];
+                    client.update(&p.plan, None, &args).expect("audit: append entries");
+                } else {
+                    let row = |d: Option<pg_sys::Datum>| match d {
+                        Some(d) => unsafe { DatumWithOid::new(d, reltype) },
+                        None => DatumWithOid::null_oid(reltype),
+                    };
+                    let args = [
+                        row(old),
+                        row(new),
+                        op.into(),
+                        p.name.as_str().into(),
+                        role.as_str().into(),
+                        p.pk.clone().into(),
+                        p.tenant_column.clone().into(),
+                    ];
+                    client.update(&p.plan, None, &args).expect("audit: append entry");
+                }
             })
         })
     });

@@ -133,9 +133,9 @@ fn tenants_read_only_their_own_trail_and_nobody_edits_it() {
     assert_eq!(sqlstate(su.batch_execute("UPDATE levqor.audit_log SET detail = '{}'")), "42501");
     assert_eq!(sqlstate(su.batch_execute("TRUNCATE levqor.audit_log")), "42501");
     // The owner of an audited table cannot switch auditing off.
-    assert_eq!(sqlstate(su.batch_execute("DROP TRIGGER levqor_audit ON items")), "42501");
-    assert_eq!(sqlstate(su.batch_execute("ALTER TABLE items DISABLE TRIGGER levqor_audit")), "42501");
-    assert_eq!(sqlstate(su.batch_execute("ALTER TABLE items ENABLE REPLICA TRIGGER levqor_audit")), "42501");
+    assert_eq!(sqlstate(su.batch_execute("DROP TRIGGER levqor_audit_insert ON items")), "42501");
+    assert_eq!(sqlstate(su.batch_execute("ALTER TABLE items DISABLE TRIGGER levqor_audit_update")), "42501");
+    assert_eq!(sqlstate(su.batch_execute("ALTER TABLE items ENABLE REPLICA TRIGGER levqor_audit_delete")), "42501");
     assert_eq!(sqlstate(c.batch_execute("SELECT levqor.disable_audit('items')")), "42501");
 }
 
@@ -380,4 +380,43 @@ fn retention_keeps_the_chain_verifiable_and_unrecorded_deletions_still_fail() {
     insert_rows(&mut c, &a, "items", &["after"]);
     seal(&mut su);
     assert!(!verify(&mut su, &a).0);
+}
+
+#[test]
+fn bulk_statements_tables_without_a_key_and_awkward_column_names_are_audited_exactly() {
+    let (_db, mut su) = fresh_db("audit_bulk");
+    su.batch_execute(
+        "CREATE TABLE odd (id int PRIMARY KEY, o text, n int, levqor_new int);
+         SELECT levqor.enable_audit('odd');
+         INSERT INTO odd SELECT g, 'o' || g, g, g FROM generate_series(1, 1000) g;
+         UPDATE odd SET n = n + 1 WHERE id <= 10;
+         UPDATE odd SET id = id + 5000 WHERE id = 1000;
+         DELETE FROM odd WHERE id > 900;
+         CREATE TABLE nokey (v int);
+         SELECT levqor.enable_audit('nokey');
+         INSERT INTO nokey SELECT g FROM generate_series(1, 5) g;
+         UPDATE nokey SET v = v * 10;",
+    )
+    .unwrap();
+    let mut count = |sql: &str| -> i64 { su.query_one(sql, &[]).unwrap().get(0) };
+    assert_eq!(count("SELECT count(*) FROM levqor.audit_log WHERE table_name = 'public.odd' AND operation = 'INSERT'"), 1000);
+    assert_eq!(
+        count("SELECT count(*) FROM levqor.audit_log WHERE table_name = 'public.odd' AND operation = 'UPDATE' AND changed = '{n}'
+                 AND (new_row->>'n')::int = (old_row->>'n')::int + 1 AND old_row->>'o' = new_row->>'o'"),
+        10,
+        "updates pair old and new by primary key, whatever the columns are called"
+    );
+    // A key change cannot be paired: it is recorded as the old row and the new row.
+    assert_eq!(
+        count("SELECT count(*) FROM levqor.audit_log WHERE table_name = 'public.odd' AND operation = 'UPDATE'
+                 AND ((old_row->>'id' = '1000' AND new_row IS NULL) OR (new_row->>'id' = '6000' AND old_row IS NULL))"),
+        2
+    );
+    assert_eq!(count("SELECT count(*) FROM levqor.audit_log WHERE table_name = 'public.odd' AND operation = 'DELETE'"), 100);
+    assert_eq!(
+        count("SELECT count(*) FROM levqor.audit_log WHERE table_name = 'public.nokey' AND operation = 'UPDATE'
+                 AND (new_row->>'v')::int = (old_row->>'v')::int * 10"),
+        5,
+        "without a primary key, updates are audited row by row"
+    );
 }
