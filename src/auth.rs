@@ -10,7 +10,7 @@ use pgrx::PgBuiltInOids;
 use uuid::Uuid;
 
 use crate::cache::{self, KeyRow, TenantRow};
-use crate::context::{self, Context, MemberRole, Source};
+use crate::context::{self, from_uuid, to_uuid, Context, MemberRole, Source};
 use crate::privilege::{as_catalog_owner, current_role_has};
 use crate::{errors, keys, token};
 
@@ -20,12 +20,19 @@ const KEY_SQL: &str = "
       FROM levqor.tenant_keys k
      WHERE k.key_id = $1";
 
-const TENANT_BY_ID_SQL: &str = "SELECT id, slug, status, suspension_mode, suspension_reason, trial_ends_at,
-    'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid, schema_name::text
-    FROM levqor.tenants WHERE id = $1";
-const TENANT_BY_SLUG_SQL: &str = "SELECT id, slug, status, suspension_mode, suspension_reason, trial_ends_at,
-    'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid, schema_name::text
-    FROM levqor.tenants WHERE slug = $1";
+/// One tenant row by a condition on $1, with the catalog's oids for the cache.
+macro_rules! tenant_sql {
+    ($condition:literal) => {
+        concat!(
+            "SELECT id, slug, status, suspension_mode, suspension_reason, trial_ends_at,
+                    'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid, schema_name::text
+               FROM levqor.tenants WHERE ",
+            $condition
+        )
+    };
+}
+const TENANT_BY_ID_SQL: &str = tenant_sql!("id = $1");
+const TENANT_BY_SLUG_SQL: &str = tenant_sql!("slug = $1");
 
 thread_local! {
     /// Plans are prepared once per backend under the pinned search_path and
@@ -56,14 +63,6 @@ fn run<R>(
         let table = client.select(&plans[idx].1, Some(1), args).expect("levqor catalog query runs");
         read(table)
     })
-}
-
-fn to_uuid(u: pgrx::Uuid) -> Uuid {
-    Uuid::from_bytes(*u.as_bytes())
-}
-
-fn from_uuid(u: Uuid) -> pgrx::Uuid {
-    pgrx::Uuid::from_bytes(*u.as_bytes())
 }
 
 fn timestamp(row: &pgrx::spi::SpiHeapTupleData<'_>, i: usize) -> Option<Option<pgrx::pg_sys::TimestampTz>> {

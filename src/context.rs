@@ -246,18 +246,27 @@ pub fn clear() {
     }
 }
 
+/// Between the `uuid` crate's type (the context) and pgrx's (SQL values).
+pub fn to_uuid(u: pgrx::Uuid) -> Uuid {
+    Uuid::from_bytes(*u.as_bytes())
+}
+
+pub fn from_uuid(u: Uuid) -> pgrx::Uuid {
+    pgrx::Uuid::from_bytes(*u.as_bytes())
+}
+
 /// The tenant the current transaction acts for; NULL when there is none, so
 /// that `tenant_id = levqor.current_tenant()` matches no row (fail closed).
 #[pg_extern(stable, parallel_safe)]
 fn current_tenant() -> Option<pgrx::Uuid> {
-    current().map(|c| pgrx::Uuid::from_bytes(*c.tenant.as_bytes()))
+    current().map(|c| from_uuid(c.tenant))
 }
 
 /// The end user the context carries (from a key bound to a user, a token's
 /// `sub`, or `set_tenant(..., user_id => ...)`).
 #[pg_extern(stable, parallel_safe)]
 fn current_user_id() -> Option<pgrx::Uuid> {
-    current().and_then(|c| c.user).map(|u| pgrx::Uuid::from_bytes(*u.as_bytes()))
+    current().and_then(|c| c.user).map(from_uuid)
 }
 
 /// The member role the context carries: owner, admin, operator, auditor or viewer.
@@ -279,8 +288,8 @@ fn context_info() -> TableIterator<
 > {
     let c = current();
     TableIterator::once((
-        c.map(|c| pgrx::Uuid::from_bytes(*c.tenant.as_bytes())),
-        c.and_then(|c| c.user).map(|u| pgrx::Uuid::from_bytes(*u.as_bytes())),
+        c.map(|c| from_uuid(c.tenant)),
+        c.and_then(|c| c.user).map(from_uuid),
         c.and_then(|c| c.role).map(MemberRole::as_str),
         c.map(|c| c.source.as_str()),
     ))
