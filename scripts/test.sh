@@ -2,8 +2,8 @@
 # Every levqor test, on a fresh Debian 12 machine or a warm one:
 #   1. installs what is missing (scripts/bootstrap.sh),
 #   2. #[pg_test] units inside a real PostgreSQL 15 (cargo pgrx test),
-#   3. installs the extension and starts two throwaway clusters (with and
-#      without shared_preload_libraries),
+#   3. installs the extension and starts three throwaway clusters (with and
+#      without shared_preload_libraries, and one the durability test crashes),
 #   4. the end-to-end suite (as non-superuser roles over TCP) and the sidecar's tests.
 # The clusters are stopped whatever happens.
 set -euo pipefail
@@ -13,6 +13,7 @@ PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 export RUST_BACKTRACE=${RUST_BACKTRACE:-0}
 export LEVQOR_E2E_PORT=${LEVQOR_E2E_PORT:-28815}
 export LEVQOR_E2E_NOPRELOAD_PORT=${LEVQOR_E2E_NOPRELOAD_PORT:-28816}
+export LEVQOR_E2E_RESTART_PORT=${LEVQOR_E2E_RESTART_PORT:-28817}
 
 step() { printf '\n\033[1;34m== %s\033[0m\n' "$*"; }
 
@@ -25,17 +26,20 @@ cargo pgrx test pg15 --runas postgres --pgdata /tmp/levqor-pgdata/data
 
 step "install the extension into PostgreSQL 15"
 cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null
-# The previous release's install script, for the upgrade test.
-cp sql/archive/levqor--0.1.0.sql "$("$PG_CONFIG" --sharedir)/extension/"
+# Earlier releases' install scripts, for the upgrade tests.
+cp sql/archive/levqor--*.sql "$("$PG_CONFIG" --sharedir)/extension/"
 
 step "throwaway clusters"
 cleanup() {
   scripts/cluster.sh stop e2e || true
   scripts/cluster.sh stop e2e-nopreload || true
+  scripts/cluster.sh stop e2e-restart || true
 }
 trap cleanup EXIT
 scripts/cluster.sh start e2e "$LEVQOR_E2E_PORT" preload
 scripts/cluster.sh start e2e-nopreload "$LEVQOR_E2E_NOPRELOAD_PORT" nopreload
+# Restarted and crashed by the quota durability test, so nothing else uses it.
+scripts/cluster.sh start e2e-restart "$LEVQOR_E2E_RESTART_PORT" preload
 
 step "end-to-end suite and sidecar"
 cargo test -p levqor-e2e -p levqor-sidecar

@@ -68,6 +68,9 @@ CREATE TABLE levqor.tenants (
     trial_ends_at     timestamptz,
     offboarded_at     timestamptz,
     purge_after       timestamptz,
+    -- Set by levqor.refresh_storage() (sql/quota.sql): at or over the
+    -- storage limit, so inserts and updates are refused.
+    storage_exceeded  boolean NOT NULL DEFAULT false,
     created_at  timestamptz NOT NULL DEFAULT now(),
     updated_at  timestamptz NOT NULL DEFAULT now()
 );

@@ -6,6 +6,15 @@ CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCA
     FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
 CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.tenant_keys
     FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
+-- ... and so do changes to what quotas are measured against.
+CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.plans
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
+CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.metrics
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
+CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.quota_overrides
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
+CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.row_limits
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
 
 REVOKE ALL ON ALL TABLES IN SCHEMA levqor FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA levqor FROM PUBLIC;
@@ -26,12 +35,23 @@ TO PUBLIC;
 GRANT EXECUTE ON FUNCTION
     levqor.enable_tenancy(regclass, name), levqor._register_protected(regclass, name),
     levqor._tenant_qual(name), levqor._refuse_truncate(), levqor._write_guard(),
-    levqor.enable_audit(regclass), levqor._audit_row()
+    levqor.enable_audit(regclass), levqor._audit_row(),
+    levqor.limit_rows(regclass, text, name), levqor._limit_rows(),
+    levqor._row_limit_column(regclass, text, name), levqor._register_row_limit(regclass, text, name)
 TO PUBLIC;
+
+-- Usage: the view and its live source show a tenant only its own numbers
+-- (everything to a levqor_admin); the window helpers are pure.
+GRANT EXECUTE ON FUNCTION
+    levqor._usage_live(), levqor._ts(bigint), levqor._window_micros(interval),
+    levqor._window_start(interval, timestamptz)
+TO PUBLIC;
+GRANT SELECT ON levqor.usage TO PUBLIC;
 
 GRANT EXECUTE ON FUNCTION
     levqor.authenticate(text, boolean), levqor.set_tenant_token(text, boolean),
-    levqor.export_my_tenant()
+    levqor.export_my_tenant(),
+    levqor.consume(text, bigint)
 TO levqor_app;
 
 GRANT EXECUTE ON FUNCTION
@@ -57,10 +77,20 @@ GRANT EXECUTE ON FUNCTION
     levqor.seal_audit(integer),
     levqor.verify_audit(text),
     levqor.audit_head(text),
-    levqor.export_tenant(text)
+    levqor.export_tenant(text),
+    levqor.define_metric(text, text, interval, bigint, text),
+    levqor.set_quota(text, text, bigint, text),
+    levqor.clear_quota(text, text),
+    levqor.unlimit_rows(regclass),
+    levqor.flush_usage(),
+    levqor.refresh_storage(),
+    levqor.ledger_read(text, integer),
+    levqor.ledger_advance(text, bigint)
 TO levqor_admin;
 
-GRANT SELECT ON levqor.plans TO levqor_app, levqor_admin;
+GRANT SELECT ON levqor.plans, levqor.metrics TO levqor_app, levqor_admin;
+GRANT SELECT ON levqor.quota_overrides, levqor.row_limits, levqor.usage_counters, levqor.usage_ledger,
+    levqor.ledger_cursors, levqor.quota_alerts TO levqor_admin;
 -- The audit log: row level security shows tenants their own trail (auditor,
 -- admin, owner) and levqor_admin all of it; nobody is granted any write.
 GRANT SELECT ON levqor.audit_log TO PUBLIC;
@@ -75,8 +105,8 @@ BEGIN
     IF NOT levqor.preloaded() THEN
         RAISE NOTICE 'levqor is not in shared_preload_libraries'
             USING DETAIL = 'Tenant context, keys, tokens and table protection work without it. '
-                           'Recommended anyway: with it no session can ever hold a levqor.* placeholder, '
-                           'and the quota counters and audit sealing of later releases need it.',
+                           'Recommended anyway: with it no session can ever hold a levqor.* placeholder. '
+                           'Quotas (consume, limit_rows) need it, as does the worker that seals the audit log.',
                   HINT = 'ALTER SYSTEM SET shared_preload_libraries = ''levqor''; then restart PostgreSQL.';
     END IF;
 END

@@ -63,7 +63,9 @@ END
 $fn$;
 
 -- Bytes of the tenant's rows in every protected table (row data as stored,
--- without indexes). Measured, not estimated; it reads every row of the tenant.
+-- without indexes), plus, for a schema tenant, everything in its schema
+-- (tables, indexes, TOAST). Measured, not estimated; it reads every row of
+-- the tenant in shared tables.
 CREATE FUNCTION levqor.tenant_storage_bytes(tenant text) RETURNS bigint
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -72,6 +74,10 @@ DECLARE
     n     bigint;
     total bigint := 0;
 BEGIN
+    SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) INTO total
+      FROM levqor.tenants t JOIN pg_namespace s ON s.nspname = t.schema_name
+      JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind IN ('r', 'm')
+     WHERE t.id = tid;
     FOR p IN SELECT pt.tbl, pt.tenant_column FROM levqor.protected_tables pt
               WHERE NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = pt.tbl) LOOP
         EXECUTE format('SELECT coalesce(sum(pg_column_size(t.*)), 0) FROM %s t WHERE %I = $1', p.tbl, p.tenant_column)
@@ -89,6 +95,8 @@ DECLARE
     t       levqor.tenants := levqor._tenant_for_update(tenant);
     lim     jsonb;
     storage bigint;
+    r       record;
+    n       bigint;
 BEGIN
     SELECT p.limits INTO lim FROM levqor.plans p WHERE p.name = plan;
     IF NOT FOUND THEN
@@ -110,6 +118,20 @@ BEGIN
                 pg_size_pretty((lim->>'storage_bytes')::bigint), t.slug, pg_size_pretty(storage)
                 USING ERRCODE = '23514', HINT = 'Free space first, or pass force => true.';
         END IF;
+    END IF;
+    -- Likewise for rows counted by levqor.limit_rows (users, projects), unless
+    -- the tenant has its own override for the metric.
+    IF NOT force THEN
+        FOR r IN SELECT rl.tbl, rl.metric, rl.tenant_column FROM levqor.row_limits rl
+                  WHERE jsonb_typeof(lim -> rl.metric) = 'number'
+                    AND NOT EXISTS (SELECT 1 FROM levqor.quota_overrides o
+                                     WHERE o.tenant_id = t.id AND o.metric = rl.metric) LOOP
+            EXECUTE format('SELECT count(*) FROM %s WHERE %I = $1', r.tbl, r.tenant_column) INTO n USING t.id;
+            IF n > (lim ->> r.metric)::bigint THEN
+                RAISE EXCEPTION 'plan % allows % %; tenant % has %', plan, lim ->> r.metric, r.metric, t.slug, n
+                    USING ERRCODE = '23514', HINT = 'Delete some first, or pass force => true.';
+            END IF;
+        END LOOP;
     END IF;
     UPDATE levqor.tenants SET plan = plan, updated_at = now() WHERE id = t.id;
     PERFORM levqor._log_event(t.id, 'plan_changed', jsonb_build_object('from', t.plan, 'to', plan, 'forced', force));

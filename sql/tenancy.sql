@@ -348,6 +348,11 @@ BEGIN
             RAISE EXCEPTION 'levqor: % would switch auditing off on %', cmd.command_tag, tbl::regclass
                 USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
         END IF;
+        IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname LIKE 'levqor\_limit\_%'
+                                               AND t.tgenabled NOT IN ('O', 'A')) THEN
+            RAISE EXCEPTION 'levqor: % would switch the row limit off on %', cmd.command_tag, tbl::regclass
+                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.unlimit_rows().';
+        END IF;
         CONTINUE WHEN NOT levqor._is_protected(tbl);
         SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl::regclass, false) x;
         IF problems IS NOT NULL THEN
@@ -377,7 +382,8 @@ BEGIN
          WHERE o.object_type IN ('policy', 'trigger')
            AND (o.address_names[3] LIKE 'levqor\_tenant\_%'
                 OR o.address_names[3] IN ('levqor_no_truncate', 'levqor_write_guard')
-                OR o.address_names[3] LIKE 'levqor\_audit\_%')
+                OR o.address_names[3] LIKE 'levqor\_audit\_%'
+                OR o.address_names[3] LIKE 'levqor\_limit\_%')
     LOOP
         tbl := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
         CONTINUE WHEN tbl IS NULL;  -- the table itself is going away
@@ -386,6 +392,11 @@ BEGIN
             RAISE EXCEPTION 'levqor: dropping % % on % would switch auditing off',
                 obj.object_type, quote_ident(obj.address_names[3]), tbl
                 USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
+        END IF;
+        IF obj.address_names[3] LIKE 'levqor\_limit\_%' THEN
+            RAISE EXCEPTION 'levqor: dropping % % on % would switch the row limit off',
+                obj.object_type, quote_ident(obj.address_names[3]), tbl
+                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.unlimit_rows().';
         END IF;
         RAISE EXCEPTION 'levqor: dropping % % on % would remove tenant isolation',
             obj.object_type, quote_ident(obj.address_names[3]), tbl

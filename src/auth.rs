@@ -25,7 +25,8 @@ macro_rules! tenant_sql {
     ($condition:literal) => {
         concat!(
             "SELECT id, slug, status, suspension_mode, suspension_reason, trial_ends_at,
-                    'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid, schema_name::text
+                    'levqor.tenants'::regclass::oid, 'levqor.tenant_keys'::regclass::oid, schema_name::text,
+                    storage_exceeded
                FROM levqor.tenants WHERE ",
             $condition
         )
@@ -40,6 +41,31 @@ thread_local! {
     static PLANS: RefCell<Vec<(&'static str, OwnedPreparedStatement)>> = const { RefCell::new(Vec::new()) };
 }
 
+thread_local! {
+    /// Catalog lookups under way: their own queries must not start another
+    /// (the ExecutorStart hook's context re-check waits for the next query).
+    static LOOKUPS: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+pub fn in_lookup() -> bool {
+    LOOKUPS.with(|l| l.get() > 0)
+}
+
+struct Lookup;
+
+impl Lookup {
+    fn start() -> Lookup {
+        LOOKUPS.with(|l| l.set(l.get() + 1));
+        Lookup
+    }
+}
+
+impl Drop for Lookup {
+    fn drop(&mut self) {
+        LOOKUPS.with(|l| l.set(l.get() - 1));
+    }
+}
+
 fn run<R>(
     client: &SpiClient<'_>,
     sql: &'static str,
@@ -47,6 +73,7 @@ fn run<R>(
     args: &[pgrx::datum::DatumWithOid<'_>],
     read: impl FnOnce(pgrx::spi::SpiTupleTable<'_>) -> R,
 ) -> R {
+    let _lookup = Lookup::start();
     PLANS.with(|plans| {
         let mut plans = plans.borrow_mut();
         let idx = match plans.iter().position(|(s, _)| std::ptr::eq(*s, sql)) {
@@ -107,6 +134,7 @@ pub fn lookup_tenant(tenant: &str) -> Option<TenantRow> {
                         suspension_reason: row.get::<String>(5).ok()?,
                         trial_ends_at: timestamp(&row, 6)?,
                         schema: row.get::<String>(9).ok()?,
+                        storage_exceeded: row.get::<bool>(10).ok()?.unwrap_or(false),
                     })
                 };
                 match by_id {

@@ -52,6 +52,8 @@ pub struct TenantRow {
     pub trial_ends_at: Option<pg_sys::TimestampTz>,
     /// The tenant's own schema, for schema-isolation tenants.
     pub schema: Option<String>,
+    /// At or over its storage limit (levqor.refresh_storage): no inserts or updates.
+    pub storage_exceeded: bool,
 }
 
 /// What a tenant's status allows right now.

@@ -5,6 +5,9 @@
 //! * `auth`      — authenticate / set_tenant / set_tenant_token;
 //! * `keys`, `token` — API keys and signed tokens;
 //! * `privilege` — running catalog lookups with the extension's authority;
+//! * `lifecycle`, `audit`, `sealer` — the tenant lifecycle, the audit trigger
+//!   and the background worker that seals the log and flushes counters;
+//! * `counters`, `quota` — plan quotas counted in shared memory;
 //! * `errors`    — every refusal, with a stable SQLSTATE.
 //!
 //! SQL that reads better as SQL lives in `sql/`: the catalog, tenant creation,
@@ -18,11 +21,13 @@ mod audit;
 mod auth;
 mod cache;
 mod context;
+mod counters;
 mod errors;
 mod guc;
 mod keys;
 mod lifecycle;
 mod privilege;
+mod quota;
 mod sealer;
 mod tenancy_tests;
 mod token;
@@ -36,6 +41,7 @@ extension_sql_file!("../sql/schemas.sql", name = "schemas", requires = ["report"
 extension_sql_file!("../sql/adopt.sql", name = "adopt", requires = ["schemas"]);
 extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["adopt", current_user_id, current_member_role]);
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["audit"]);
+extension_sql_file!("../sql/quota.sql", name = "quota", requires = ["export", _usage_live]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 thread_local! {
@@ -49,6 +55,8 @@ pub extern "C-unwind" fn _PG_init() {
     token::init();
     cache::init();
     lifecycle::init();
+    counters::init();
+    quota::init();
     sealer::init();
     // Any other levqor.* name is a typo or an attempt at one; refuse it, and
     // drop placeholders a session made before the library was loaded.

@@ -30,8 +30,9 @@ pub fn init() {
 #[pg_guard]
 unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags: i32) {
     // take_stale() resets the flag first, so the lookup's own queries pass
-    // straight through this hook.
-    if cache::take_stale() && pg_sys::ParallelWorkerNumber < 0 {
+    // straight through this hook. Inside a catalog lookup (whose query can
+    // itself take an invalidation) the flag is left for the next query.
+    if pg_sys::ParallelWorkerNumber < 0 && !crate::auth::in_lookup() && cache::take_stale() {
         recheck_context();
     }
     match PREV_EXECUTOR_START {
@@ -55,8 +56,9 @@ fn recheck_context() {
     }
 }
 
-/// May the context's tenant write now? Raises if not.
-fn check_write(ctx: &context::Context) {
+/// May the context's tenant write now? Raises if not. `grows` is true for
+/// INSERT and UPDATE, which a tenant over its storage limit may not run.
+fn check_write(ctx: &context::Context, grows: bool) {
     let Some(t) = lookup_tenant_id(ctx.tenant) else {
         crate::errors::refused("the tenant of this context no longer exists", None)
     };
@@ -73,16 +75,27 @@ fn check_write(ctx: &context::Context) {
         ),
         Access::Refused(why) => crate::errors::refused(why, None),
     }
+    if grows && t.storage_exceeded {
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            format!("tenant \"{}\" has reached its storage limit: inserts and updates are refused", t.slug),
+            Some("Delete data (then levqor.refresh_storage() measures again), or move to a larger plan."),
+        );
+    }
+}
+
+fn grows(trigger: &pgrx::PgTrigger<'_>) -> Result<bool, pgrx::PgTriggerError> {
+    Ok(matches!(trigger.op()?, pgrx::PgTriggerOperation::Insert | pgrx::PgTriggerOperation::Update))
 }
 
 /// BEFORE INSERT OR UPDATE OR DELETE, once per statement, on protected tables.
 #[pg_trigger]
 fn _write_guard<'a>(
-    _trigger: &'a pgrx::PgTrigger<'a>,
+    trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
     // No context: the policies already refuse (or match nothing).
     if let Some(ctx) = context::current() {
-        check_write(&ctx);
+        check_write(&ctx, grows(trigger)?);
     }
     Ok(None)
 }
@@ -111,7 +124,7 @@ fn _schema_guard<'a>(
             format!("{}.{} belongs to another tenant's schema", trigger.table_schema()?, trigger.table_name()?),
             None,
         ),
-        Some(ctx) => check_write(&ctx),
+        Some(ctx) => check_write(&ctx, grows(trigger)?),
     }
     Ok(None)
 }

@@ -1,12 +1,16 @@
-//! The audit sealing worker: a background worker that calls
-//! `levqor.seal_audit()` every `levqor.audit_seal_interval` milliseconds in
-//! the database named by `levqor.audit_database`, so an audit entry stays
-//! unsealed for at most about one interval after its transaction commits.
+//! levqor's background worker, in the database named by
+//! `levqor.audit_database`:
+//! * seals the audit log every `levqor.audit_seal_interval` (an entry stays
+//!   unsealed for at most about one interval after its transaction commits);
+//! * flushes the quota counters (`levqor.flush_usage()`) every
+//!   `levqor.quota_flush_interval`: what a crash can lose;
+//! * measures storage (`levqor.refresh_storage()`) every
+//!   `levqor.storage_refresh_interval`.
 //! Registered only when levqor is preloaded and `levqor.audit_database` is set;
-//! without it, call `SELECT levqor.seal_audit()` on a schedule of your own.
+//! without it, call those functions on a schedule of your own.
 
 use std::ffi::CString;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pgrx::bgworkers::{BackgroundWorker, BackgroundWorkerBuilder, SignalWakeFlags};
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
@@ -15,6 +19,8 @@ use pgrx::prelude::*;
 
 static AUDIT_DATABASE: GucSetting<Option<CString>> = GucSetting::<Option<CString>>::new(None);
 static SEAL_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static FLUSH_INTERVAL_MS: GucSetting<i32> = GucSetting::<i32>::new(1000);
+static STORAGE_INTERVAL_S: GucSetting<i32> = GucSetting::<i32>::new(300);
 
 pub fn init() {
     let preloading = unsafe { pg_sys::process_shared_preload_libraries_in_progress };
@@ -40,15 +46,51 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_MS,
     );
+    GucRegistry::define_int_guc(
+        c"levqor.quota_flush_interval",
+        c"Milliseconds between two flushes of the quota counters to levqor.usage_counters and the ledger",
+        c"A crash loses at most about this much committed consumption (never over-billing).",
+        &FLUSH_INTERVAL_MS,
+        50,
+        3_600_000,
+        GucContext::Sighup,
+        GucFlags::UNIT_MS,
+    );
+    GucRegistry::define_int_guc(
+        c"levqor.storage_refresh_interval",
+        c"Seconds between two storage measurements of every tenant (0: never)",
+        c"Storage limits are enforced as of the last measurement.",
+        &STORAGE_INTERVAL_S,
+        0,
+        86_400 * 7,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
     if preloading && AUDIT_DATABASE.get().is_some_and(|d| !d.as_bytes().is_empty()) {
-        BackgroundWorkerBuilder::new("levqor audit sealer")
-            .set_type("levqor audit sealer")
+        BackgroundWorkerBuilder::new("levqor worker")
+            .set_type("levqor worker")
             .set_function("levqor_audit_sealer_main")
             .set_library("levqor")
             .enable_spi_access()
             .set_restart_time(Some(Duration::from_secs(1)))
             .load();
     }
+}
+
+/// Run `sql` if levqor (with `function`) is installed in this database.
+fn run_if_installed(function: &str, sql: &str) {
+    BackgroundWorker::transaction(|| {
+        Spi::connect_mut(|client| {
+            let installed = client
+                .select("SELECT to_regprocedure($1) IS NOT NULL", Some(1), &[function.into()])
+                .ok()
+                .and_then(|t| t.first().get::<bool>(1).ok().flatten())
+                .unwrap_or(false);
+            if installed {
+                client.update(sql, None, &[]).unwrap_or_else(|e| panic!("levqor worker: {sql}: {e}"));
+            }
+        })
+    });
 }
 
 #[pg_guard]
@@ -58,23 +100,35 @@ pub extern "C-unwind" fn levqor_audit_sealer_main(_arg: pg_sys::Datum) {
     let db = AUDIT_DATABASE.get().map(|d| d.to_string_lossy().into_owned()).unwrap_or_default();
     // Exits with an error (and is restarted) while the database does not exist.
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    let (mut sealed, mut flushed, mut measured) = (Instant::now(), Instant::now(), Instant::now());
     loop {
-        let interval = Duration::from_millis(SEAL_INTERVAL_MS.get().max(50) as u64);
-        if !BackgroundWorker::wait_latch(Some(interval)) {
-            break; // SIGTERM
+        let seal = Duration::from_millis(SEAL_INTERVAL_MS.get().max(50) as u64);
+        let flush = Duration::from_millis(FLUSH_INTERVAL_MS.get().max(50) as u64);
+        let storage = Duration::from_secs(STORAGE_INTERVAL_S.get().max(0) as u64);
+        let next = [
+            seal.saturating_sub(sealed.elapsed()),
+            flush.saturating_sub(flushed.elapsed()),
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(seal);
+        if !BackgroundWorker::wait_latch(Some(next.max(Duration::from_millis(10)))) {
+            // SIGTERM: one last flush, so a clean shutdown loses nothing
+            // even before the postmaster saves the counters.
+            run_if_installed("levqor.flush_usage()", "SELECT levqor.flush_usage()");
+            break;
         }
-        BackgroundWorker::transaction(|| {
-            Spi::connect_mut(|client| {
-                // Nothing to do until levqor is installed in that database.
-                let installed = client
-                    .select("SELECT to_regprocedure('levqor.seal_audit(integer)') IS NOT NULL", Some(1), &[])
-                    .ok()
-                    .and_then(|t| t.first().get::<bool>(1).ok().flatten())
-                    .unwrap_or(false);
-                if installed {
-                    client.update("SELECT levqor.seal_audit(10000)", None, &[]).expect("seal the audit log");
-                }
-            })
-        });
+        if sealed.elapsed() >= seal {
+            run_if_installed("levqor.seal_audit(integer)", "SELECT levqor.seal_audit(10000)");
+            sealed = Instant::now();
+        }
+        if flushed.elapsed() >= flush {
+            run_if_installed("levqor.flush_usage()", "SELECT levqor.flush_usage()");
+            flushed = Instant::now();
+        }
+        if !storage.is_zero() && measured.elapsed() >= storage {
+            run_if_installed("levqor.refresh_storage()", "SELECT levqor.refresh_storage()");
+            measured = Instant::now();
+        }
     }
 }

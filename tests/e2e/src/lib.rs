@@ -192,3 +192,33 @@ pub fn connect_collecting_notices(user: &str) -> (Client, Arc<Mutex<Vec<String>>
     cfg.notice_callback(move |n| sink.lock().unwrap().push(n.message().to_string()));
     (cfg.connect(NoTls).unwrap(), notices)
 }
+
+/// The cluster the durability tests restart and crash (its own, so the
+/// other tests keep running): see scripts/test.sh.
+pub fn restart_port() -> u16 {
+    std::env::var("LEVQOR_E2E_RESTART_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(28817)
+}
+
+/// Run pg_ctl as the postgres OS user on one of scripts/cluster.sh's clusters.
+pub fn pg_ctl(cluster: &str, args: &[&str]) {
+    let root = std::env::var("LEVQOR_CLUSTER_ROOT").unwrap_or_else(|_| "/tmp/levqor-clusters".into());
+    let data = format!("{root}/{cluster}/data");
+    let log = format!("{root}/{cluster}/server.log");
+    let status = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", "/usr/lib/postgresql/15/bin/pg_ctl", "-D", &data, "-l", &log, "-w", "-t", "60"])
+        .args(args)
+        .status()
+        .expect("run pg_ctl");
+    assert!(status.success(), "pg_ctl {args:?} on {cluster} failed");
+}
+
+/// Connect, retrying while the server restarts or recovers from a crash.
+pub fn connect_when_up(port: u16, user: &str, db: &str) -> Client {
+    for _ in 0..300 {
+        if let Ok(c) = Client::connect(&conn_string(port, user, db, None), NoTls) {
+            return c;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    connect_to(port, user, db)
+}

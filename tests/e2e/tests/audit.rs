@@ -276,7 +276,7 @@ fn the_sealing_worker_seals_committed_entries_by_itself() {
     };
     assert!(ok && checked >= 1);
     let workers: i64 = su
-        .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'levqor audit sealer'", &[])
+        .query_one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'levqor worker'", &[])
         .unwrap()
         .get(0);
     assert_eq!(workers, 1);

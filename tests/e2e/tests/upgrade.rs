@@ -1,7 +1,7 @@
-//! ALTER EXTENSION levqor UPDATE from 0.1.0, with data in place: the data and
-//! its protection survive, the new features work, and the catalog is the
-//! same as a fresh install of the new version.
-//! (scripts/test.sh installs sql/archive/levqor--0.1.0.sql beside the new one.)
+//! ALTER EXTENSION levqor UPDATE from every earlier release, with data in
+//! place: the data and its protection survive, the new features work, and the
+//! catalog is the same as a fresh install of the new version.
+//! (scripts/test.sh installs sql/archive/levqor--*.sql beside the new one.)
 
 use levqor_e2e::*;
 
@@ -65,11 +65,22 @@ fn fresh(prefix: &str) -> (String, Client) {
     (name, c)
 }
 
+const CURRENT: &str = "0.3.0";
+
 #[test]
 fn update_from_0_1_0_keeps_data_and_matches_a_fresh_install() {
+    update_from("0.1.0");
+}
+
+#[test]
+fn update_from_0_2_0_keeps_data_and_matches_a_fresh_install() {
+    update_from("0.2.0");
+}
+
+fn update_from(from: &str) {
     let (old_db, mut old) = fresh("upgrade_old");
     old.batch_execute(&format!(
-        "CREATE EXTENSION levqor VERSION '0.1.0';
+        "CREATE EXTENSION levqor VERSION '{from}';
          CREATE TABLE orders (id bigserial PRIMARY KEY, item text NOT NULL);
          SELECT levqor.enable_tenancy('orders');
          GRANT SELECT, INSERT, UPDATE, DELETE ON orders TO {APP};
@@ -80,17 +91,27 @@ fn update_from_0_1_0_keeps_data_and_matches_a_fresh_install() {
     let b = create_tenant_on(&mut old, "upg-b");
     old.execute("INSERT INTO orders (item, tenant_id) VALUES ('a-order', $1), ('b-order', $2)", &[&a.id, &b.id]).unwrap();
     let version: String = old.query_one("SELECT extversion FROM pg_extension WHERE extname = 'levqor'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.1.0");
+    assert_eq!(version, from);
 
     old.batch_execute("ALTER EXTENSION levqor UPDATE").unwrap();
     let version: String = old.query_one("SELECT extversion FROM pg_extension WHERE extname = 'levqor'", &[]).unwrap().get(0);
-    assert_eq!(version, "0.2.0");
+    assert_eq!(version, CURRENT);
 
     // Data, keys and protection came through.
     let mut c = connect_to(port(), APP, &old_db);
     assert_eq!(as_tenant(&mut c, &a, |tx| tx.query("SELECT item FROM orders", &[]).unwrap().len()), 1);
     assert_eq!(c.query("SELECT item FROM orders", &[]).unwrap().len(), 0);
     assert_eq!(sqlstate(old.batch_execute("ALTER TABLE orders NO FORCE ROW LEVEL SECURITY")), "42501");
+    // What 0.3.0 added works on the old tenants: quotas count and refuse.
+    old.execute("SELECT levqor.set_quota($1, 'api_calls_per_15min', 2)", &[&a.slug]).unwrap();
+    let left: Vec<Option<i64>> = as_tenant(&mut c, &a, |tx| {
+        (0..2).map(|_| tx.query_one("SELECT levqor.consume('api_calls_per_15min')", &[]).unwrap().get(0)).collect()
+    });
+    assert_eq!(left, vec![Some(1), Some(0)]);
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT levqor.authenticate($1)", &[&a.key]).unwrap();
+    assert_eq!(sqlstate(tx.execute("SELECT levqor.consume('api_calls_per_15min')", &[])), "53400");
+    drop(tx);
     // What 0.2.0 added works on the old tables: suspension refuses writes.
     old.execute("SELECT levqor.suspend_tenant($1, 'upgrade test')", &[&b.slug]).unwrap();
     let mut tx = c.transaction().unwrap();
@@ -99,7 +120,7 @@ fn update_from_0_1_0_keeps_data_and_matches_a_fresh_install() {
     drop(tx);
     assert!(old.query("SELECT * FROM levqor.isolation_report()", &[]).unwrap().is_empty());
 
-    // The catalog is exactly that of a fresh 0.2.0 install.
+    // The catalog is exactly that of a fresh install.
     let (_new_db, mut new) = fresh("upgrade_new");
     new.batch_execute("CREATE EXTENSION levqor").unwrap();
     let (o, n) = (fingerprint(&mut old), fingerprint(&mut new));
@@ -107,7 +128,7 @@ fn update_from_0_1_0_keeps_data_and_matches_a_fresh_install() {
     let only_new: Vec<_> = n.iter().filter(|x| !o.contains(x)).collect();
     assert!(
         only_old.is_empty() && only_new.is_empty(),
-        "upgraded catalog differs from a fresh install\nonly after upgrade: {only_old:#?}\nonly in fresh install: {only_new:#?}"
+        "catalog upgraded from {from} differs from a fresh install\nonly after upgrade: {only_old:#?}\nonly in fresh install: {only_new:#?}"
     );
     assert!(o.len() > 100, "the fingerprint covers the catalog ({} items)", o.len());
 }
