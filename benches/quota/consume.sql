@@ -1,0 +1,5 @@
+-- levqor: the counter in shared memory.
+BEGIN;
+SELECT levqor.authenticate(:key);
+SELECT levqor.consume(:metric);
+COMMIT;

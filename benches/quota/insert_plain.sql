@@ -1,0 +1,4 @@
+BEGIN;
+SELECT levqor.authenticate(:key);
+INSERT INTO items_plain (body) VALUES ('row');
+COMMIT;
