@@ -73,32 +73,49 @@ $fn$;
 CREATE FUNCTION levqor.seal_audit(max_entries int DEFAULT 10000) RETURNS int
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    e      levqor.audit_log;
-    head   record;
-    ch     uuid;
-    nseq   bigint;
-    prev   bytea;
-    h      bytea;
-    sealed int := 0;
+    ids    bigint[];
+    chains uuid[];
+    seqs   bigint[];
+    heads  bytea[];
+    canon  bytea[];
+    hashes bytea[];
 BEGIN
     -- One sealer at a time; a second one has nothing to do.
     IF NOT pg_try_advisory_xact_lock(hashtext('levqor.seal_audit')) THEN
         RETURN 0;
     END IF;
     SET LOCAL levqor_audit.sealing = 'on';
-    FOR e IN SELECT * FROM levqor.audit_log a WHERE a.seq IS NULL ORDER BY a.id LIMIT max_entries LOOP
-        ch := coalesce(e.tenant_id, '00000000-0000-0000-0000-000000000000');
-        SELECT hd.seq, hd.hash INTO head FROM levqor.audit_heads hd WHERE hd.chain = ch;
-        nseq := coalesce(head.seq, 0) + 1;
-        prev := coalesce(head.hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
-        h := sha256(prev || levqor._audit_canonical(e, nseq));
-        UPDATE levqor.audit_log a SET seq = nseq, prev_hash = prev, hash = h, sealed_at = clock_timestamp()
-         WHERE a.id = e.id;
-        INSERT INTO levqor.audit_heads AS hd (chain, seq, hash) VALUES (ch, nseq, h)
-        ON CONFLICT (chain) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, updated_at = now();
-        sealed := sealed + 1;
-    END LOOP;
-    RETURN sealed;
+    -- The oldest unsealed entries, numbered after their chain's head, in
+    -- chain order; the chain's hashes come from levqor._chain_hashes.
+    WITH batch AS (
+        SELECT a.id, coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) AS chain
+          FROM levqor.audit_log a WHERE a.seq IS NULL ORDER BY a.id LIMIT max_entries
+    ), numbered AS (
+        SELECT b.id, b.chain, coalesce(hd.seq, 0) + row_number() OVER (PARTITION BY b.chain ORDER BY b.id) AS nseq,
+               coalesce(hd.hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea) AS head
+          FROM batch b LEFT JOIN levqor.audit_heads hd ON hd.chain = b.chain
+    )
+    SELECT array_agg(n.id ORDER BY n.chain, n.nseq), array_agg(n.chain ORDER BY n.chain, n.nseq),
+           array_agg(n.nseq ORDER BY n.chain, n.nseq), array_agg(n.head ORDER BY n.chain, n.nseq),
+           array_agg(levqor._audit_canonical(a, n.nseq) ORDER BY n.chain, n.nseq)
+      INTO ids, chains, seqs, heads, canon
+      FROM numbered n JOIN levqor.audit_log a ON a.id = n.id;
+    IF ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    hashes := levqor._chain_hashes(chains, heads, canon);
+    UPDATE levqor.audit_log a
+       SET seq = u.seq, hash = u.hash, sealed_at = clock_timestamp(),
+           prev_hash = coalesce(u.prev, u.head)
+      FROM (SELECT x.*, lag(x.hash) OVER (PARTITION BY x.chain ORDER BY x.seq) AS prev
+              FROM unnest(ids, chains, seqs, heads, hashes) AS x(id, chain, seq, head, hash)) u
+     WHERE a.id = u.id;
+    INSERT INTO levqor.audit_heads AS hd (chain, seq, hash)
+    SELECT DISTINCT ON (x.chain) x.chain, x.seq, x.hash
+      FROM unnest(chains, seqs, hashes) AS x(chain, seq, hash)
+     ORDER BY x.chain, x.seq DESC
+    ON CONFLICT (chain) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, updated_at = now();
+    RETURN cardinality(ids);
 END
 $fn$;
 

@@ -136,6 +136,54 @@ BEGIN
     PERFORM levqor._log_event(t.id, 'plan_changed', jsonb_build_object('from', t.plan, 'to', plan, 'forced', force));
 END
 $fn$;
+CREATE OR REPLACE FUNCTION levqor.seal_audit(max_entries int DEFAULT 10000) RETURNS int
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    ids    bigint[];
+    chains uuid[];
+    seqs   bigint[];
+    heads  bytea[];
+    canon  bytea[];
+    hashes bytea[];
+BEGIN
+    -- One sealer at a time; a second one has nothing to do.
+    IF NOT pg_try_advisory_xact_lock(hashtext('levqor.seal_audit')) THEN
+        RETURN 0;
+    END IF;
+    SET LOCAL levqor_audit.sealing = 'on';
+    -- The oldest unsealed entries, numbered after their chain's head, in
+    -- chain order; the chain's hashes come from levqor._chain_hashes.
+    WITH batch AS (
+        SELECT a.id, coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) AS chain
+          FROM levqor.audit_log a WHERE a.seq IS NULL ORDER BY a.id LIMIT max_entries
+    ), numbered AS (
+        SELECT b.id, b.chain, coalesce(hd.seq, 0) + row_number() OVER (PARTITION BY b.chain ORDER BY b.id) AS nseq,
+               coalesce(hd.hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea) AS head
+          FROM batch b LEFT JOIN levqor.audit_heads hd ON hd.chain = b.chain
+    )
+    SELECT array_agg(n.id ORDER BY n.chain, n.nseq), array_agg(n.chain ORDER BY n.chain, n.nseq),
+           array_agg(n.nseq ORDER BY n.chain, n.nseq), array_agg(n.head ORDER BY n.chain, n.nseq),
+           array_agg(levqor._audit_canonical(a, n.nseq) ORDER BY n.chain, n.nseq)
+      INTO ids, chains, seqs, heads, canon
+      FROM numbered n JOIN levqor.audit_log a ON a.id = n.id;
+    IF ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    hashes := levqor._chain_hashes(chains, heads, canon);
+    UPDATE levqor.audit_log a
+       SET seq = u.seq, hash = u.hash, sealed_at = clock_timestamp(),
+           prev_hash = coalesce(u.prev, u.head)
+      FROM (SELECT x.*, lag(x.hash) OVER (PARTITION BY x.chain ORDER BY x.seq) AS prev
+              FROM unnest(ids, chains, seqs, heads, hashes) AS x(id, chain, seq, head, hash)) u
+     WHERE a.id = u.id;
+    INSERT INTO levqor.audit_heads AS hd (chain, seq, hash)
+    SELECT DISTINCT ON (x.chain) x.chain, x.seq, x.hash
+      FROM unnest(chains, seqs, hashes) AS x(chain, seq, hash)
+     ORDER BY x.chain, x.seq DESC
+    ON CONFLICT (chain) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, updated_at = now();
+    RETURN cardinality(ids);
+END
+$fn$;
 CREATE OR REPLACE FUNCTION levqor.tenant_storage_bytes(tenant text) RETURNS bigint
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -159,6 +207,17 @@ END
 $fn$;
 
 -- 3. New functions in the library.
+-- src/audit.rs:217
+-- levqor::audit::_chain_hashes
+CREATE  FUNCTION "_chain_hashes"(
+	"chains" uuid[], /* Vec < pgrx :: Uuid > */
+	"heads" bytea[], /* pgrx :: Array < '_, & [u8] > */
+	"canonicals" bytea[] /* pgrx :: Array < '_, & [u8] > */
+) RETURNS bytea[] /* Vec < Vec < u8 > > */
+IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_chain_hashes_wrapper';
+
 -- src/quota.rs:340
 -- levqor::quota::_limit_rows
 CREATE FUNCTION "_limit_rows"()
@@ -709,7 +768,8 @@ WITH live AS (
 SELECT c.tenant_id, c.slug AS tenant, c.metric, c.kind,
        coalesce(l.used, u.used, CASE WHEN c.kind = 'counter' THEN 0 END) AS used,
        c.quota AS "limit",
-       CASE WHEN c.quota > 0 THEN round(100.0 * coalesce(l.used, u.used, 0) / c.quota, 1)
+       CASE WHEN coalesce(l.used, u.used) IS NULL AND c.kind <> 'counter' THEN NULL  -- not measured yet
+            WHEN c.quota > 0 THEN round(100.0 * coalesce(l.used, u.used, 0) / c.quota, 1)
             WHEN c.quota = 0 THEN 100.0 END AS percent,
        CASE WHEN c.window_start = '-infinity' THEN NULL ELSE c.window_start END AS window_start,
        CASE WHEN c.window_start = '-infinity' THEN NULL

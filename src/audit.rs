@@ -208,3 +208,32 @@ fn _audit_row<'a>(
     });
     Ok(None)
 }
+
+/// The hash chain over a batch of entries, for `levqor.seal_audit()`: entries
+/// come ordered by chain and position; each chain starts from its head's
+/// hash; entry i's hash is sha256(previous hash ‖ canonical_i). Hashing here
+/// rather than row by row in PL/pgSQL lets sealing be a few set-based
+/// statements per batch.
+#[pg_extern(immutable, parallel_safe)]
+fn _chain_hashes(
+    chains: Vec<pgrx::Uuid>,
+    heads: pgrx::Array<'_, &[u8]>,
+    canonicals: pgrx::Array<'_, &[u8]>,
+) -> Vec<Vec<u8>> {
+    use sha2::{Digest, Sha256};
+    let heads: Vec<Option<&[u8]>> = heads.iter().collect();
+    let canonicals: Vec<Option<&[u8]>> = canonicals.iter().collect();
+    assert!(
+        chains.len() == heads.len() && heads.len() == canonicals.len(),
+        "levqor._chain_hashes: arrays of different lengths"
+    );
+    let mut out: Vec<Vec<u8>> = Vec::with_capacity(chains.len());
+    for i in 0..chains.len() {
+        let prev: &[u8] = if i == 0 || chains[i] != chains[i - 1] { heads[i].unwrap_or_default() } else { &out[i - 1] };
+        let mut h = Sha256::new();
+        h.update(prev);
+        h.update(canonicals[i].expect("levqor._chain_hashes: an entry without a canonical form"));
+        out.push(h.finalize().to_vec());
+    }
+    out
+}
