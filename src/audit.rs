@@ -13,6 +13,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::ffi::CStr;
+use std::rc::Rc;
 
 use pgrx::datum::DatumWithOid;
 use pgrx::pg_sys;
@@ -54,7 +55,10 @@ struct TablePlan {
 type PlanKey = (pg_sys::Oid, &'static str, bool);
 
 thread_local! {
-    static PLANS: RefCell<HashMap<PlanKey, TablePlan>> = RefCell::new(HashMap::new());
+    /// Never borrowed across a query: the relcache callback (`forget`) may
+    /// run inside any query and must find the map free. Plans are shared out
+    /// as `Rc`, so one forgotten mid-use lives until its caller is done.
+    static PLANS: RefCell<HashMap<PlanKey, Rc<TablePlan>>> = RefCell::new(HashMap::new());
 }
 
 /// The set-based insert of a statement-level trigger: rows come from the
@@ -120,9 +124,8 @@ fn _audit_row<'a>(
         pgrx::PgTriggerOperation::Truncate => "TRUNCATE",
     };
     // The role that made the change, before switching to the catalog owner.
-    let role = unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)) }
-        .to_string_lossy()
-        .into_owned();
+    let role =
+        unsafe { CStr::from_ptr(pg_sys::GetUserNameFromId(pg_sys::GetUserId(), false)) }.to_string_lossy().into_owned();
     let (reltype, tupdesc) = unsafe { ((*(*data.tg_relation).rd_rel).reltype, (*data.tg_relation).rd_att) };
     // Row images as composite datums of the table's row type.
     let as_datum = |t: *mut pg_sys::HeapTupleData| -> Option<pg_sys::Datum> {
@@ -144,13 +147,12 @@ fn _audit_row<'a>(
                 // Makes levqor_old / levqor_new visible to this SPI connection.
                 unsafe { pg_sys::SPI_register_trigger_data(data as *const _ as *mut pg_sys::TriggerData) };
             }
-            PLANS.with(|plans| {
-                let mut plans = plans.borrow_mut();
-                if !plans.contains_key(&key) {
+            let cached = PLANS.with(|plans| plans.borrow().get(&key).cloned());
+            let p = match cached {
+                Some(p) => p,
+                None => {
                     let (pk, tenant_column, name) = {
-                        let t = client
-                            .select(TABLE_SQL, Some(1), &[relid.into()])
-                            .expect("audit: read table metadata");
+                        let t = client.select(TABLE_SQL, Some(1), &[relid.into()]).expect("audit: read table metadata");
                         let row = t.first();
                         (
                             row.get::<Vec<String>>(1).ok().flatten().unwrap_or_default(),
@@ -176,34 +178,31 @@ fn _audit_row<'a>(
                     }
                     .expect("audit: prepare")
                     .keep();
-                    plans.insert(key, TablePlan { plan, pk, tenant_column, name });
+                    let p = Rc::new(TablePlan { plan, pk, tenant_column, name });
+                    PLANS.with(|plans| plans.borrow_mut().insert(key, p.clone()));
+                    p
                 }
-                let p = &plans[&key];
-                if set_based {
-                    let args = [
-                        role.as_str().into(),
-                        p.name.as_str().into(),
-                        p.tenant_column.clone().into(),
-                        p.pk.clone().into(),
-                    ];
-                    client.update(&p.plan, None, &args).expect("audit: append entries");
-                } else {
-                    let row = |d: Option<pg_sys::Datum>| match d {
-                        Some(d) => unsafe { DatumWithOid::new(d, reltype) },
-                        None => DatumWithOid::null_oid(reltype),
-                    };
-                    let args = [
-                        row(old),
-                        row(new),
-                        op.into(),
-                        p.name.as_str().into(),
-                        role.as_str().into(),
-                        p.pk.clone().into(),
-                        p.tenant_column.clone().into(),
-                    ];
-                    client.update(&p.plan, None, &args).expect("audit: append entry");
-                }
-            })
+            };
+            if set_based {
+                let args =
+                    [role.as_str().into(), p.name.as_str().into(), p.tenant_column.clone().into(), p.pk.clone().into()];
+                client.update(&p.plan, None, &args).expect("audit: append entries");
+            } else {
+                let row = |d: Option<pg_sys::Datum>| match d {
+                    Some(d) => unsafe { DatumWithOid::new(d, reltype) },
+                    None => DatumWithOid::null_oid(reltype),
+                };
+                let args = [
+                    row(old),
+                    row(new),
+                    op.into(),
+                    p.name.as_str().into(),
+                    role.as_str().into(),
+                    p.pk.clone().into(),
+                    p.tenant_column.clone().into(),
+                ];
+                client.update(&p.plan, None, &args).expect("audit: append entry");
+            }
         })
     });
     Ok(None)
