@@ -40,8 +40,8 @@ start)
     echo "log_min_messages = warning"
     if [ "$preload" = preload ]; then
       echo "shared_preload_libraries = 'levqor'"
-      # The audit sealing worker, for the database the sealer test creates.
-      echo "levqor.audit_database = 'levqor_sealer'"
+      # levqor's workers, for the databases the worker test uses.
+      echo "levqor.audit_database = 'levqor_sealer, levqor_sealer2'"
       echo "levqor.audit_seal_interval = 200"
     fi
     echo "levqor.token_secret = 'e2e-token-secret-please-change-0123456789'"
@@ -49,8 +49,9 @@ start)
   as_pg "$BIN/pg_ctl" -D "$dir/data" -l "$dir/server.log" -w -t 60 start >/dev/null \
     || { cat "$dir/server.log"; exit 1; }
   if [ "$preload" = preload ]; then
-    # The database the audit sealing worker serves exists from the start.
+    # The databases levqor's workers serve exist from the start.
     as_pg "$BIN/createdb" -h "$dir/sock" -p "$port" levqor_sealer
+    as_pg "$BIN/createdb" -h "$dir/sock" -p "$port" levqor_sealer2
   fi
   echo "cluster $name: port $port, socket $dir/sock ($preload)"
   ;;

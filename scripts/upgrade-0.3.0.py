@@ -50,6 +50,15 @@ ALTER TABLE levqor.tenants ADD COLUMN storage_exceeded boolean NOT NULL DEFAULT 
 out.append("\n-- 2. Changed functions.\n")
 for f in changed:
     out.append(b[f].replace('CREATE FUNCTION', 'CREATE OR REPLACE FUNCTION', 1) + "\n")
+audit = open('sql/audit.sql').read()
+immutable = audit[audit.index("CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE"):audit.index("CREATE TRIGGER levqor_audit_no_truncate")]
+out.append("""
+-- 2b. The audit log's immutability check moved into the trigger's WHEN clause
+--     (sealing no longer calls a function per entry). The drop guard allows
+--     it while the table is marked as being changed by levqor itself.
+INSERT INTO levqor._disabling (tbl) VALUES ('levqor.audit_log'::regclass);
+DROP TRIGGER levqor_audit_immutable ON levqor.audit_log;
+""" + immutable + "DELETE FROM levqor._disabling WHERE tbl = 'levqor.audit_log'::regclass;\n")
 out.append("\n-- 3. New functions in the library.\n")
 out.append("\n\n".join(added_lib) + "\n")
 out.append("\n-- 4. Quotas (sql/quota.sql, new in 0.3.0).\n" + quota)

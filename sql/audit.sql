@@ -174,16 +174,12 @@ $fn$;
 -- sealing (filling the chain columns once), and deletion only through
 -- levqor.purge_audit_before() (retention), both marked with a local setting
 -- that only levqor's definer functions set.
+-- Nothing changes an entry, except the sealer adding its chain fields once
+-- (checked in the trigger's WHEN clause, in C, so sealing fires no function
+-- per entry) and retention deleting a sealed prefix.
 CREATE FUNCTION levqor._audit_immutable() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
-    IF TG_OP = 'UPDATE' AND current_setting('levqor_audit.sealing', true) = 'on'
-       AND OLD.seq IS NULL AND NEW.seq IS NOT NULL
-       AND (OLD.id, OLD.tenant_id, OLD.at, OLD.kind, OLD.table_name, OLD.operation, OLD.pk, OLD.old_row, OLD.new_row, OLD.event, OLD.detail)
-           IS NOT DISTINCT FROM
-           (NEW.id, NEW.tenant_id, NEW.at, NEW.kind, NEW.table_name, NEW.operation, NEW.pk, NEW.old_row, NEW.new_row, NEW.event, NEW.detail) THEN
-        RETURN NEW;
-    END IF;
     IF TG_OP = 'DELETE' AND current_setting('levqor_audit.retention', true) = 'on' THEN
         RETURN OLD;
     END IF;
@@ -191,7 +187,19 @@ BEGIN
         USING ERRCODE = '42501', HINT = 'Retention is levqor.purge_audit_before(), for superusers.';
 END
 $fn$;
-CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE OR DELETE ON levqor.audit_log
+CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE ON levqor.audit_log
+    FOR EACH ROW
+    WHEN (NOT (current_setting('levqor_audit.sealing', true) IS NOT DISTINCT FROM 'on'
+               AND OLD.seq IS NULL AND NEW.seq IS NOT NULL
+               AND (OLD.id, OLD.tenant_id, OLD.at, OLD.kind, OLD.table_name, OLD.operation, OLD.pk, OLD.old_row,
+                    OLD.new_row, OLD.event, OLD.detail, OLD.xid::text, OLD.db_role, OLD.user_id, OLD.member_role,
+                    OLD.application_name, OLD.client_addr, OLD.changed)
+                   IS NOT DISTINCT FROM
+                   (NEW.id, NEW.tenant_id, NEW.at, NEW.kind, NEW.table_name, NEW.operation, NEW.pk, NEW.old_row,
+                    NEW.new_row, NEW.event, NEW.detail, NEW.xid::text, NEW.db_role, NEW.user_id, NEW.member_role,
+                    NEW.application_name, NEW.client_addr, NEW.changed)))
+    EXECUTE FUNCTION levqor._audit_immutable();
+CREATE TRIGGER levqor_audit_no_delete BEFORE DELETE ON levqor.audit_log
     FOR EACH ROW EXECUTE FUNCTION levqor._audit_immutable();
 CREATE TRIGGER levqor_audit_no_truncate BEFORE TRUNCATE ON levqor.audit_log
     FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_immutable();

@@ -10,6 +10,16 @@
 ALTER TABLE levqor.tenants ADD COLUMN storage_exceeded boolean NOT NULL DEFAULT false;
 
 -- 2. Changed functions.
+CREATE OR REPLACE FUNCTION levqor._audit_immutable() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_OP = 'DELETE' AND current_setting('levqor_audit.retention', true) = 'on' THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'the levqor audit log is append-only: % refused', TG_OP
+        USING ERRCODE = '42501', HINT = 'Retention is levqor.purge_audit_before(), for superusers.';
+END
+$fn$;
 CREATE OR REPLACE FUNCTION levqor._guard_ddl() RETURNS event_trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_variable
@@ -206,8 +216,29 @@ BEGIN
 END
 $fn$;
 
+-- 2b. The audit log's immutability check moved into the trigger's WHEN clause
+--     (sealing no longer calls a function per entry). The drop guard allows
+--     it while the table is marked as being changed by levqor itself.
+INSERT INTO levqor._disabling (tbl) VALUES ('levqor.audit_log'::regclass);
+DROP TRIGGER levqor_audit_immutable ON levqor.audit_log;
+CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE ON levqor.audit_log
+    FOR EACH ROW
+    WHEN (NOT (current_setting('levqor_audit.sealing', true) IS NOT DISTINCT FROM 'on'
+               AND OLD.seq IS NULL AND NEW.seq IS NOT NULL
+               AND (OLD.id, OLD.tenant_id, OLD.at, OLD.kind, OLD.table_name, OLD.operation, OLD.pk, OLD.old_row,
+                    OLD.new_row, OLD.event, OLD.detail, OLD.xid::text, OLD.db_role, OLD.user_id, OLD.member_role,
+                    OLD.application_name, OLD.client_addr, OLD.changed)
+                   IS NOT DISTINCT FROM
+                   (NEW.id, NEW.tenant_id, NEW.at, NEW.kind, NEW.table_name, NEW.operation, NEW.pk, NEW.old_row,
+                    NEW.new_row, NEW.event, NEW.detail, NEW.xid::text, NEW.db_role, NEW.user_id, NEW.member_role,
+                    NEW.application_name, NEW.client_addr, NEW.changed)))
+    EXECUTE FUNCTION levqor._audit_immutable();
+CREATE TRIGGER levqor_audit_no_delete BEFORE DELETE ON levqor.audit_log
+    FOR EACH ROW EXECUTE FUNCTION levqor._audit_immutable();
+DELETE FROM levqor._disabling WHERE tbl = 'levqor.audit_log'::regclass;
+
 -- 3. New functions in the library.
--- src/audit.rs:217
+-- src/audit.rs:216
 -- levqor::audit::_chain_hashes
 CREATE  FUNCTION "_chain_hashes"(
 	"chains" uuid[], /* Vec < pgrx :: Uuid > */

@@ -1,5 +1,5 @@
-//! levqor's background worker, in the database named by
-//! `levqor.audit_database`:
+//! levqor's background workers, one in each database named by
+//! `levqor.audit_database` (a comma-separated list):
 //! * seals the audit log every `levqor.audit_seal_interval` (an entry stays
 //!   unsealed for at most about one interval after its transaction commits);
 //! * flushes the quota counters (`levqor.flush_usage()`) every
@@ -7,7 +7,7 @@
 //! * measures storage (`levqor.refresh_storage()`) every
 //!   `levqor.storage_refresh_interval`.
 //! Registered only when levqor is preloaded and `levqor.audit_database` is set;
-//! without it, call those functions on a schedule of your own.
+//! elsewhere, call those functions on a schedule of your own.
 
 use std::ffi::CString;
 use std::time::{Duration, Instant};
@@ -29,8 +29,8 @@ pub fn init() {
     if preloading {
         GucRegistry::define_string_guc(
             c"levqor.audit_database",
-            c"Database whose audit log the levqor sealing worker seals (empty: no worker)",
-            c"Needs shared_preload_libraries = 'levqor'; takes effect at server start.",
+            c"Databases levqor's worker serves, comma-separated: it seals the audit log and flushes quota counters",
+            c"One worker per database; needs shared_preload_libraries = 'levqor'; takes effect at server start.",
             &AUDIT_DATABASE,
             GucContext::Postmaster,
             GucFlags::default(),
@@ -66,15 +66,30 @@ pub fn init() {
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );
-    if preloading && AUDIT_DATABASE.get().is_some_and(|d| !d.as_bytes().is_empty()) {
-        BackgroundWorkerBuilder::new("levqor worker")
-            .set_type("levqor worker")
-            .set_function("levqor_audit_sealer_main")
-            .set_library("levqor")
-            .enable_spi_access()
-            .set_restart_time(Some(Duration::from_secs(1)))
-            .load();
+    if preloading {
+        for db in databases() {
+            BackgroundWorkerBuilder::new(&format!("levqor worker {db}"))
+                .set_type("levqor worker")
+                .set_function("levqor_audit_sealer_main")
+                .set_library("levqor")
+                .set_extra(&db)
+                .enable_spi_access()
+                .set_restart_time(Some(Duration::from_secs(1)))
+                .load();
+        }
     }
+}
+
+/// The databases in `levqor.audit_database`, each once.
+fn databases() -> Vec<String> {
+    let list = AUDIT_DATABASE.get().map(|d| d.to_string_lossy().into_owned()).unwrap_or_default();
+    let mut dbs: Vec<String> = Vec::new();
+    for db in list.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !dbs.iter().any(|d| d == db) {
+            dbs.push(db.to_string());
+        }
+    }
+    dbs
 }
 
 /// Run `sql` if levqor (with `function`) is installed in this database.
@@ -97,7 +112,7 @@ fn run_if_installed(function: &str, sql: &str) {
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn levqor_audit_sealer_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
-    let db = AUDIT_DATABASE.get().map(|d| d.to_string_lossy().into_owned()).unwrap_or_default();
+    let db = BackgroundWorker::get_extra().to_string();
     // Exits with an error (and is restarted) while the database does not exist.
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
     let (mut sealed, mut flushed, mut measured) = (Instant::now(), Instant::now(), Instant::now());
