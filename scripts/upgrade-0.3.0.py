@@ -29,23 +29,32 @@ def library_functions(s):
 
 
 quota = open('sql/quota.sql').read()
+hierarchy = open('sql/hierarchy.sql').read()
+members = open('sql/members.sql').read()
 a, b = blocks(old), blocks(new)
 changed = sorted(k for k in a if k in b and a[k] != b[k])
-new_sql = sorted(k for k in b if k not in a and k not in quota)
-assert not new_sql, f"new SQL functions outside sql/quota.sql need a place in this script: {new_sql}"
+new_sql = sorted(k for k in b if k not in a and not any(k + "(" in f for f in (quota, hierarchy, members)))
+assert not new_sql, f"new SQL functions outside the new SQL files need a place in this script: {new_sql}"
 old_lib, new_lib = library_functions(old), library_functions(new)
 added_lib = [new_lib[k] for k in sorted(new_lib) if k not in old_lib]
 
 out = ["""-- levqor 0.2.0 -> 0.3.0 (assembled by scripts/upgrade-0.3.0.py)
 --
--- 0.3.0 adds plan quotas: consume(), row limits, storage limits, the usage
--- view, threshold events and the billing ledger. Run by ALTER EXTENSION
+-- 0.3.0 adds plan quotas (consume(), row limits, storage limits, the usage
+-- view, threshold events, the billing ledger), the organisation hierarchy and members. Run by ALTER EXTENSION
 -- levqor UPDATE; tests/e2e/tests/upgrade.rs checks that the result is the
 -- same catalog as a fresh 0.3.0 install, with data kept. Install the 0.3.0
 -- library first and restart (quotas need levqor in shared_preload_libraries).
 
--- 1. Catalog: tenants over their storage limit.
+-- 1. Catalog: tenants over their storage limit; the kind of each node of the
+--    hierarchy (a tenant with a parent becomes an organization).
 ALTER TABLE levqor.tenants ADD COLUMN storage_exceeded boolean NOT NULL DEFAULT false;
+ALTER TABLE levqor.tenants ADD COLUMN kind text NOT NULL DEFAULT 'tenant'
+    CONSTRAINT tenants_kind_check CHECK (kind IN ('platform', 'tenant', 'organization'));
+UPDATE levqor.tenants SET kind = 'organization' WHERE parent IS NOT NULL;
+ALTER TABLE levqor.tenants
+    ADD CONSTRAINT tenants_platform_has_no_parent CHECK (kind <> 'platform' OR parent IS NULL),
+    ADD CONSTRAINT tenants_organization_has_parent CHECK (kind <> 'organization' OR parent IS NOT NULL);
 """]
 out.append("\n-- 2. Changed functions.\n")
 for f in changed:
@@ -62,6 +71,8 @@ DROP TRIGGER levqor_audit_immutable ON levqor.audit_log;
 out.append("\n-- 3. New functions in the library.\n")
 out.append("\n\n".join(added_lib) + "\n")
 out.append("\n-- 4. Quotas (sql/quota.sql, new in 0.3.0).\n" + quota)
+out.append("\n-- 4b. The hierarchy (sql/hierarchy.sql, new in 0.3.0).\n" + hierarchy)
+out.append("\n-- 4c. Members (sql/members.sql, new in 0.3.0).\n" + members)
 g = open('sql/grants.sql').read()
 triggers = g[g.index("-- ... and so do changes to what quotas are measured against."):g.index("REVOKE ALL ON ALL TABLES")]
 out.append("\n-- 5. Quota catalog changes reach every backend's cache.\n" + triggers)

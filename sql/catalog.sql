@@ -59,6 +59,9 @@ CREATE TABLE levqor.tenants (
     isolation   text NOT NULL DEFAULT 'shared'
                 CONSTRAINT tenants_isolation_check CHECK (isolation IN ('shared', 'schema')),
     parent      uuid REFERENCES levqor.tenants (id),
+    -- The hierarchy (sql/hierarchy.sql): platform -> tenant -> organization(s).
+    kind        text NOT NULL DEFAULT 'tenant'
+                CONSTRAINT tenants_kind_check CHECK (kind IN ('platform', 'tenant', 'organization')),
     settings    jsonb NOT NULL DEFAULT '{}' CONSTRAINT tenants_settings_object CHECK (jsonb_typeof(settings) = 'object'),
     -- Lifecycle (sql/lifecycle.sql). A suspended tenant without a mode is
     -- treated as blocked: fail closed.
@@ -75,6 +78,9 @@ CREATE TABLE levqor.tenants (
     updated_at  timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX tenants_parent_idx ON levqor.tenants (parent);
+ALTER TABLE levqor.tenants
+    ADD CONSTRAINT tenants_platform_has_no_parent CHECK (kind <> 'platform' OR parent IS NULL),
+    ADD CONSTRAINT tenants_organization_has_parent CHECK (kind <> 'organization' OR parent IS NOT NULL);
 
 -- Only the SHA-256 of a key is kept; key_id is the public half that finds it.
 CREATE TABLE levqor.tenant_keys (

@@ -85,12 +85,25 @@ GRANT EXECUTE ON FUNCTION
     levqor.flush_usage(),
     levqor.refresh_storage(),
     levqor.ledger_read(text, integer),
-    levqor.ledger_advance(text, bigint)
+    levqor.ledger_advance(text, bigint),
+    levqor.create_platform(text, text),
+    levqor.move_tenant(text, text),
+    levqor.add_member(text, uuid, text, text),
+    levqor.set_member_role(text, uuid, text),
+    levqor.remove_member(text, uuid)
 TO levqor_admin;
+
+-- The hierarchy helpers answer a levqor_admin about any node and anyone else
+-- about their own context's tree only (the views filter).
+GRANT EXECUTE ON FUNCTION
+    levqor.ancestors(uuid), levqor.descendants(uuid), levqor.tenant_of(uuid), levqor.accessible_orgs(uuid),
+    levqor._context_root()
+TO PUBLIC;
+GRANT SELECT ON levqor.tree, levqor.member_reach TO PUBLIC;
 
 GRANT SELECT ON levqor.plans, levqor.metrics TO levqor_app, levqor_admin;
 GRANT SELECT ON levqor.quota_overrides, levqor.row_limits, levqor.usage_counters, levqor.usage_ledger,
-    levqor.ledger_cursors, levqor.quota_alerts TO levqor_admin;
+    levqor.ledger_cursors, levqor.quota_alerts, levqor.tenant_tree, levqor.members TO levqor_admin;
 -- The audit log: row level security shows tenants their own trail (auditor,
 -- admin, owner) and levqor_admin all of it; nobody is granted any write.
 GRANT SELECT ON levqor.audit_log TO PUBLIC;

@@ -1,13 +1,20 @@
 -- levqor 0.2.0 -> 0.3.0 (assembled by scripts/upgrade-0.3.0.py)
 --
--- 0.3.0 adds plan quotas: consume(), row limits, storage limits, the usage
--- view, threshold events and the billing ledger. Run by ALTER EXTENSION
+-- 0.3.0 adds plan quotas (consume(), row limits, storage limits, the usage
+-- view, threshold events, the billing ledger), the organisation hierarchy and members. Run by ALTER EXTENSION
 -- levqor UPDATE; tests/e2e/tests/upgrade.rs checks that the result is the
 -- same catalog as a fresh 0.3.0 install, with data kept. Install the 0.3.0
 -- library first and restart (quotas need levqor in shared_preload_libraries).
 
--- 1. Catalog: tenants over their storage limit.
+-- 1. Catalog: tenants over their storage limit; the kind of each node of the
+--    hierarchy (a tenant with a parent becomes an organization).
 ALTER TABLE levqor.tenants ADD COLUMN storage_exceeded boolean NOT NULL DEFAULT false;
+ALTER TABLE levqor.tenants ADD COLUMN kind text NOT NULL DEFAULT 'tenant'
+    CONSTRAINT tenants_kind_check CHECK (kind IN ('platform', 'tenant', 'organization'));
+UPDATE levqor.tenants SET kind = 'organization' WHERE parent IS NOT NULL;
+ALTER TABLE levqor.tenants
+    ADD CONSTRAINT tenants_platform_has_no_parent CHECK (kind <> 'platform' OR parent IS NULL),
+    ADD CONSTRAINT tenants_organization_has_parent CHECK (kind <> 'organization' OR parent IS NOT NULL);
 
 -- 2. Changed functions.
 CREATE OR REPLACE FUNCTION levqor._audit_immutable() RETURNS trigger
@@ -144,6 +151,92 @@ BEGIN
     END IF;
     UPDATE levqor.tenants SET plan = plan, updated_at = now() WHERE id = t.id;
     PERFORM levqor._log_event(t.id, 'plan_changed', jsonb_build_object('from', t.plan, 'to', plan, 'forced', force));
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.create_tenant(
+    slug      text,
+    name      text,
+    plan      text DEFAULT 'free',
+    region    text DEFAULT NULL,
+    isolation text DEFAULT 'shared',
+    parent    text DEFAULT NULL,
+    trial_ends_at timestamptz DEFAULT NULL
+) RETURNS TABLE (tenant_id uuid, api_key text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    new_id     uuid;
+    parent_id  uuid;
+    kind       text;
+    schema     name;
+    k          record;
+BEGIN
+    IF slug IS NULL OR slug !~ '^[a-z0-9_-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid tenant slug %', coalesce(quote_literal(slug), 'NULL')
+            USING ERRCODE = '22023',
+                  HINT = 'A slug is 1 to 63 characters: lowercase letters, digits, "-" and "_".';
+    END IF;
+    IF name IS NULL OR length(btrim(name)) NOT BETWEEN 1 AND 200 OR name ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'invalid tenant name'
+            USING ERRCODE = '22023', HINT = 'A name is 1 to 200 characters without control characters.';
+    END IF;
+    IF plan IS NULL OR NOT EXISTS (SELECT 1 FROM levqor.plans p WHERE p.name = plan) THEN
+        RAISE EXCEPTION 'unknown plan %', coalesce(quote_literal(plan), 'NULL')
+            USING ERRCODE = '22023',
+                  HINT = 'Plans are listed in levqor.plans.';
+    END IF;
+    IF region IS NOT NULL AND region !~ '^[a-z0-9-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid region %', quote_literal(region)
+            USING ERRCODE = '22023', HINT = 'A region is lowercase letters, digits and "-", e.g. eu-west-1.';
+    END IF;
+    IF isolation = 'schema' THEN
+        IF length(slug) > 56 THEN
+            RAISE EXCEPTION 'the slug of a schema tenant is at most 56 characters'
+                USING ERRCODE = '22023', HINT = 'Its schema is tenant_<slug>, and names are at most 63 characters.';
+        END IF;
+        schema := 'tenant_' || replace(slug, '-', '_');
+    ELSIF isolation IS DISTINCT FROM 'shared' THEN
+        RAISE EXCEPTION 'unknown isolation %', coalesce(quote_literal(isolation), 'NULL')
+            USING ERRCODE = '22023', HINT = 'isolation is ''shared'' or ''schema''.';
+    END IF;
+    IF parent IS NOT NULL THEN
+        parent_id := levqor._tenant_id(parent);
+    END IF;
+    -- Under a platform (or nothing): a tenant; under a tenant or an
+    -- organization: an organization (sql/hierarchy.sql checks the rest).
+    kind := CASE WHEN parent_id IS NULL THEN 'tenant'
+                 WHEN (SELECT t.kind FROM levqor.tenants t WHERE t.id = parent_id) = 'platform' THEN 'tenant'
+                 ELSE 'organization' END;
+
+    BEGIN
+        INSERT INTO levqor.tenants (slug, name, plan, region, isolation, parent, kind, status, trial_ends_at, schema_name)
+        VALUES (slug, btrim(name), plan, region, isolation, parent_id, kind,
+                CASE WHEN trial_ends_at IS NULL THEN 'active' ELSE 'trial' END, trial_ends_at, schema)
+        RETURNING id INTO new_id;
+    EXCEPTION WHEN unique_violation THEN
+        RAISE EXCEPTION 'tenant slug % already exists%', quote_literal(slug),
+            CASE WHEN schema IS NULL THEN '' ELSE format(' (or a tenant with schema %I)', schema) END
+            USING ERRCODE = '23505';
+    END;
+    IF schema IS NOT NULL THEN
+        IF to_regnamespace(quote_ident(schema)) IS NOT NULL THEN
+            RAISE EXCEPTION 'schema % already exists', quote_ident(schema) USING ERRCODE = '42P06';
+        END IF;
+        PERFORM levqor._clone_template(schema, new_id);
+    END IF;
+
+    SELECT * INTO k FROM levqor._new_api_key();
+    INSERT INTO levqor.tenant_keys (key_id, tenant_id, key_hash, role, label)
+    VALUES (k.key_id, new_id, k.key_hash, 'admin', 'created with tenant');
+
+    PERFORM levqor._log_event(new_id, 'tenant_created',
+        jsonb_build_object('slug', slug, 'plan', plan, 'region', region,
+                           'isolation', isolation, 'schema', schema, 'parent', parent_id, 'kind', kind, 'key_id', k.key_id,
+                           'trial_ends_at', trial_ends_at));
+
+    tenant_id := new_id;
+    api_key := k.api_key;
+    RETURN NEXT;
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor.seal_audit(max_entries int DEFAULT 10000) RETURNS int
@@ -854,6 +947,297 @@ BEGIN
 END
 $fn$;
 
+-- 4b. The hierarchy (sql/hierarchy.sql, new in 0.3.0).
+-- The organisation hierarchy (docs/hierarchy.md): platform -> tenant ->
+-- organization -> organization ..., kept in levqor.tenants (kind, parent)
+-- with a closure table, so ancestors, descendants and "the tenant above" are
+-- index lookups, never recursion at query time.
+
+-- Every (ancestor, descendant) pair, each node with itself at depth 0.
+CREATE TABLE levqor.tenant_tree (
+    ancestor   uuid NOT NULL REFERENCES levqor.tenants (id) ON DELETE CASCADE,
+    descendant uuid NOT NULL REFERENCES levqor.tenants (id) ON DELETE CASCADE,
+    depth      integer NOT NULL CONSTRAINT tenant_tree_depth_check CHECK (depth >= 0),
+    PRIMARY KEY (ancestor, descendant)
+);
+CREATE INDEX tenant_tree_descendant_idx ON levqor.tenant_tree (descendant, depth);
+-- Not dumped: it is derived, and restoring levqor.tenants rebuilds it.
+
+-- The seed's rules: a platform has no parent (a check constraint), an
+-- organization has one (likewise) that is a tenant or an organization, a
+-- tenant's parent is a platform if it has one, and no node is its own
+-- ancestor. A node's kind changes only while it has no children.
+CREATE FUNCTION levqor._check_hierarchy() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    parent_kind text;
+BEGIN
+    IF NEW.parent IS NOT NULL THEN
+        SELECT t.kind INTO parent_kind FROM levqor.tenants t WHERE t.id = NEW.parent;
+        IF NEW.kind = 'tenant' AND parent_kind <> 'platform' THEN
+            RAISE EXCEPTION 'a tenant''s parent must be a platform, not a %', parent_kind USING ERRCODE = '23514',
+                HINT = 'Under a tenant or an organization, create an organization (create_tenant does so by itself).';
+        END IF;
+        IF NEW.kind = 'organization' AND parent_kind NOT IN ('tenant', 'organization') THEN
+            RAISE EXCEPTION 'an organization''s parent must be a tenant or an organization, not a %', parent_kind
+                USING ERRCODE = '23514';
+        END IF;
+        IF TG_OP = 'UPDATE' AND EXISTS (SELECT 1 FROM levqor.tenant_tree c
+                                         WHERE c.ancestor = NEW.id AND c.descendant = NEW.parent) THEN
+            RAISE EXCEPTION 'cannot move % under %: it would become its own ancestor', NEW.slug,
+                (SELECT t.slug FROM levqor.tenants t WHERE t.id = NEW.parent) USING ERRCODE = '23514';
+        END IF;
+    END IF;
+    IF TG_OP = 'UPDATE' AND NEW.kind <> OLD.kind
+       AND EXISTS (SELECT 1 FROM levqor.tenants c WHERE c.parent = NEW.id) THEN
+        RAISE EXCEPTION 'the kind of % cannot change while it has children', NEW.slug USING ERRCODE = '55000';
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+CREATE TRIGGER levqor_check_hierarchy BEFORE INSERT OR UPDATE OF parent, kind ON levqor.tenants
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_hierarchy();
+
+-- Keep the closure table: a new node links to itself and its parent's
+-- ancestors; a moved node takes its whole subtree along.
+CREATE FUNCTION levqor._maintain_tree() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        -- Walk up the parent links rather than read the parent's links: a
+        -- restore (COPY) may insert a child before its parent, and these
+        -- triggers fire after the whole COPY.
+        INSERT INTO levqor.tenant_tree (ancestor, descendant, depth)
+        WITH RECURSIVE up AS (
+            SELECT NEW.id AS ancestor, 0 AS depth, NEW.parent AS parent
+            UNION ALL
+            SELECT p.id, up.depth + 1, p.parent FROM up JOIN levqor.tenants p ON p.id = up.parent
+        )
+        SELECT up.ancestor, NEW.id, up.depth FROM up;
+    ELSIF NEW.parent IS DISTINCT FROM OLD.parent THEN
+        -- Links from outside the subtree into it go; new ones come from the new parent's line.
+        DELETE FROM levqor.tenant_tree l
+         WHERE l.descendant IN (SELECT s.descendant FROM levqor.tenant_tree s WHERE s.ancestor = NEW.id)
+           AND l.ancestor NOT IN (SELECT s.descendant FROM levqor.tenant_tree s WHERE s.ancestor = NEW.id);
+        INSERT INTO levqor.tenant_tree (ancestor, descendant, depth)
+        SELECT a.ancestor, s.descendant, a.depth + s.depth + 1
+          FROM levqor.tenant_tree a, levqor.tenant_tree s
+         WHERE a.descendant = NEW.parent AND s.ancestor = NEW.id;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER levqor_maintain_tree AFTER INSERT OR UPDATE OF parent ON levqor.tenants
+    FOR EACH ROW EXECUTE FUNCTION levqor._maintain_tree();
+
+-- Tenants that existed before the hierarchy (an upgrade): link them all.
+WITH RECURSIVE up AS (
+    SELECT t.id AS descendant, t.id AS ancestor, 0 AS depth, t.parent FROM levqor.tenants t
+    UNION ALL
+    SELECT up.descendant, p.id, up.depth + 1, p.parent FROM up JOIN levqor.tenants p ON p.id = up.parent
+)
+INSERT INTO levqor.tenant_tree (ancestor, descendant, depth)
+SELECT up.ancestor, up.descendant, up.depth FROM up
+ON CONFLICT DO NOTHING;
+
+-- The tenant at or above the context's node (NULL without a context, or for
+-- a platform's context). No argument: it tells a caller only about itself.
+CREATE FUNCTION levqor._context_root() RETURNS uuid
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT c.ancestor
+      FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.ancestor AND t.kind = 'tenant'
+     WHERE c.descendant = levqor.current_tenant()
+$fn$;
+
+-- The tree as the caller may see it: all of it for a levqor_admin; for
+-- anyone else the links inside their context's tenant (its organizations,
+-- not the platform above or other tenants). A view, so current_user is the
+-- caller while the tables are read with the view owner's rights.
+CREATE VIEW levqor.tree WITH (security_barrier = true) AS
+SELECT c.ancestor, a.slug AS ancestor_slug, a.kind AS ancestor_kind,
+       c.descendant, d.slug AS descendant_slug, d.kind AS descendant_kind, c.depth
+  FROM levqor.tenant_tree c
+  JOIN levqor.tenants a ON a.id = c.ancestor
+  JOIN levqor.tenants d ON d.id = c.descendant
+ WHERE pg_has_role(current_user, 'levqor_admin', 'USAGE')
+    OR EXISTS (SELECT 1 FROM levqor.tenant_tree r
+                WHERE r.ancestor = (SELECT levqor._context_root()) AND r.descendant = c.ancestor);
+
+-- The nodes above `node`, nearest first (itself excluded).
+CREATE FUNCTION levqor.ancestors(node uuid)
+RETURNS TABLE (id uuid, slug text, kind text, depth integer)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.ancestor, t.ancestor_slug, t.ancestor_kind, t.depth
+      FROM levqor.tree t WHERE t.descendant = $1 AND t.depth > 0
+     ORDER BY t.depth
+$fn$;
+
+-- The nodes below `node`, nearest first (itself excluded).
+CREATE FUNCTION levqor.descendants(node uuid)
+RETURNS TABLE (id uuid, slug text, kind text, depth integer)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.descendant, t.descendant_slug, t.descendant_kind, t.depth
+      FROM levqor.tree t WHERE t.ancestor = $1 AND t.depth > 0
+     ORDER BY t.depth, t.descendant_slug
+$fn$;
+
+-- The tenant at or above `node` (NULL for a platform).
+CREATE FUNCTION levqor.tenant_of(node uuid) RETURNS uuid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.ancestor FROM levqor.tree t WHERE t.descendant = $1 AND t.ancestor_kind = 'tenant'
+$fn$;
+
+-- Move a node (and everything under it) to a new parent. A levqor_admin.
+CREATE FUNCTION levqor.move_tenant(tenant text, new_parent text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    t   levqor.tenants := levqor._tenant_for_update(tenant);
+    pid uuid := CASE WHEN new_parent IS NULL THEN NULL ELSE levqor._tenant_id(new_parent) END;
+BEGIN
+    IF pid IS NOT DISTINCT FROM t.parent THEN
+        RETURN;
+    END IF;
+    UPDATE levqor.tenants x SET parent = pid, updated_at = now() WHERE x.id = t.id;
+    PERFORM levqor._log_event(t.id, 'tenant_moved', jsonb_build_object('from', t.parent, 'to', pid));
+END
+$fn$;
+
+-- The top of the tree. A levqor_admin; returns the platform's id.
+CREATE FUNCTION levqor.create_platform(slug text, name text) RETURNS uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    pid uuid;
+BEGIN
+    SELECT c.tenant_id INTO pid FROM levqor.create_tenant(slug, name, plan => 'enterprise') c;
+    UPDATE levqor.tenants t SET kind = 'platform' WHERE t.id = pid;
+    -- Nobody saw the key create_tenant made; issue_key makes one if needed.
+    UPDATE levqor.tenant_keys k SET revoked_at = now() WHERE k.tenant_id = pid;
+    PERFORM levqor._log_event(pid, 'platform_created', '{}');
+    RETURN pid;
+END
+$fn$;
+
+-- 4c. Members (sql/members.sql, new in 0.3.0).
+-- Members of a tenant or organization and their roles (docs/hierarchy.md).
+-- levqor does not log users in: the application does, and tells levqor who
+-- acts (a key issued for a user and role, set_tenant, a signed token). This
+-- table is what the application and levqor.accessible_orgs read.
+
+CREATE TABLE levqor.members (
+    tenant_id  uuid NOT NULL REFERENCES levqor.tenants (id) ON DELETE CASCADE,
+    user_id    uuid NOT NULL,
+    role       text NOT NULL
+               CONSTRAINT members_role_check CHECK (role IN ('owner', 'admin', 'operator', 'auditor', 'viewer')),
+    -- The user's id at the tenant's identity provider, if it has one.
+    sso_id     text CONSTRAINT members_sso_id_format CHECK (length(sso_id) BETWEEN 1 AND 255 AND sso_id !~ '[[:cntrl:]]'),
+    added_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tenant_id, user_id)
+);
+CREATE INDEX members_user_idx ON levqor.members (user_id);
+CREATE UNIQUE INDEX members_sso_id_key ON levqor.members (tenant_id, sso_id) WHERE sso_id IS NOT NULL;
+SELECT pg_catalog.pg_extension_config_dump('levqor.members', '');
+
+CREATE FUNCTION levqor._check_member_role(role text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF role IS NULL OR role NOT IN ('owner', 'admin', 'operator', 'auditor', 'viewer') THEN
+        RAISE EXCEPTION 'unknown member role %', coalesce(quote_literal(role), 'NULL')
+            USING ERRCODE = '22023', HINT = 'Member roles are owner, admin, operator, auditor and viewer.';
+    END IF;
+END
+$fn$;
+
+-- The tenant keeps at least one owner once it has one (callers hold the
+-- tenant row locked, so two concurrent removals cannot both pass).
+CREATE FUNCTION levqor._keep_an_owner(t levqor.tenants, leaving uuid) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM levqor.members m
+                    WHERE m.tenant_id = t.id AND m.role = 'owner' AND m.user_id <> leaving) THEN
+        RAISE EXCEPTION 'tenant % must keep at least one owner', t.slug USING ERRCODE = '55000',
+            HINT = 'Make another member owner first (levqor.set_member_role).';
+    END IF;
+END
+$fn$;
+
+CREATE FUNCTION levqor.add_member(tenant text, user_id uuid, role text, sso_id text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    t levqor.tenants := levqor._tenant_for_update(tenant);
+BEGIN
+    PERFORM levqor._check_member_role(role);
+    IF user_id IS NULL THEN
+        RAISE EXCEPTION 'a member needs a user id' USING ERRCODE = '22023';
+    END IF;
+    BEGIN
+        INSERT INTO levqor.members (tenant_id, user_id, role, sso_id) VALUES (t.id, user_id, role, sso_id);
+    EXCEPTION WHEN unique_violation THEN
+        RAISE EXCEPTION 'user % is already a member of % (or that sso id is taken)', user_id, t.slug
+            USING ERRCODE = '23505', HINT = 'levqor.set_member_role() changes a member''s role.';
+    END;
+    PERFORM levqor._log_event(t.id, 'member_added', jsonb_build_object('user_id', user_id, 'role', role, 'sso_id', sso_id));
+END
+$fn$;
+
+CREATE FUNCTION levqor.set_member_role(tenant text, user_id uuid, role text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    t   levqor.tenants := levqor._tenant_for_update(tenant);
+    was text;
+BEGIN
+    PERFORM levqor._check_member_role(role);
+    SELECT m.role INTO was FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'user % is not a member of %', user_id, t.slug USING ERRCODE = '42704';
+    END IF;
+    IF was = role THEN
+        RETURN;
+    END IF;
+    IF was = 'owner' THEN
+        PERFORM levqor._keep_an_owner(t, user_id);
+    END IF;
+    UPDATE levqor.members m SET role = role, updated_at = now() WHERE m.tenant_id = t.id AND m.user_id = user_id;
+    PERFORM levqor._log_event(t.id, 'member_role_changed', jsonb_build_object('user_id', user_id, 'from', was, 'to', role));
+END
+$fn$;
+
+CREATE FUNCTION levqor.remove_member(tenant text, user_id uuid) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    t   levqor.tenants := levqor._tenant_for_update(tenant);
+    was text;
+BEGIN
+    SELECT m.role INTO was FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'user % is not a member of %', user_id, t.slug USING ERRCODE = '42704';
+    END IF;
+    IF was = 'owner' THEN
+        PERFORM levqor._keep_an_owner(t, user_id);
+    END IF;
+    DELETE FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
+    PERFORM levqor._log_event(t.id, 'member_removed', jsonb_build_object('user_id', user_id, 'role', was));
+END
+$fn$;
+
+-- The tenants and organizations a user may act in: where they are a member,
+-- and everything below those. A levqor_admin sees every user's; anyone else
+-- only the user of their own context. (A view, for the same reason as
+-- levqor.tree.)
+CREATE VIEW levqor.member_reach WITH (security_barrier = true) AS
+SELECT m.user_id, c.descendant AS tenant_id, m.tenant_id AS through, m.role
+  FROM levqor.members m JOIN levqor.tenant_tree c ON c.ancestor = m.tenant_id
+ WHERE pg_has_role(current_user, 'levqor_admin', 'USAGE') OR m.user_id = levqor.current_user_id();
+
+CREATE FUNCTION levqor.accessible_orgs(user_id uuid) RETURNS SETOF uuid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT DISTINCT r.tenant_id FROM levqor.member_reach r WHERE r.user_id = $1
+$fn$;
+
 -- 5. Quota catalog changes reach every backend's cache.
 -- ... and so do changes to what quotas are measured against.
 CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.plans
@@ -936,12 +1320,25 @@ GRANT EXECUTE ON FUNCTION
     levqor.flush_usage(),
     levqor.refresh_storage(),
     levqor.ledger_read(text, integer),
-    levqor.ledger_advance(text, bigint)
+    levqor.ledger_advance(text, bigint),
+    levqor.create_platform(text, text),
+    levqor.move_tenant(text, text),
+    levqor.add_member(text, uuid, text, text),
+    levqor.set_member_role(text, uuid, text),
+    levqor.remove_member(text, uuid)
 TO levqor_admin;
+
+-- The hierarchy helpers answer a levqor_admin about any node and anyone else
+-- about their own context's tree only (the views filter).
+GRANT EXECUTE ON FUNCTION
+    levqor.ancestors(uuid), levqor.descendants(uuid), levqor.tenant_of(uuid), levqor.accessible_orgs(uuid),
+    levqor._context_root()
+TO PUBLIC;
+GRANT SELECT ON levqor.tree, levqor.member_reach TO PUBLIC;
 
 GRANT SELECT ON levqor.plans, levqor.metrics TO levqor_app, levqor_admin;
 GRANT SELECT ON levqor.quota_overrides, levqor.row_limits, levqor.usage_counters, levqor.usage_ledger,
-    levqor.ledger_cursors, levqor.quota_alerts TO levqor_admin;
+    levqor.ledger_cursors, levqor.quota_alerts, levqor.tenant_tree, levqor.members TO levqor_admin;
 -- The audit log: row level security shows tenants their own trail (auditor,
 -- admin, owner) and levqor_admin all of it; nobody is granted any write.
 GRANT SELECT ON levqor.audit_log TO PUBLIC;

@@ -38,6 +38,7 @@ LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 DECLARE
     new_id     uuid;
     parent_id  uuid;
+    kind       text;
     schema     name;
     k          record;
 BEGIN
@@ -72,10 +73,15 @@ BEGIN
     IF parent IS NOT NULL THEN
         parent_id := levqor._tenant_id(parent);
     END IF;
+    -- Under a platform (or nothing): a tenant; under a tenant or an
+    -- organization: an organization (sql/hierarchy.sql checks the rest).
+    kind := CASE WHEN parent_id IS NULL THEN 'tenant'
+                 WHEN (SELECT t.kind FROM levqor.tenants t WHERE t.id = parent_id) = 'platform' THEN 'tenant'
+                 ELSE 'organization' END;
 
     BEGIN
-        INSERT INTO levqor.tenants (slug, name, plan, region, isolation, parent, status, trial_ends_at, schema_name)
-        VALUES (slug, btrim(name), plan, region, isolation, parent_id,
+        INSERT INTO levqor.tenants (slug, name, plan, region, isolation, parent, kind, status, trial_ends_at, schema_name)
+        VALUES (slug, btrim(name), plan, region, isolation, parent_id, kind,
                 CASE WHEN trial_ends_at IS NULL THEN 'active' ELSE 'trial' END, trial_ends_at, schema)
         RETURNING id INTO new_id;
     EXCEPTION WHEN unique_violation THEN
@@ -96,7 +102,7 @@ BEGIN
 
     PERFORM levqor._log_event(new_id, 'tenant_created',
         jsonb_build_object('slug', slug, 'plan', plan, 'region', region,
-                           'isolation', isolation, 'schema', schema, 'parent', parent_id, 'key_id', k.key_id,
+                           'isolation', isolation, 'schema', schema, 'parent', parent_id, 'kind', kind, 'key_id', k.key_id,
                            'trial_ends_at', trial_ends_at));
 
     tenant_id := new_id;

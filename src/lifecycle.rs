@@ -59,6 +59,13 @@ fn recheck_context() {
 /// May the context's tenant write now? Raises if not. `grows` is true for
 /// INSERT and UPDATE, which a tenant over its storage limit may not run.
 fn check_write(ctx: &context::Context, grows: bool) {
+    // Viewers and auditors read; they never write.
+    if let Some(role @ (context::MemberRole::Viewer | context::MemberRole::Auditor)) = ctx.role {
+        crate::errors::not_allowed(
+            format!("a member with role {} may not write", role.as_str()),
+            Some("Viewers and auditors only read; act with a key or token for an operator, admin or owner."),
+        );
+    }
     let Some(t) = lookup_tenant_id(ctx.tenant) else {
         crate::errors::refused("the tenant of this context no longer exists", None)
     };

@@ -30,6 +30,18 @@ fn a_dumped_and_restored_database_keeps_tenants_keys_and_protection() {
     .unwrap();
     let a = create_tenant_on(&mut s, "dump-a");
     let b = create_tenant_on(&mut s, "dump-b");
+    // A hierarchy whose rows are out of order on disk: o1 moved after o2,
+    // its child, was created, so the restore inserts the child first.
+    s.batch_execute(
+        "SELECT levqor.create_platform('dump-p', 'P');
+         SELECT levqor.create_tenant('dump-t1', 'T1', parent => 'dump-p');
+         SELECT levqor.create_tenant('dump-t2', 'T2', parent => 'dump-p');
+         SELECT levqor.create_tenant('dump-o1', 'O1', parent => 'dump-t1');
+         SELECT levqor.create_tenant('dump-o2', 'O2', parent => 'dump-o1');
+         SELECT levqor.move_tenant('dump-o1', 'dump-t2');
+         SELECT levqor.add_member('dump-o1', gen_random_uuid(), 'owner');",
+    )
+    .unwrap();
     let mut c = connect_to(port(), APP, &src);
     insert_rows(&mut c, &a, "docs", &["a-doc"]);
     insert_rows(&mut c, &b, "docs", &["b-doc"]);
@@ -56,6 +68,21 @@ fn a_dumped_and_restored_database_keeps_tenants_keys_and_protection() {
     let custom: i64 = d.query_one("SELECT count(*) FROM levqor.plans WHERE name = 'custom'", &[]).unwrap().get(0);
     let builtin: i64 = d.query_one("SELECT count(*) FROM levqor.plans WHERE builtin", &[]).unwrap().get(0);
     assert_eq!((custom, builtin), (1, 4), "custom plans dumped once, built-in ones not duplicated");
+    let path: Vec<String> = d
+        .query(
+            "SELECT slug FROM levqor.ancestors((SELECT id FROM levqor.tenants WHERE slug = 'dump-o2'))",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(path, ["dump-o1", "dump-t2", "dump-p"], "the hierarchy is rebuilt on restore");
+    let links: i64 = d.query_one("SELECT count(*) FROM levqor.tenant_tree", &[]).unwrap().get(0);
+    let src_links: i64 = s.query_one("SELECT count(*) FROM levqor.tenant_tree", &[]).unwrap().get(0);
+    assert_eq!(links, src_links);
+    let members: i64 = d.query_one("SELECT count(*) FROM levqor.members", &[]).unwrap().get(0);
+    assert_eq!(members, 1);
     let tables: i64 = d.query_one("SELECT count(*) FROM levqor.protected_tables", &[]).unwrap().get(0);
     assert_eq!(tables, 1);
 

@@ -1,0 +1,169 @@
+-- The organisation hierarchy (docs/hierarchy.md): platform -> tenant ->
+-- organization -> organization ..., kept in levqor.tenants (kind, parent)
+-- with a closure table, so ancestors, descendants and "the tenant above" are
+-- index lookups, never recursion at query time.
+
+-- Every (ancestor, descendant) pair, each node with itself at depth 0.
+CREATE TABLE levqor.tenant_tree (
+    ancestor   uuid NOT NULL REFERENCES levqor.tenants (id) ON DELETE CASCADE,
+    descendant uuid NOT NULL REFERENCES levqor.tenants (id) ON DELETE CASCADE,
+    depth      integer NOT NULL CONSTRAINT tenant_tree_depth_check CHECK (depth >= 0),
+    PRIMARY KEY (ancestor, descendant)
+);
+CREATE INDEX tenant_tree_descendant_idx ON levqor.tenant_tree (descendant, depth);
+-- Not dumped: it is derived, and restoring levqor.tenants rebuilds it.
+
+-- The seed's rules: a platform has no parent (a check constraint), an
+-- organization has one (likewise) that is a tenant or an organization, a
+-- tenant's parent is a platform if it has one, and no node is its own
+-- ancestor. A node's kind changes only while it has no children.
+CREATE FUNCTION levqor._check_hierarchy() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    parent_kind text;
+BEGIN
+    IF NEW.parent IS NOT NULL THEN
+        SELECT t.kind INTO parent_kind FROM levqor.tenants t WHERE t.id = NEW.parent;
+        IF NEW.kind = 'tenant' AND parent_kind <> 'platform' THEN
+            RAISE EXCEPTION 'a tenant''s parent must be a platform, not a %', parent_kind USING ERRCODE = '23514',
+                HINT = 'Under a tenant or an organization, create an organization (create_tenant does so by itself).';
+        END IF;
+        IF NEW.kind = 'organization' AND parent_kind NOT IN ('tenant', 'organization') THEN
+            RAISE EXCEPTION 'an organization''s parent must be a tenant or an organization, not a %', parent_kind
+                USING ERRCODE = '23514';
+        END IF;
+        IF TG_OP = 'UPDATE' AND EXISTS (SELECT 1 FROM levqor.tenant_tree c
+                                         WHERE c.ancestor = NEW.id AND c.descendant = NEW.parent) THEN
+            RAISE EXCEPTION 'cannot move % under %: it would become its own ancestor', NEW.slug,
+                (SELECT t.slug FROM levqor.tenants t WHERE t.id = NEW.parent) USING ERRCODE = '23514';
+        END IF;
+    END IF;
+    IF TG_OP = 'UPDATE' AND NEW.kind <> OLD.kind
+       AND EXISTS (SELECT 1 FROM levqor.tenants c WHERE c.parent = NEW.id) THEN
+        RAISE EXCEPTION 'the kind of % cannot change while it has children', NEW.slug USING ERRCODE = '55000';
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+CREATE TRIGGER levqor_check_hierarchy BEFORE INSERT OR UPDATE OF parent, kind ON levqor.tenants
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_hierarchy();
+
+-- Keep the closure table: a new node links to itself and its parent's
+-- ancestors; a moved node takes its whole subtree along.
+CREATE FUNCTION levqor._maintain_tree() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        -- Walk up the parent links rather than read the parent's links: a
+        -- restore (COPY) may insert a child before its parent, and these
+        -- triggers fire after the whole COPY.
+        INSERT INTO levqor.tenant_tree (ancestor, descendant, depth)
+        WITH RECURSIVE up AS (
+            SELECT NEW.id AS ancestor, 0 AS depth, NEW.parent AS parent
+            UNION ALL
+            SELECT p.id, up.depth + 1, p.parent FROM up JOIN levqor.tenants p ON p.id = up.parent
+        )
+        SELECT up.ancestor, NEW.id, up.depth FROM up;
+    ELSIF NEW.parent IS DISTINCT FROM OLD.parent THEN
+        -- Links from outside the subtree into it go; new ones come from the new parent's line.
+        DELETE FROM levqor.tenant_tree l
+         WHERE l.descendant IN (SELECT s.descendant FROM levqor.tenant_tree s WHERE s.ancestor = NEW.id)
+           AND l.ancestor NOT IN (SELECT s.descendant FROM levqor.tenant_tree s WHERE s.ancestor = NEW.id);
+        INSERT INTO levqor.tenant_tree (ancestor, descendant, depth)
+        SELECT a.ancestor, s.descendant, a.depth + s.depth + 1
+          FROM levqor.tenant_tree a, levqor.tenant_tree s
+         WHERE a.descendant = NEW.parent AND s.ancestor = NEW.id;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER levqor_maintain_tree AFTER INSERT OR UPDATE OF parent ON levqor.tenants
+    FOR EACH ROW EXECUTE FUNCTION levqor._maintain_tree();
+
+-- Tenants that existed before the hierarchy (an upgrade): link them all.
+WITH RECURSIVE up AS (
+    SELECT t.id AS descendant, t.id AS ancestor, 0 AS depth, t.parent FROM levqor.tenants t
+    UNION ALL
+    SELECT up.descendant, p.id, up.depth + 1, p.parent FROM up JOIN levqor.tenants p ON p.id = up.parent
+)
+INSERT INTO levqor.tenant_tree (ancestor, descendant, depth)
+SELECT up.ancestor, up.descendant, up.depth FROM up
+ON CONFLICT DO NOTHING;
+
+-- The tenant at or above the context's node (NULL without a context, or for
+-- a platform's context). No argument: it tells a caller only about itself.
+CREATE FUNCTION levqor._context_root() RETURNS uuid
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT c.ancestor
+      FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.ancestor AND t.kind = 'tenant'
+     WHERE c.descendant = levqor.current_tenant()
+$fn$;
+
+-- The tree as the caller may see it: all of it for a levqor_admin; for
+-- anyone else the links inside their context's tenant (its organizations,
+-- not the platform above or other tenants). A view, so current_user is the
+-- caller while the tables are read with the view owner's rights.
+CREATE VIEW levqor.tree WITH (security_barrier = true) AS
+SELECT c.ancestor, a.slug AS ancestor_slug, a.kind AS ancestor_kind,
+       c.descendant, d.slug AS descendant_slug, d.kind AS descendant_kind, c.depth
+  FROM levqor.tenant_tree c
+  JOIN levqor.tenants a ON a.id = c.ancestor
+  JOIN levqor.tenants d ON d.id = c.descendant
+ WHERE pg_has_role(current_user, 'levqor_admin', 'USAGE')
+    OR EXISTS (SELECT 1 FROM levqor.tenant_tree r
+                WHERE r.ancestor = (SELECT levqor._context_root()) AND r.descendant = c.ancestor);
+
+-- The nodes above `node`, nearest first (itself excluded).
+CREATE FUNCTION levqor.ancestors(node uuid)
+RETURNS TABLE (id uuid, slug text, kind text, depth integer)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.ancestor, t.ancestor_slug, t.ancestor_kind, t.depth
+      FROM levqor.tree t WHERE t.descendant = $1 AND t.depth > 0
+     ORDER BY t.depth
+$fn$;
+
+-- The nodes below `node`, nearest first (itself excluded).
+CREATE FUNCTION levqor.descendants(node uuid)
+RETURNS TABLE (id uuid, slug text, kind text, depth integer)
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.descendant, t.descendant_slug, t.descendant_kind, t.depth
+      FROM levqor.tree t WHERE t.ancestor = $1 AND t.depth > 0
+     ORDER BY t.depth, t.descendant_slug
+$fn$;
+
+-- The tenant at or above `node` (NULL for a platform).
+CREATE FUNCTION levqor.tenant_of(node uuid) RETURNS uuid
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.ancestor FROM levqor.tree t WHERE t.descendant = $1 AND t.ancestor_kind = 'tenant'
+$fn$;
+
+-- Move a node (and everything under it) to a new parent. A levqor_admin.
+CREATE FUNCTION levqor.move_tenant(tenant text, new_parent text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    t   levqor.tenants := levqor._tenant_for_update(tenant);
+    pid uuid := CASE WHEN new_parent IS NULL THEN NULL ELSE levqor._tenant_id(new_parent) END;
+BEGIN
+    IF pid IS NOT DISTINCT FROM t.parent THEN
+        RETURN;
+    END IF;
+    UPDATE levqor.tenants x SET parent = pid, updated_at = now() WHERE x.id = t.id;
+    PERFORM levqor._log_event(t.id, 'tenant_moved', jsonb_build_object('from', t.parent, 'to', pid));
+END
+$fn$;
+
+-- The top of the tree. A levqor_admin; returns the platform's id.
+CREATE FUNCTION levqor.create_platform(slug text, name text) RETURNS uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    pid uuid;
+BEGIN
+    SELECT c.tenant_id INTO pid FROM levqor.create_tenant(slug, name, plan => 'enterprise') c;
+    UPDATE levqor.tenants t SET kind = 'platform' WHERE t.id = pid;
+    -- Nobody saw the key create_tenant made; issue_key makes one if needed.
+    UPDATE levqor.tenant_keys k SET revoked_at = now() WHERE k.tenant_id = pid;
+    PERFORM levqor._log_event(pid, 'platform_created', '{}');
+    RETURN pid;
+END
+$fn$;
