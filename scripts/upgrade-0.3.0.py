@@ -18,8 +18,12 @@ new = open(sys.argv[2]).read()
 
 
 def blocks(s):
-    return {m.group(1): m.group(0)
-            for m in re.finditer(r'CREATE (?:FUNCTION|PROCEDURE) (levqor\.[a-z_]+)\((.*?)\$fn\$;', s, re.S)}
+    # Keyed by name and parameter list: enable_tenancy has two overloads.
+    out = {}
+    for m in re.finditer(r'CREATE (?:FUNCTION|PROCEDURE) (levqor\.[a-z_]+)\((.*?)\$fn\$;', s, re.S):
+        params = re.sub(r'\s+', ' ', m.group(2).split(')')[0])
+        out[f"{m.group(1)}({params})"] = m.group(0)
+    return out
 
 
 def library_functions(s):
@@ -33,8 +37,8 @@ hierarchy = open('sql/hierarchy.sql').read()
 members = open('sql/members.sql').read()
 a, b = blocks(old), blocks(new)
 changed = sorted(k for k in a if k in b and a[k] != b[k])
-new_sql = sorted(k for k in b if k not in a and not any(k + "(" in f for f in (quota, hierarchy, members)))
-assert not new_sql, f"new SQL functions outside the new SQL files need a place in this script: {new_sql}"
+# New functions in files that 0.2.0 already had (the new files come whole).
+new_sql = sorted(k for k in b if k not in a and not any(b[k] in f for f in (quota, hierarchy, members)))
 old_lib, new_lib = library_functions(old), library_functions(new)
 added_lib = [new_lib[k] for k in sorted(new_lib) if k not in old_lib]
 
@@ -49,6 +53,7 @@ out = ["""-- levqor 0.2.0 -> 0.3.0 (assembled by scripts/upgrade-0.3.0.py)
 -- 1. Catalog: tenants over their storage limit; the kind of each node of the
 --    hierarchy (a tenant with a parent becomes an organization).
 ALTER TABLE levqor.tenants ADD COLUMN storage_exceeded boolean NOT NULL DEFAULT false;
+ALTER TABLE levqor.protected_tables ADD COLUMN scope_column name;
 ALTER TABLE levqor.tenants ADD COLUMN kind text NOT NULL DEFAULT 'tenant'
     CONSTRAINT tenants_kind_check CHECK (kind IN ('platform', 'tenant', 'organization'));
 UPDATE levqor.tenants SET kind = 'organization' WHERE parent IS NOT NULL;
@@ -56,6 +61,9 @@ ALTER TABLE levqor.tenants
     ADD CONSTRAINT tenants_platform_has_no_parent CHECK (kind <> 'platform' OR parent IS NULL),
     ADD CONSTRAINT tenants_organization_has_parent CHECK (kind <> 'organization' OR parent IS NOT NULL);
 """]
+out.append("\n-- 1b. New functions beside existing ones.\n")
+for f in new_sql:
+    out.append(b[f] + "\n")
 out.append("\n-- 2. Changed functions.\n")
 for f in changed:
     out.append(b[f].replace('CREATE FUNCTION', 'CREATE OR REPLACE FUNCTION', 1) + "\n")
@@ -81,4 +89,5 @@ out.append("\n-- 6. Privileges, as in a fresh 0.3.0 install (sql/grants.sql).\n"
            + g[g.index("-- The policy helpers take no arguments"):])
 open('sql/levqor--0.2.0--0.3.0.sql', 'w').write("".join(out))
 print("changed functions:", ", ".join(changed))
+print("new functions in existing files:", ", ".join(new_sql))
 print("new library functions:", ", ".join(k for k in sorted(new_lib) if k not in old_lib))

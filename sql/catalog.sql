@@ -116,6 +116,9 @@ CREATE INDEX tenant_events_tenant_idx ON levqor.tenant_events (tenant_id, id);
 CREATE TABLE levqor.protected_tables (
     tbl            regclass PRIMARY KEY,
     tenant_column  name NOT NULL,
+    -- Set by enable_tenancy(tbl, tenant_column, scope_column): rows shared at
+    -- organization, tenant or platform scope (sql/hierarchy.sql).
+    scope_column   name,
     enabled_at     timestamptz NOT NULL DEFAULT now(),
     enabled_by     name NOT NULL DEFAULT session_user
 );

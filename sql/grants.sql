@@ -37,6 +37,8 @@ GRANT EXECUTE ON FUNCTION
     levqor._tenant_qual(name), levqor._refuse_truncate(), levqor._write_guard(),
     levqor.enable_audit(regclass), levqor._audit_row(),
     levqor.limit_rows(regclass, text, name), levqor._limit_rows(),
+    levqor.enable_tenancy(regclass, name, name), levqor._register_scope(regclass, name), levqor._scope_of(regclass),
+    levqor._scoped_select_qual(name, name), levqor._scoped_write_qual(name, name),
     levqor._row_limit_column(regclass, text, name), levqor._register_row_limit(regclass, text, name)
 TO PUBLIC;
 
@@ -97,7 +99,7 @@ TO levqor_admin;
 -- about their own context's tree only (the views filter).
 GRANT EXECUTE ON FUNCTION
     levqor.ancestors(uuid), levqor.descendants(uuid), levqor.tenant_of(uuid), levqor.accessible_orgs(uuid),
-    levqor._context_root()
+    levqor._context_root(), levqor._tenant_orgs(), levqor._context_is_platform()
 TO PUBLIC;
 GRANT SELECT ON levqor.tree, levqor.member_reach TO PUBLIC;
 
@@ -131,3 +133,5 @@ $preload$;
 ALTER FUNCTION levqor.current_tenant() LEAKPROOF;
 ALTER FUNCTION levqor.current_user_id() LEAKPROOF;
 ALTER FUNCTION levqor.current_member_role() LEAKPROOF;
+ALTER FUNCTION levqor._tenant_orgs() LEAKPROOF;
+ALTER FUNCTION levqor._context_is_platform() LEAKPROOF;

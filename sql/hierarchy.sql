@@ -167,3 +167,117 @@ BEGIN
     RETURN pid;
 END
 $fn$;
+
+-- Sharing scopes -----------------------------------------------------------
+-- enable_tenancy(tbl, tenant_column, scope_column): a row belongs to the
+-- organization in its tenant column and is shared by its scope column:
+-- 'organization' (that organization only), 'tenant' (every organization under
+-- the same tenant), 'platform' (every context; none without one). Writes stay in the writer's own
+-- organization, and only a platform's context writes platform-scope rows.
+
+-- Every node under the context's tenant (NULL without one). Evaluated once
+-- per scan where a policy compares with = ANY, so an index serves it.
+CREATE FUNCTION levqor._tenant_orgs() RETURNS uuid[]
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT array_agg(c.descendant) FROM levqor.tenant_tree c WHERE c.ancestor = levqor._context_root()
+$fn$;
+
+-- Whether the context's node is a platform.
+CREATE FUNCTION levqor._context_is_platform() RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce((SELECT t.kind = 'platform' FROM levqor.tenants t WHERE t.id = levqor.current_tenant()), false)
+$fn$;
+
+-- The policy expressions, exactly as PostgreSQL prints them back (the DDL
+-- guard compares them).
+CREATE FUNCTION levqor._scoped_select_qual(c name, scope name) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT format('((%1$I = levqor.current_tenant()) OR ((%2$I = ''platform''::text) AND (levqor.current_tenant() IS NOT NULL)) OR ((%2$I = ''tenant''::text) AND (%1$I = ANY (levqor._tenant_orgs()))))', c, scope)
+$fn$;
+
+CREATE FUNCTION levqor._scoped_write_qual(c name, scope name) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT format('((%1$I = levqor.current_tenant()) AND ((%2$I <> ''platform''::text) OR levqor._context_is_platform()))', c, scope)
+$fn$;
+
+-- Switch a protected table to scoped policies, once it carries levqor's
+-- scope check (which only its owner can add: that is the proof this needs).
+-- The three policies change together, with the DDL guard told to wait, and
+-- the result is checked before it stands.
+CREATE FUNCTION levqor._register_scope(tbl regclass, scope_column name) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    col      name;
+    problems text;
+BEGIN
+    SELECT pt.tenant_column INTO col FROM levqor.protected_tables pt WHERE pt.tbl = tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not protected by levqor', tbl USING ERRCODE = '55000';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = tbl AND k.conname = 'levqor_scope_check'
+                      AND pg_get_constraintdef(k.oid) = format('CHECK ((%I = ANY (ARRAY[''organization''::text, ''tenant''::text, ''platform''::text])))', scope_column)) THEN
+        RAISE EXCEPTION '% has no levqor scope check on %', tbl, quote_ident(scope_column) USING ERRCODE = '55000',
+            HINT = 'Call levqor.enable_tenancy(table, tenant_column, scope_column).';
+    END IF;
+    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
+    EXECUTE format('ALTER POLICY levqor_tenant_select ON %s USING (%s)', tbl, levqor._scoped_select_qual(col, scope_column));
+    EXECUTE format('ALTER POLICY levqor_tenant_insert ON %s WITH CHECK (%s)', tbl, levqor._scoped_write_qual(col, scope_column));
+    EXECUTE format('ALTER POLICY levqor_tenant_update ON %s USING (%s) WITH CHECK (%s)', tbl,
+                   levqor._tenant_qual(col), levqor._scoped_write_qual(col, scope_column));
+    DELETE FROM levqor._disabling d WHERE d.tbl = $1;
+    UPDATE levqor.protected_tables pt SET scope_column = scope_column WHERE pt.tbl = tbl;
+    SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl, true) x;
+    IF problems IS NOT NULL THEN
+        RAISE EXCEPTION 'levqor: % is not fully protected: %', tbl, problems USING ERRCODE = '55000';
+    END IF;
+    PERFORM levqor._log_event(NULL, 'tenancy_scoped', jsonb_build_object('table', tbl::text, 'scope_column', scope_column));
+END
+$fn$;
+
+CREATE FUNCTION levqor.enable_tenancy(tbl regclass, tenant_column name, scope_column name)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    typ oid;
+BEGIN
+    IF scope_column IS NULL THEN
+        RAISE EXCEPTION 'enable_tenancy: the scope column must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF levqor._scope_of(tbl) IS NOT DISTINCT FROM scope_column THEN
+        RAISE NOTICE 'levqor: % is already protected with scope column %', tbl, quote_ident(scope_column);
+        RETURN;
+    ELSIF levqor._scope_of(tbl) IS NOT NULL THEN
+        RAISE EXCEPTION '% is already scoped by another column', tbl USING ERRCODE = '55000';
+    END IF;
+    SELECT a.atttypid INTO typ FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = scope_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN %I text NOT NULL DEFAULT ''organization''', tbl, scope_column);
+    ELSIF typ <> 'text'::regtype THEN
+        RAISE EXCEPTION 'scope column %.% has type %, not text', tbl, quote_ident(scope_column), format_type(typ, NULL)
+            USING ERRCODE = '42804';
+    ELSE
+        EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT ''organization''', tbl, scope_column);
+        BEGIN
+            EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET NOT NULL', tbl, scope_column);
+        EXCEPTION WHEN not_null_violation THEN
+            RAISE EXCEPTION '% has rows without a scope', tbl USING ERRCODE = '23502',
+                HINT = format('Fill %I with organization, tenant or platform first.', scope_column);
+        END;
+    END IF;
+    PERFORM levqor.enable_tenancy(tbl, tenant_column);
+    BEGIN
+        EXECUTE format('ALTER TABLE %s ADD CONSTRAINT levqor_scope_check CHECK (%I IN (''organization'', ''tenant'', ''platform''))',
+                       tbl, scope_column);
+    EXCEPTION WHEN check_violation THEN
+        RAISE EXCEPTION '% has rows with a scope other than organization, tenant or platform', tbl
+            USING ERRCODE = '23514';
+    END;
+    PERFORM levqor._register_scope(tbl, scope_column);
+    -- Reads come in by owner (the tenant column's index, which the owner
+    -- should have) and by scope.
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (%I)', left(format('%s_%s_idx', (SELECT c.relname FROM pg_class c WHERE c.oid = tbl), scope_column), 63), tbl, scope_column);
+END
+$fn$;

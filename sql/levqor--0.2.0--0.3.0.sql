@@ -9,12 +9,19 @@
 -- 1. Catalog: tenants over their storage limit; the kind of each node of the
 --    hierarchy (a tenant with a parent becomes an organization).
 ALTER TABLE levqor.tenants ADD COLUMN storage_exceeded boolean NOT NULL DEFAULT false;
+ALTER TABLE levqor.protected_tables ADD COLUMN scope_column name;
 ALTER TABLE levqor.tenants ADD COLUMN kind text NOT NULL DEFAULT 'tenant'
     CONSTRAINT tenants_kind_check CHECK (kind IN ('platform', 'tenant', 'organization'));
 UPDATE levqor.tenants SET kind = 'organization' WHERE parent IS NOT NULL;
 ALTER TABLE levqor.tenants
     ADD CONSTRAINT tenants_platform_has_no_parent CHECK (kind <> 'platform' OR parent IS NULL),
     ADD CONSTRAINT tenants_organization_has_parent CHECK (kind <> 'organization' OR parent IS NOT NULL);
+
+-- 1b. New functions beside existing ones.
+CREATE FUNCTION levqor._scope_of(tbl regclass) RETURNS name
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT pt.scope_column FROM levqor.protected_tables pt WHERE pt.tbl = $1
+$fn$;
 
 -- 2. Changed functions.
 CREATE OR REPLACE FUNCTION levqor._audit_immutable() RETURNS trigger
@@ -102,6 +109,114 @@ BEGIN
     END LOOP;
     DELETE FROM levqor.protected_tables pt
      WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = pt.tbl);
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._tenancy_problems(tbl regclass, complete boolean)
+RETURNS SETOF text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    c        record;
+    p        record;
+    col      name;
+    scope    name;
+    fits     boolean;
+    want_cmd text;
+BEGIN
+    SELECT rel.relrowsecurity, rel.relforcerowsecurity INTO c FROM pg_class rel WHERE rel.oid = tbl;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF NOT c.relrowsecurity THEN
+        RETURN NEXT 'row level security is disabled';
+    END IF;
+    IF NOT c.relforcerowsecurity THEN
+        RETURN NEXT 'row level security is not forced (the owner would bypass it)';
+    END IF;
+    SELECT pt.tenant_column, pt.scope_column INTO col, scope FROM levqor.protected_tables pt WHERE pt.tbl = $1;
+
+    FOR p IN
+        SELECT pol.polname, pol.polcmd, pol.polpermissive,
+               pg_get_expr(pol.polqual, pol.polrelid) AS qual,
+               pg_get_expr(pol.polwithcheck, pol.polrelid) AS chk
+          FROM pg_policy pol
+         WHERE pol.polrelid = tbl
+    LOOP
+        IF p.polname LIKE 'levqor\_tenant\_%' THEN
+            IF p.polpermissive THEN
+                RETURN NEXT format('policy %I must be restrictive', p.polname);
+            END IF;
+            want_cmd := (CASE p.polname WHEN 'levqor_tenant_select' THEN 'r'
+                                        WHEN 'levqor_tenant_insert' THEN 'a'
+                                        WHEN 'levqor_tenant_update' THEN 'w'
+                                        WHEN 'levqor_tenant_delete' THEN 'd' END);
+            IF want_cmd IS NULL OR p.polcmd::text <> want_cmd THEN
+                RETURN NEXT format('policy %I applies to the wrong command', p.polname);
+            END IF;
+            -- A scoped table (sql/hierarchy.sql): reads may also reach rows
+            -- shared at tenant or platform scope (or only the tenant's own,
+            -- which is narrower); writes stay in the writer's organization
+            -- and only a platform writes platform-scope rows.
+            IF scope IS NOT NULL THEN
+                fits := CASE p.polname
+                       WHEN 'levqor_tenant_select' THEN p.chk IS NULL AND p.qual IN (levqor._tenant_qual(col),
+                                                                  levqor._scoped_select_qual(col, scope))
+                       WHEN 'levqor_tenant_insert' THEN p.qual IS NULL AND p.chk = levqor._scoped_write_qual(col, scope)
+                       WHEN 'levqor_tenant_update' THEN p.qual = levqor._tenant_qual(col)
+                                                        AND p.chk = levqor._scoped_write_qual(col, scope)
+                       WHEN 'levqor_tenant_delete' THEN p.chk IS NULL AND p.qual = levqor._tenant_qual(col)
+                       ELSE false END;
+                IF NOT coalesce(fits, false) THEN
+                    RETURN NEXT format('policy %I no longer matches the scoped protection of column %I', p.polname, scope);
+                END IF;
+                CONTINUE;
+            END IF;
+            -- The expression must be the canonical one for a real column
+            -- (the registered one, when the table is registered).
+            IF NOT EXISTS (
+                SELECT 1 FROM pg_attribute a
+                 WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+                   AND (col IS NULL OR a.attname = col)
+                   AND (p.qual IS NULL OR p.qual = levqor._tenant_qual(a.attname))
+                   AND (p.chk IS NULL OR p.chk = levqor._tenant_qual(a.attname))
+                   AND (p.polcmd <> 'w' OR (p.qual IS NOT NULL AND p.chk IS NOT NULL))
+                   AND coalesce(p.qual, p.chk) IS NOT NULL)
+            THEN
+                RETURN NEXT format('policy %I no longer compares the tenant column with levqor.current_tenant()', p.polname);
+            END IF;
+        ELSIF NOT p.polpermissive
+              AND (p.qual LIKE '%levqor.current_tenant()%' OR p.chk LIKE '%levqor.current_tenant()%')
+              AND (p.qual IS NULL OR p.qual ~ '^\(.* = levqor\.current_tenant\(\)\)$') THEN
+            -- A renamed levqor policy could later be dropped unnoticed.
+            RETURN NEXT format('policy %I looks like a renamed levqor policy', p.polname);
+        END IF;
+    END LOOP;
+
+    IF complete THEN
+        FOR p IN SELECT unnest(ARRAY['levqor_tenant_select', 'levqor_tenant_insert',
+                                     'levqor_tenant_update', 'levqor_tenant_delete']) AS polname
+        LOOP
+            IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = p.polname) THEN
+                RETURN NEXT format('policy %I is missing', p.polname);
+            END IF;
+        END LOOP;
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
+            RETURN NEXT 'the TRUNCATE guard trigger is missing';
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard') THEN
+            RETURN NEXT 'the write guard trigger is missing';
+        END IF;
+    END IF;
+    -- A trigger fires in ordinary sessions only when enabled 'O' (origin) or
+    -- 'A' (always): 'D' (disabled) and 'R' (ENABLE REPLICA) both switch it off.
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate'
+                                           AND t.tgenabled NOT IN ('O', 'A')) THEN
+        RETURN NEXT 'the TRUNCATE guard trigger is disabled';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard'
+                                           AND t.tgenabled NOT IN ('O', 'A')) THEN
+        RETURN NEXT 'the write guard trigger is disabled';
+    END IF;
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor.change_plan(tenant text, plan text, force boolean DEFAULT false) RETURNS void
@@ -237,6 +352,143 @@ BEGIN
     tenant_id := new_id;
     api_key := k.api_key;
     RETURN NEXT;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.enable_tenancy(tbl regclass, tenant_column name DEFAULT 'tenant_id')
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    rel      record;
+    col      record;
+    qual     text;
+    spec     record;
+    existing record;
+    have     boolean;
+    child    regclass;
+BEGIN
+    IF tbl IS NULL OR tenant_column IS NULL THEN
+        RAISE EXCEPTION 'enable_tenancy: table and tenant column must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF levqor._scope_of(tbl) IS NOT NULL THEN
+        RAISE EXCEPTION '% is protected with a scope column', tbl USING ERRCODE = '55000',
+            HINT = 'Call levqor.enable_tenancy(table, tenant_column, scope_column) for it.';
+    END IF;
+    SELECT c.relkind, c.relowner, n.nspname INTO rel
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '42809',
+            HINT = 'Protect the tables a view reads; create views WITH (security_invoker = true).';
+    END IF;
+    IF rel.nspname IN ('levqor', 'pg_catalog', 'information_schema') OR rel.nspname LIKE 'pg\_%' THEN
+        RAISE EXCEPTION 'cannot enable tenancy on % (system or levqor table)', tbl USING ERRCODE = '42501';
+    END IF;
+    IF NOT pg_has_role(current_user, rel.relowner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be owner of table % to enable tenancy', tbl USING ERRCODE = '42501';
+    END IF;
+
+    SELECT a.attnum, a.atttypid, a.attnotnull, a.atthasdef INTO col
+      FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = tenant_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        BEGIN
+            EXECUTE format('ALTER TABLE %s ADD COLUMN %I uuid NOT NULL DEFAULT levqor.current_tenant()',
+                           tbl, tenant_column);
+        EXCEPTION WHEN not_null_violation THEN
+            RAISE EXCEPTION '% already has rows, which belong to no tenant', tbl
+                USING ERRCODE = '23502',
+                      HINT = format('Add the column yourself and fill it (ALTER TABLE %s ADD COLUMN %I uuid; UPDATE …), then call enable_tenancy again.',
+                                    tbl, tenant_column);
+        END;
+        SELECT a.attnum, a.atttypid, a.attnotnull, a.atthasdef INTO col
+          FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = tenant_column AND NOT a.attisdropped;
+    ELSE
+        IF col.atttypid <> 'uuid'::regtype THEN
+            RAISE EXCEPTION 'column %.% has type %, not uuid', tbl, quote_ident(tenant_column),
+                format_type(col.atttypid, NULL) USING ERRCODE = '42804';
+        END IF;
+        IF NOT col.atthasdef THEN
+            EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT levqor.current_tenant()', tbl, tenant_column);
+        END IF;
+        IF NOT col.attnotnull THEN
+            BEGIN
+                EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET NOT NULL', tbl, tenant_column);
+            EXCEPTION WHEN not_null_violation THEN
+                RAISE EXCEPTION 'column %.% has NULLs: rows that belong to no tenant', tbl, quote_ident(tenant_column)
+                    USING ERRCODE = '23502', HINT = 'Assign those rows to a tenant first.';
+            END;
+        END IF;
+    END IF;
+
+    -- An index led by the tenant column, so the policy is an index condition.
+    IF NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = tbl AND i.indkey[0] = col.attnum) THEN
+        EXECUTE format('CREATE INDEX ON %s (%I)', tbl, tenant_column);
+    END IF;
+
+    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', tbl);
+    EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', tbl);
+
+    qual := levqor._tenant_qual(tenant_column);
+    FOR spec IN
+        SELECT * FROM (VALUES ('levqor_tenant_select', 'SELECT', 'r', true,  false),
+                              ('levqor_tenant_insert', 'INSERT', 'a', false, true),
+                              ('levqor_tenant_update', 'UPDATE', 'w', true,  true),
+                              ('levqor_tenant_delete', 'DELETE', 'd', true,  false))
+               AS s(polname, cmd, polcmd, has_using, has_check)
+    LOOP
+        SELECT pol.polcmd, pol.polpermissive INTO existing
+          FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = spec.polname;
+        have := FOUND;
+        IF have AND (existing.polcmd <> spec.polcmd OR existing.polpermissive) THEN
+            EXECUTE format('DROP POLICY %I ON %s', spec.polname, tbl);
+            have := false;
+        END IF;
+        IF NOT have THEN
+            EXECUTE format('CREATE POLICY %I ON %s AS RESTRICTIVE FOR %s TO PUBLIC %s %s',
+                           spec.polname, tbl, spec.cmd,
+                           CASE WHEN spec.has_using THEN 'USING ' || qual ELSE '' END,
+                           CASE WHEN spec.has_check THEN 'WITH CHECK ' || qual ELSE '' END);
+        ELSE
+            EXECUTE format('ALTER POLICY %I ON %s TO PUBLIC %s %s',
+                           spec.polname, tbl,
+                           CASE WHEN spec.has_using THEN 'USING ' || qual ELSE '' END,
+                           CASE WHEN spec.has_check THEN 'WITH CHECK ' || qual ELSE '' END);
+        END IF;
+    END LOOP;
+    IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = 'levqor_base') THEN
+        EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING (true) WITH CHECK (true)', tbl);
+    END IF;
+
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
+        EXECUTE format('CREATE TRIGGER levqor_no_truncate BEFORE TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._refuse_truncate()', tbl);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard') THEN
+        EXECUTE format('CREATE TRIGGER levqor_write_guard BEFORE INSERT OR UPDATE OR DELETE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._write_guard()', tbl);
+    END IF;
+
+    -- A unique constraint without the tenant column answers, through its
+    -- errors, whether another tenant already has a value. Warn; rewriting a
+    -- constraint others may reference is the owner's decision.
+    DECLARE
+        u record;
+    BEGIN
+        FOR u IN SELECT i.indexrelid::regclass AS idx FROM pg_index i
+                  WHERE i.indrelid = tbl AND i.indisunique AND NOT i.indisprimary
+                    AND NOT (col.attnum = ANY (i.indkey::int2[])) LOOP
+            RAISE WARNING 'levqor: unique index % on % does not include %: its errors tell one tenant what another has',
+                u.idx, tbl, quote_ident(tenant_column)
+                USING HINT = format('Make it UNIQUE (%I, …) unless the values must be unique across tenants.', tenant_column);
+        END LOOP;
+    END;
+
+    -- Partitions can be queried directly, so each one is protected too.
+    FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
+        PERFORM levqor.enable_tenancy(child, tenant_column);
+    END LOOP;
+
+    PERFORM levqor._register_protected(tbl, tenant_column);
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor.seal_audit(max_entries int DEFAULT 10000) RETURNS int
@@ -1118,6 +1370,120 @@ BEGIN
 END
 $fn$;
 
+-- Sharing scopes -----------------------------------------------------------
+-- enable_tenancy(tbl, tenant_column, scope_column): a row belongs to the
+-- organization in its tenant column and is shared by its scope column:
+-- 'organization' (that organization only), 'tenant' (every organization under
+-- the same tenant), 'platform' (every context; none without one). Writes stay in the writer's own
+-- organization, and only a platform's context writes platform-scope rows.
+
+-- Every node under the context's tenant (NULL without one). Evaluated once
+-- per scan where a policy compares with = ANY, so an index serves it.
+CREATE FUNCTION levqor._tenant_orgs() RETURNS uuid[]
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT array_agg(c.descendant) FROM levqor.tenant_tree c WHERE c.ancestor = levqor._context_root()
+$fn$;
+
+-- Whether the context's node is a platform.
+CREATE FUNCTION levqor._context_is_platform() RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce((SELECT t.kind = 'platform' FROM levqor.tenants t WHERE t.id = levqor.current_tenant()), false)
+$fn$;
+
+-- The policy expressions, exactly as PostgreSQL prints them back (the DDL
+-- guard compares them).
+CREATE FUNCTION levqor._scoped_select_qual(c name, scope name) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT format('((%1$I = levqor.current_tenant()) OR ((%2$I = ''platform''::text) AND (levqor.current_tenant() IS NOT NULL)) OR ((%2$I = ''tenant''::text) AND (%1$I = ANY (levqor._tenant_orgs()))))', c, scope)
+$fn$;
+
+CREATE FUNCTION levqor._scoped_write_qual(c name, scope name) RETURNS text
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT format('((%1$I = levqor.current_tenant()) AND ((%2$I <> ''platform''::text) OR levqor._context_is_platform()))', c, scope)
+$fn$;
+
+-- Switch a protected table to scoped policies, once it carries levqor's
+-- scope check (which only its owner can add: that is the proof this needs).
+-- The three policies change together, with the DDL guard told to wait, and
+-- the result is checked before it stands.
+CREATE FUNCTION levqor._register_scope(tbl regclass, scope_column name) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    col      name;
+    problems text;
+BEGIN
+    SELECT pt.tenant_column INTO col FROM levqor.protected_tables pt WHERE pt.tbl = tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not protected by levqor', tbl USING ERRCODE = '55000';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = tbl AND k.conname = 'levqor_scope_check'
+                      AND pg_get_constraintdef(k.oid) = format('CHECK ((%I = ANY (ARRAY[''organization''::text, ''tenant''::text, ''platform''::text])))', scope_column)) THEN
+        RAISE EXCEPTION '% has no levqor scope check on %', tbl, quote_ident(scope_column) USING ERRCODE = '55000',
+            HINT = 'Call levqor.enable_tenancy(table, tenant_column, scope_column).';
+    END IF;
+    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
+    EXECUTE format('ALTER POLICY levqor_tenant_select ON %s USING (%s)', tbl, levqor._scoped_select_qual(col, scope_column));
+    EXECUTE format('ALTER POLICY levqor_tenant_insert ON %s WITH CHECK (%s)', tbl, levqor._scoped_write_qual(col, scope_column));
+    EXECUTE format('ALTER POLICY levqor_tenant_update ON %s USING (%s) WITH CHECK (%s)', tbl,
+                   levqor._tenant_qual(col), levqor._scoped_write_qual(col, scope_column));
+    DELETE FROM levqor._disabling d WHERE d.tbl = $1;
+    UPDATE levqor.protected_tables pt SET scope_column = scope_column WHERE pt.tbl = tbl;
+    SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl, true) x;
+    IF problems IS NOT NULL THEN
+        RAISE EXCEPTION 'levqor: % is not fully protected: %', tbl, problems USING ERRCODE = '55000';
+    END IF;
+    PERFORM levqor._log_event(NULL, 'tenancy_scoped', jsonb_build_object('table', tbl::text, 'scope_column', scope_column));
+END
+$fn$;
+
+CREATE FUNCTION levqor.enable_tenancy(tbl regclass, tenant_column name, scope_column name)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    typ oid;
+BEGIN
+    IF scope_column IS NULL THEN
+        RAISE EXCEPTION 'enable_tenancy: the scope column must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF levqor._scope_of(tbl) IS NOT DISTINCT FROM scope_column THEN
+        RAISE NOTICE 'levqor: % is already protected with scope column %', tbl, quote_ident(scope_column);
+        RETURN;
+    ELSIF levqor._scope_of(tbl) IS NOT NULL THEN
+        RAISE EXCEPTION '% is already scoped by another column', tbl USING ERRCODE = '55000';
+    END IF;
+    SELECT a.atttypid INTO typ FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = scope_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        EXECUTE format('ALTER TABLE %s ADD COLUMN %I text NOT NULL DEFAULT ''organization''', tbl, scope_column);
+    ELSIF typ <> 'text'::regtype THEN
+        RAISE EXCEPTION 'scope column %.% has type %, not text', tbl, quote_ident(scope_column), format_type(typ, NULL)
+            USING ERRCODE = '42804';
+    ELSE
+        EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT ''organization''', tbl, scope_column);
+        BEGIN
+            EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET NOT NULL', tbl, scope_column);
+        EXCEPTION WHEN not_null_violation THEN
+            RAISE EXCEPTION '% has rows without a scope', tbl USING ERRCODE = '23502',
+                HINT = format('Fill %I with organization, tenant or platform first.', scope_column);
+        END;
+    END IF;
+    PERFORM levqor.enable_tenancy(tbl, tenant_column);
+    BEGIN
+        EXECUTE format('ALTER TABLE %s ADD CONSTRAINT levqor_scope_check CHECK (%I IN (''organization'', ''tenant'', ''platform''))',
+                       tbl, scope_column);
+    EXCEPTION WHEN check_violation THEN
+        RAISE EXCEPTION '% has rows with a scope other than organization, tenant or platform', tbl
+            USING ERRCODE = '23514';
+    END;
+    PERFORM levqor._register_scope(tbl, scope_column);
+    -- Reads come in by owner (the tenant column's index, which the owner
+    -- should have) and by scope.
+    EXECUTE format('CREATE INDEX IF NOT EXISTS %I ON %s (%I)', left(format('%s_%s_idx', (SELECT c.relname FROM pg_class c WHERE c.oid = tbl), scope_column), 63), tbl, scope_column);
+END
+$fn$;
+
 -- 4c. Members (sql/members.sql, new in 0.3.0).
 -- Members of a tenant or organization and their roles (docs/hierarchy.md).
 -- levqor does not log users in: the application does, and tells levqor who
@@ -1272,6 +1638,8 @@ GRANT EXECUTE ON FUNCTION
     levqor._tenant_qual(name), levqor._refuse_truncate(), levqor._write_guard(),
     levqor.enable_audit(regclass), levqor._audit_row(),
     levqor.limit_rows(regclass, text, name), levqor._limit_rows(),
+    levqor.enable_tenancy(regclass, name, name), levqor._register_scope(regclass, name), levqor._scope_of(regclass),
+    levqor._scoped_select_qual(name, name), levqor._scoped_write_qual(name, name),
     levqor._row_limit_column(regclass, text, name), levqor._register_row_limit(regclass, text, name)
 TO PUBLIC;
 
@@ -1332,7 +1700,7 @@ TO levqor_admin;
 -- about their own context's tree only (the views filter).
 GRANT EXECUTE ON FUNCTION
     levqor.ancestors(uuid), levqor.descendants(uuid), levqor.tenant_of(uuid), levqor.accessible_orgs(uuid),
-    levqor._context_root()
+    levqor._context_root(), levqor._tenant_orgs(), levqor._context_is_platform()
 TO PUBLIC;
 GRANT SELECT ON levqor.tree, levqor.member_reach TO PUBLIC;
 
@@ -1354,3 +1722,5 @@ GRANT SELECT (key_id, tenant_id, role, user_id, label, created_at, created_by, e
 ALTER FUNCTION levqor.current_tenant() LEAKPROOF;
 ALTER FUNCTION levqor.current_user_id() LEAKPROOF;
 ALTER FUNCTION levqor.current_member_role() LEAKPROOF;
+ALTER FUNCTION levqor._tenant_orgs() LEAKPROOF;
+ALTER FUNCTION levqor._context_is_platform() LEAKPROOF;

@@ -19,6 +19,12 @@ LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
     SELECT pg_catalog.format('(%I = levqor.current_tenant())', c)
 $fn$;
 
+-- The scope column a protected table was registered with (NULL: none).
+CREATE FUNCTION levqor._scope_of(tbl regclass) RETURNS name
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT pt.scope_column FROM levqor.protected_tables pt WHERE pt.tbl = $1
+$fn$;
+
 CREATE FUNCTION levqor._refuse_truncate() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
@@ -39,6 +45,8 @@ DECLARE
     c        record;
     p        record;
     col      name;
+    scope    name;
+    fits     boolean;
     want_cmd text;
 BEGIN
     SELECT rel.relrowsecurity, rel.relforcerowsecurity INTO c FROM pg_class rel WHERE rel.oid = tbl;
@@ -51,7 +59,7 @@ BEGIN
     IF NOT c.relforcerowsecurity THEN
         RETURN NEXT 'row level security is not forced (the owner would bypass it)';
     END IF;
-    SELECT pt.tenant_column INTO col FROM levqor.protected_tables pt WHERE pt.tbl = $1;
+    SELECT pt.tenant_column, pt.scope_column INTO col, scope FROM levqor.protected_tables pt WHERE pt.tbl = $1;
 
     FOR p IN
         SELECT pol.polname, pol.polcmd, pol.polpermissive,
@@ -70,6 +78,24 @@ BEGIN
                                         WHEN 'levqor_tenant_delete' THEN 'd' END);
             IF want_cmd IS NULL OR p.polcmd::text <> want_cmd THEN
                 RETURN NEXT format('policy %I applies to the wrong command', p.polname);
+            END IF;
+            -- A scoped table (sql/hierarchy.sql): reads may also reach rows
+            -- shared at tenant or platform scope (or only the tenant's own,
+            -- which is narrower); writes stay in the writer's organization
+            -- and only a platform writes platform-scope rows.
+            IF scope IS NOT NULL THEN
+                fits := CASE p.polname
+                       WHEN 'levqor_tenant_select' THEN p.chk IS NULL AND p.qual IN (levqor._tenant_qual(col),
+                                                                  levqor._scoped_select_qual(col, scope))
+                       WHEN 'levqor_tenant_insert' THEN p.qual IS NULL AND p.chk = levqor._scoped_write_qual(col, scope)
+                       WHEN 'levqor_tenant_update' THEN p.qual = levqor._tenant_qual(col)
+                                                        AND p.chk = levqor._scoped_write_qual(col, scope)
+                       WHEN 'levqor_tenant_delete' THEN p.chk IS NULL AND p.qual = levqor._tenant_qual(col)
+                       ELSE false END;
+                IF NOT coalesce(fits, false) THEN
+                    RETURN NEXT format('policy %I no longer matches the scoped protection of column %I', p.polname, scope);
+                END IF;
+                CONTINUE;
             END IF;
             -- The expression must be the canonical one for a real column
             -- (the registered one, when the table is registered).
@@ -161,6 +187,10 @@ DECLARE
 BEGIN
     IF tbl IS NULL OR tenant_column IS NULL THEN
         RAISE EXCEPTION 'enable_tenancy: table and tenant column must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF levqor._scope_of(tbl) IS NOT NULL THEN
+        RAISE EXCEPTION '% is protected with a scope column', tbl USING ERRCODE = '55000',
+            HINT = 'Call levqor.enable_tenancy(table, tenant_column, scope_column) for it.';
     END IF;
     SELECT c.relkind, c.relowner, n.nspname INTO rel
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;

@@ -248,3 +248,100 @@ fn viewers_and_auditors_read_but_never_write() {
     tx.execute(&format!("INSERT INTO {table} (body) VALUES ('by operator')"), &[]).unwrap();
     tx.commit().unwrap();
 }
+
+fn as_node<R>(s: &mut Client, slug: &str, f: impl FnOnce(&mut postgres::Transaction<'_>) -> R) -> R {
+    let mut tx = s.transaction().unwrap();
+    tx.execute("SELECT levqor.set_tenant($1)", &[&slug]).unwrap();
+    let r = f(&mut tx);
+    tx.commit().unwrap();
+    r
+}
+
+fn names(tx: &mut postgres::Transaction<'_>, table: &str) -> Vec<String> {
+    tx.query(&format!("SELECT name FROM {table} ORDER BY name"), &[]).unwrap().iter().map(|r| r.get(0)).collect()
+}
+
+/// The seed's examples: a Novartis user cannot see Pfizer-only agents, sees
+/// pharma-wide ones and platform ones; nobody outside pharma sees pharma's.
+#[test]
+fn scoped_rows_are_shared_as_the_seed_says() {
+    let t = tree();
+    let other = tree();
+    let table = unique("agents");
+    superuser()
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id bigserial PRIMARY KEY, name text NOT NULL, owner_org uuid NOT NULL,
+                                   sharing_scope text NOT NULL DEFAULT 'organization');
+             CREATE INDEX ON {table} (owner_org);
+             SELECT levqor.enable_tenancy('{table}', 'owner_org', 'sharing_scope');
+             GRANT SELECT, INSERT, UPDATE, DELETE ON {table} TO {SERVER}, {APP};
+             GRANT USAGE ON SEQUENCE {table}_id_seq TO {SERVER};"
+        ))
+        .unwrap();
+    let platform_slug: String =
+        admin().query_one("SELECT slug FROM levqor.tenants WHERE id = $1", &[&t.platform]).unwrap().get(0);
+    let mut s = server();
+    let insert = |tx: &mut postgres::Transaction<'_>, name: &str, scope: &str| {
+        tx.execute(&format!("INSERT INTO {table} (name, sharing_scope) VALUES ($1, $2)"), &[&name, &scope]).map(|_| ())
+    };
+    as_node(&mut s, &t.novartis.slug, |tx| insert(tx, "novartis ra agent", "organization").unwrap());
+    as_node(&mut s, &t.pfizer.slug, |tx| {
+        insert(tx, "pfizer only agent", "organization").unwrap();
+        insert(tx, "pharma wide agent", "tenant").unwrap();
+    });
+    as_node(&mut s, &platform_slug, |tx| insert(tx, "platform agent", "platform").unwrap());
+    as_node(&mut s, &other.novartis.slug, |tx| insert(tx, "other tenant agent", "tenant").unwrap());
+
+    assert_eq!(
+        as_node(&mut s, &t.novartis.slug, |tx| names(tx, &table)),
+        ["novartis ra agent", "pharma wide agent", "platform agent"]
+    );
+    assert_eq!(
+        as_node(&mut s, &t.pfizer.slug, |tx| names(tx, &table)),
+        ["pfizer only agent", "pharma wide agent", "platform agent"]
+    );
+    // novartis-ra sits under novartis: tenant scope reaches it, organization scope does not.
+    assert_eq!(as_node(&mut s, &t.ra.slug, |tx| names(tx, &table)), ["pharma wide agent", "platform agent"]);
+    assert_eq!(
+        as_node(&mut s, &other.pfizer.slug, |tx| names(tx, &table)),
+        ["other tenant agent", "platform agent"]
+    );
+    let mut c = app();
+    assert!(names(&mut c.transaction().unwrap(), &table).is_empty(), "no context: nothing");
+
+    // Writes stay in the writer's organization; only a platform publishes to everyone.
+    let mut tx = s.transaction().unwrap();
+    tx.execute("SELECT levqor.set_tenant($1)", &[&t.novartis.slug]).unwrap();
+    tx.batch_execute("SAVEPOINT s").unwrap();
+    assert_eq!(sqlstate(insert(&mut tx, "to everyone", "platform")), "42501");
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    assert_eq!(
+        sqlstate(tx.execute(&format!("INSERT INTO {table} (name, owner_org) VALUES ('as pfizer', $1)"), &[&t.pfizer.id])),
+        "42501"
+    );
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    assert_eq!(sqlstate(insert(&mut tx, "bogus scope", "galaxy")), "23514");
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    let changed = tx.execute(&format!("UPDATE {table} SET name = 'mine now' WHERE name = 'pharma wide agent'"), &[]).unwrap();
+    assert_eq!(changed, 0, "a shared row is read, not written, by other organizations");
+    assert_eq!(
+        sqlstate(tx.execute(&format!("UPDATE {table} SET sharing_scope = 'platform' WHERE name = 'novartis ra agent'"), &[])),
+        "42501"
+    );
+    drop(tx);
+
+    // The owner cannot quietly drop the scope rules.
+    let mut su = superuser();
+    assert_eq!(
+        sqlstate(su.batch_execute(&format!(
+            "ALTER POLICY levqor_tenant_insert ON {table} WITH CHECK (owner_org = levqor.current_tenant())"
+        ))),
+        "42501"
+    );
+    assert_eq!(
+        sqlstate(su.batch_execute(&format!("ALTER POLICY levqor_tenant_select ON {table} USING (true)"))),
+        "42501"
+    );
+    assert_eq!(sqlstate(su.execute(&format!("SELECT levqor.enable_tenancy('{table}', 'owner_org')"), &[])), "55000");
+    assert!(su.query("SELECT * FROM levqor.isolation_report() WHERE object = $1", &[&table]).unwrap().is_empty());
+}
