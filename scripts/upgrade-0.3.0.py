@@ -35,17 +35,18 @@ def library_functions(s):
 quota = open('sql/quota.sql').read()
 hierarchy = open('sql/hierarchy.sql').read()
 members = open('sql/members.sql').read()
+policy = open('sql/policy.sql').read()
 a, b = blocks(old), blocks(new)
 changed = sorted(k for k in a if k in b and a[k] != b[k])
 # New functions in files that 0.2.0 already had (the new files come whole).
-new_sql = sorted(k for k in b if k not in a and not any(b[k] in f for f in (quota, hierarchy, members)))
+new_sql = sorted(k for k in b if k not in a and not any(b[k] in f for f in (quota, hierarchy, members, policy)))
 old_lib, new_lib = library_functions(old), library_functions(new)
 added_lib = [new_lib[k] for k in sorted(new_lib) if k not in old_lib]
 
 out = ["""-- levqor 0.2.0 -> 0.3.0 (assembled by scripts/upgrade-0.3.0.py)
 --
 -- 0.3.0 adds plan quotas (consume(), row limits, storage limits, the usage
--- view, threshold events, the billing ledger), the organisation hierarchy and members. Run by ALTER EXTENSION
+-- view, threshold events, the billing ledger), the organisation hierarchy, members and the policy engine. Run by ALTER EXTENSION
 -- levqor UPDATE; tests/e2e/tests/upgrade.rs checks that the result is the
 -- same catalog as a fresh 0.3.0 install, with data kept. Install the 0.3.0
 -- library first and restart (quotas need levqor in shared_preload_libraries).
@@ -81,6 +82,7 @@ out.append("\n\n".join(added_lib) + "\n")
 out.append("\n-- 4. Quotas (sql/quota.sql, new in 0.3.0).\n" + quota)
 out.append("\n-- 4b. The hierarchy (sql/hierarchy.sql, new in 0.3.0).\n" + hierarchy)
 out.append("\n-- 4c. Members (sql/members.sql, new in 0.3.0).\n" + members)
+out.append("\n-- 4d. The policy engine (sql/policy.sql, new in 0.3.0).\n" + policy)
 g = open('sql/grants.sql').read()
 triggers = g[g.index("-- ... and so do changes to what quotas are measured against."):g.index("REVOKE ALL ON ALL TABLES")]
 out.append("\n-- 5. Quota catalog changes reach every backend's cache.\n" + triggers)

@@ -92,18 +92,24 @@ GRANT EXECUTE ON FUNCTION
     levqor.move_tenant(text, text),
     levqor.add_member(text, uuid, text, text),
     levqor.set_member_role(text, uuid, text),
-    levqor.remove_member(text, uuid)
+    levqor.remove_member(text, uuid),
+    levqor.put_policy(text, text),
+    levqor.drop_policy(text)
 TO levqor_admin;
+
+-- The policy engine answers for the caller's own context.
+GRANT EXECUTE ON FUNCTION levqor.authorize(text, text), levqor.explain(text, text) TO PUBLIC;
 
 -- The hierarchy helpers answer a levqor_admin about any node and anyone else
 -- about their own context's tree only (the views filter).
 GRANT EXECUTE ON FUNCTION
     levqor.ancestors(uuid), levqor.descendants(uuid), levqor.tenant_of(uuid), levqor.accessible_orgs(uuid),
-    levqor._context_root(), levqor._tenant_orgs(), levqor._context_is_platform()
+    levqor._context_root(), levqor._tenant_orgs(), levqor._context_is_platform(), levqor._caller_is_admin(),
+    levqor._visible_node(uuid)
 TO PUBLIC;
 GRANT SELECT ON levqor.tree, levqor.member_reach TO PUBLIC;
 
-GRANT SELECT ON levqor.plans, levqor.metrics TO levqor_app, levqor_admin;
+GRANT SELECT ON levqor.plans, levqor.metrics, levqor.policies TO levqor_app, levqor_admin;
 GRANT SELECT ON levqor.quota_overrides, levqor.row_limits, levqor.usage_counters, levqor.usage_ledger,
     levqor.ledger_cursors, levqor.quota_alerts, levqor.tenant_tree, levqor.members TO levqor_admin;
 -- The audit log: row level security shows tenants their own trail (auditor,

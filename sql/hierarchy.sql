@@ -113,28 +113,42 @@ SELECT c.ancestor, a.slug AS ancestor_slug, a.kind AS ancestor_kind,
     OR EXISTS (SELECT 1 FROM levqor.tenant_tree r
                 WHERE r.ancestor = (SELECT levqor._context_root()) AND r.descendant = c.ancestor);
 
--- The nodes above `node`, nearest first (itself excluded).
+-- Whether the caller may ask about `node`: a levqor_admin about any, anyone
+-- else about the nodes of their context's tenant.
+CREATE FUNCTION levqor._visible_node(node uuid) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT levqor._caller_is_admin()
+        OR EXISTS (SELECT 1 FROM levqor.tenant_tree r WHERE r.ancestor = levqor._context_root() AND r.descendant = $1)
+$fn$;
+
+-- The nodes above `node`, nearest first (itself excluded; for anyone but a
+-- levqor_admin, not the platform above their tenant).
 CREATE FUNCTION levqor.ancestors(node uuid)
 RETURNS TABLE (id uuid, slug text, kind text, depth integer)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT t.ancestor, t.ancestor_slug, t.ancestor_kind, t.depth
-      FROM levqor.tree t WHERE t.descendant = $1 AND t.depth > 0
-     ORDER BY t.depth
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.id, t.slug, t.kind, c.depth
+      FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.ancestor
+     WHERE c.descendant = $1 AND c.depth > 0 AND (SELECT levqor._visible_node($1))
+       AND (t.kind <> 'platform' OR (SELECT levqor._caller_is_admin()))
+     ORDER BY c.depth
 $fn$;
 
 -- The nodes below `node`, nearest first (itself excluded).
 CREATE FUNCTION levqor.descendants(node uuid)
 RETURNS TABLE (id uuid, slug text, kind text, depth integer)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT t.descendant, t.descendant_slug, t.descendant_kind, t.depth
-      FROM levqor.tree t WHERE t.ancestor = $1 AND t.depth > 0
-     ORDER BY t.depth, t.descendant_slug
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.id, t.slug, t.kind, c.depth
+      FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.descendant
+     WHERE c.ancestor = $1 AND c.depth > 0 AND (SELECT levqor._visible_node($1))
+     ORDER BY c.depth, t.slug
 $fn$;
 
 -- The tenant at or above `node` (NULL for a platform).
 CREATE FUNCTION levqor.tenant_of(node uuid) RETURNS uuid
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT t.ancestor FROM levqor.tree t WHERE t.descendant = $1 AND t.ancestor_kind = 'tenant'
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT c.ancestor
+      FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.ancestor AND t.kind = 'tenant'
+     WHERE c.descendant = $1 AND (SELECT levqor._visible_node($1))
 $fn$;
 
 -- Move a node (and everything under it) to a new parent. A levqor_admin.
@@ -175,8 +189,9 @@ $fn$;
 -- the same tenant), 'platform' (every context; none without one). Writes stay in the writer's own
 -- organization, and only a platform's context writes platform-scope rows.
 
--- Every node under the context's tenant (NULL without one). Evaluated once
--- per scan where a policy compares with = ANY, so an index serves it.
+-- Every node under the context's tenant (NULL without one). The policy
+-- calls it in a scalar subquery: evaluated once per statement, and the
+-- = ANY comparison an index condition.
 CREATE FUNCTION levqor._tenant_orgs() RETURNS uuid[]
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT array_agg(c.descendant) FROM levqor.tenant_tree c WHERE c.ancestor = levqor._context_root()
@@ -192,7 +207,7 @@ $fn$;
 -- guard compares them).
 CREATE FUNCTION levqor._scoped_select_qual(c name, scope name) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT format('((%1$I = levqor.current_tenant()) OR ((%2$I = ''platform''::text) AND (levqor.current_tenant() IS NOT NULL)) OR ((%2$I = ''tenant''::text) AND (%1$I = ANY (levqor._tenant_orgs()))))', c, scope)
+    SELECT format('((%1$I = levqor.current_tenant()) OR ((%2$I = ''platform''::text) AND (levqor.current_tenant() IS NOT NULL)) OR ((%2$I = ''tenant''::text) AND (%1$I = ANY (( SELECT levqor._tenant_orgs() AS _tenant_orgs)::uuid[]))))', c, scope)
 $fn$;
 
 CREATE FUNCTION levqor._scoped_write_qual(c name, scope name) RETURNS text

@@ -1,7 +1,7 @@
 -- levqor 0.2.0 -> 0.3.0 (assembled by scripts/upgrade-0.3.0.py)
 --
 -- 0.3.0 adds plan quotas (consume(), row limits, storage limits, the usage
--- view, threshold events, the billing ledger), the organisation hierarchy and members. Run by ALTER EXTENSION
+-- view, threshold events, the billing ledger), the organisation hierarchy, members and the policy engine. Run by ALTER EXTENSION
 -- levqor UPDATE; tests/e2e/tests/upgrade.rs checks that the result is the
 -- same catalog as a fresh 0.3.0 install, with data kept. Install the 0.3.0
 -- library first and restart (quotas need levqor in shared_preload_libraries).
@@ -583,6 +583,13 @@ CREATE TRIGGER levqor_audit_no_delete BEFORE DELETE ON levqor.audit_log
 DELETE FROM levqor._disabling WHERE tbl = 'levqor.audit_log'::regclass;
 
 -- 3. New functions in the library.
+-- src/privilege.rs:78
+-- levqor::privilege::_caller_is_admin
+CREATE  FUNCTION "_caller_is_admin"() RETURNS bool /* bool */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_caller_is_admin_wrapper';
+
 -- src/audit.rs:216
 -- levqor::audit::_chain_hashes
 CREATE  FUNCTION "_chain_hashes"(
@@ -593,6 +600,15 @@ CREATE  FUNCTION "_chain_hashes"(
 IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_chain_hashes_wrapper';
+
+-- src/context.rs:345
+-- levqor::context::_first_deny
+CREATE  FUNCTION "_first_deny"(
+	"key" TEXT /* & str */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_first_deny_wrapper';
 
 -- src/quota.rs:340
 -- levqor::quota::_limit_rows
@@ -1315,28 +1331,42 @@ SELECT c.ancestor, a.slug AS ancestor_slug, a.kind AS ancestor_kind,
     OR EXISTS (SELECT 1 FROM levqor.tenant_tree r
                 WHERE r.ancestor = (SELECT levqor._context_root()) AND r.descendant = c.ancestor);
 
--- The nodes above `node`, nearest first (itself excluded).
+-- Whether the caller may ask about `node`: a levqor_admin about any, anyone
+-- else about the nodes of their context's tenant.
+CREATE FUNCTION levqor._visible_node(node uuid) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT levqor._caller_is_admin()
+        OR EXISTS (SELECT 1 FROM levqor.tenant_tree r WHERE r.ancestor = levqor._context_root() AND r.descendant = $1)
+$fn$;
+
+-- The nodes above `node`, nearest first (itself excluded; for anyone but a
+-- levqor_admin, not the platform above their tenant).
 CREATE FUNCTION levqor.ancestors(node uuid)
 RETURNS TABLE (id uuid, slug text, kind text, depth integer)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT t.ancestor, t.ancestor_slug, t.ancestor_kind, t.depth
-      FROM levqor.tree t WHERE t.descendant = $1 AND t.depth > 0
-     ORDER BY t.depth
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.id, t.slug, t.kind, c.depth
+      FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.ancestor
+     WHERE c.descendant = $1 AND c.depth > 0 AND (SELECT levqor._visible_node($1))
+       AND (t.kind <> 'platform' OR (SELECT levqor._caller_is_admin()))
+     ORDER BY c.depth
 $fn$;
 
 -- The nodes below `node`, nearest first (itself excluded).
 CREATE FUNCTION levqor.descendants(node uuid)
 RETURNS TABLE (id uuid, slug text, kind text, depth integer)
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT t.descendant, t.descendant_slug, t.descendant_kind, t.depth
-      FROM levqor.tree t WHERE t.ancestor = $1 AND t.depth > 0
-     ORDER BY t.depth, t.descendant_slug
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.id, t.slug, t.kind, c.depth
+      FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.descendant
+     WHERE c.ancestor = $1 AND c.depth > 0 AND (SELECT levqor._visible_node($1))
+     ORDER BY c.depth, t.slug
 $fn$;
 
 -- The tenant at or above `node` (NULL for a platform).
 CREATE FUNCTION levqor.tenant_of(node uuid) RETURNS uuid
-LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT t.ancestor FROM levqor.tree t WHERE t.descendant = $1 AND t.ancestor_kind = 'tenant'
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT c.ancestor
+      FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.ancestor AND t.kind = 'tenant'
+     WHERE c.descendant = $1 AND (SELECT levqor._visible_node($1))
 $fn$;
 
 -- Move a node (and everything under it) to a new parent. A levqor_admin.
@@ -1377,8 +1407,9 @@ $fn$;
 -- the same tenant), 'platform' (every context; none without one). Writes stay in the writer's own
 -- organization, and only a platform's context writes platform-scope rows.
 
--- Every node under the context's tenant (NULL without one). Evaluated once
--- per scan where a policy compares with = ANY, so an index serves it.
+-- Every node under the context's tenant (NULL without one). The policy
+-- calls it in a scalar subquery: evaluated once per statement, and the
+-- = ANY comparison an index condition.
 CREATE FUNCTION levqor._tenant_orgs() RETURNS uuid[]
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT array_agg(c.descendant) FROM levqor.tenant_tree c WHERE c.ancestor = levqor._context_root()
@@ -1394,7 +1425,7 @@ $fn$;
 -- guard compares them).
 CREATE FUNCTION levqor._scoped_select_qual(c name, scope name) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT format('((%1$I = levqor.current_tenant()) OR ((%2$I = ''platform''::text) AND (levqor.current_tenant() IS NOT NULL)) OR ((%2$I = ''tenant''::text) AND (%1$I = ANY (levqor._tenant_orgs()))))', c, scope)
+    SELECT format('((%1$I = levqor.current_tenant()) OR ((%2$I = ''platform''::text) AND (levqor.current_tenant() IS NOT NULL)) OR ((%2$I = ''tenant''::text) AND (%1$I = ANY (( SELECT levqor._tenant_orgs() AS _tenant_orgs)::uuid[]))))', c, scope)
 $fn$;
 
 CREATE FUNCTION levqor._scoped_write_qual(c name, scope name) RETURNS text
@@ -1604,6 +1635,225 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT DISTINCT r.tenant_id FROM levqor.member_reach r WHERE r.user_id = $1
 $fn$;
 
+-- 4d. The policy engine (sql/policy.sql, new in 0.3.0).
+-- The policy engine (docs/policy.md): may the current context do `action`
+-- to `resource`? Decided from the tenant's plan (its features), the member
+-- role in the context, and JSON policy documents; default deny; every deny
+-- recorded.
+
+CREATE TABLE levqor.policies (
+    name       text PRIMARY KEY CONSTRAINT policies_name_format CHECK (name ~ '^[a-z0-9][a-z0-9_.-]{0,62}$'),
+    document   jsonb NOT NULL,
+    builtin    boolean NOT NULL DEFAULT false,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    updated_by name NOT NULL DEFAULT session_user
+);
+SELECT pg_catalog.pg_extension_config_dump('levqor.policies', 'WHERE NOT builtin');
+
+-- Where a document is wrong, as "$.path: what", or NULL when it is right.
+-- A document: {"effect": "allow"|"deny", "actions": [pattern, …],
+-- "resources": [pattern, …], "roles": [role, …], "features": [feature, …],
+-- "plans": [plan, …], "description": text}; effect and actions required;
+-- a pattern is text where * matches anything.
+CREATE FUNCTION levqor._policy_error(doc jsonb) RETURNS text
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    k   text;
+    v   jsonb;
+    i   int;
+BEGIN
+    IF jsonb_typeof(doc) IS DISTINCT FROM 'object' THEN
+        RETURN '$: expected an object';
+    END IF;
+    FOR k, v IN SELECT e.key, e.value FROM jsonb_each(doc) e LOOP
+        CASE k
+        WHEN 'effect' THEN
+            IF v NOT IN ('"allow"', '"deny"') THEN
+                RETURN '$.effect: expected "allow" or "deny"';
+            END IF;
+        WHEN 'description' THEN
+            IF jsonb_typeof(v) <> 'string' THEN
+                RETURN '$.description: expected a string';
+            END IF;
+        WHEN 'actions', 'resources', 'roles', 'features', 'plans' THEN
+            IF jsonb_typeof(v) <> 'array' OR jsonb_array_length(v) = 0 THEN
+                RETURN format('$.%s: expected a non-empty array of strings', k);
+            END IF;
+            FOR i IN 0 .. jsonb_array_length(v) - 1 LOOP
+                IF jsonb_typeof(v -> i) <> 'string' OR length(v ->> i) NOT BETWEEN 1 AND 200 THEN
+                    RETURN format('$.%s[%s]: expected a string of 1 to 200 characters', k, i);
+                END IF;
+                IF k = 'roles' AND (v ->> i) NOT IN ('owner', 'admin', 'operator', 'auditor', 'viewer') THEN
+                    RETURN format('$.roles[%s]: unknown member role "%s"', i, v ->> i);
+                END IF;
+            END LOOP;
+        ELSE
+            RETURN format('$.%s: unknown key', k);
+        END CASE;
+    END LOOP;
+    IF NOT doc ? 'effect' THEN
+        RETURN '$.effect: missing';
+    END IF;
+    IF NOT doc ? 'actions' THEN
+        RETURN '$.actions: missing';
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE FUNCTION levqor._check_policy() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    problem text := levqor._policy_error(NEW.document);
+BEGIN
+    IF problem IS NOT NULL THEN
+        RAISE EXCEPTION 'invalid policy %: %', NEW.name, problem USING ERRCODE = '22023',
+            HINT = 'docs/policy.md describes a policy document.';
+    END IF;
+    RETURN NEW;
+END
+$fn$;
+CREATE TRIGGER levqor_check_policy BEFORE INSERT OR UPDATE ON levqor.policies
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_policy();
+
+-- The v8 spec's policies.json, as documents: features come with plans,
+-- owners and admins administer, viewers and auditors never change anything.
+INSERT INTO levqor.policies (name, document, builtin) VALUES
+  ('default-read-docs', '{"effect": "allow", "actions": ["read:docs"], "description": "Anyone in a tenant reads the docs."}', true),
+  ('default-deny-admin', '{"effect": "deny", "actions": ["admin:*"], "roles": ["operator", "auditor", "viewer"], "description": "Administration is for owners and admins."}', true),
+  ('owners-administer', '{"effect": "allow", "actions": ["admin:*"], "roles": ["owner", "admin"], "description": "Owners and admins administer their tenant."}', true),
+  ('read-only-roles', '{"effect": "deny", "actions": ["*:create", "*:update", "*:delete", "*:write", "*:install", "*:buy"], "roles": ["auditor", "viewer"], "description": "Viewers and auditors change nothing."}', true),
+  ('auditors-read-audit', '{"effect": "allow", "actions": ["audit:read"], "roles": ["owner", "admin", "auditor"], "description": "The audit trail is for owners, admins and auditors."}', true),
+  ('feature-templates', '{"effect": "allow", "actions": ["templates:*"], "features": ["templates"], "description": "Plans with templates use them."}', true),
+  ('feature-packs', '{"effect": "allow", "actions": ["packs:*"], "features": ["packs"], "description": "Plans with packs use them."}', true),
+  ('feature-marketplace', '{"effect": "allow", "actions": ["marketplace:*"], "features": ["marketplace"], "description": "Plans with the marketplace use it."}', true),
+  ('feature-sso', '{"effect": "allow", "actions": ["sso:*"], "roles": ["owner", "admin"], "features": ["sso"], "description": "Plans with SSO configure it (owners and admins)."}', true),
+  ('feature-rbac', '{"effect": "allow", "actions": ["rbac:*"], "roles": ["owner", "admin"], "features": ["rbac"], "description": "Plans with RBAC manage roles (owners and admins)."}', true),
+  ('feature-audit-stream', '{"effect": "allow", "actions": ["audit_stream:*"], "roles": ["owner", "admin"], "features": ["audit_stream"], "description": "Plans with audit streaming configure it."}', true),
+  ('feature-db-per-tenant', '{"effect": "allow", "actions": ["db_per_tenant:*"], "roles": ["owner", "admin"], "features": ["db_per_tenant"], "description": "Plans with a database per tenant request one."}', true);
+
+-- Whether `value` matches one of the patterns (* matches anything).
+CREATE FUNCTION levqor._matches(patterns jsonb, value text) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT 1 FROM jsonb_array_elements_text($1) AS p(pattern)
+                    WHERE $2 LIKE replace(replace(replace(replace(p.pattern, '\', '\\'), '%', '\%'), '_', '\_'), '*', '%'))
+$fn$;
+
+-- The decision for a tenant, role, action and resource: a matching deny
+-- wins, else a matching allow, else the default deny. The rule that decided
+-- and why, in words.
+CREATE FUNCTION levqor._decide(tenant uuid, role text, action text, resource text)
+RETURNS TABLE (allowed boolean, rule text, rationale text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    WITH ctx AS (
+        SELECT t.plan, p.features FROM levqor.tenants t JOIN levqor.plans p ON p.name = t.plan WHERE t.id = $1
+    ), matching AS (
+        SELECT po.name, po.document ->> 'effect' AS effect, po.document
+          FROM levqor.policies po, ctx
+         WHERE levqor._matches(po.document -> 'actions', $3)
+           AND levqor._matches(coalesce(po.document -> 'resources', '["*"]'), coalesce($4, '*'))
+           AND (NOT po.document ? 'roles' OR po.document -> 'roles' ? coalesce($2, ''))
+           AND (NOT po.document ? 'features'
+                OR ARRAY(SELECT jsonb_array_elements_text(po.document -> 'features')) <@ ctx.features)
+           AND (NOT po.document ? 'plans' OR po.document -> 'plans' ? ctx.plan)
+    ), decided AS (
+        SELECT m.effect = 'allow' AS allowed, m.name AS rule,
+               format('policy %s %ss %s on %s%s%s', m.name, m.effect, $3, coalesce($4, '*'),
+                      CASE WHEN $2 IS NULL THEN ' (no member role)' ELSE format(' for role %s', $2) END,
+                      CASE WHEN m.document ? 'features' THEN format(' (plan %s has %s)', ctx.plan,
+                           (SELECT string_agg(f, ', ') FROM jsonb_array_elements_text(m.document -> 'features') f)) ELSE '' END)
+               AS rationale
+          FROM matching m, ctx
+         ORDER BY m.effect = 'deny' DESC, m.name
+         LIMIT 1
+    )
+    SELECT d.allowed, d.rule, d.rationale FROM decided d
+    UNION ALL
+    SELECT false, 'default-deny',
+           CASE WHEN NOT EXISTS (SELECT 1 FROM ctx) THEN 'no tenant context: everything is denied'
+                ELSE format('no policy allows %s on %s for %s on plan %s', $3, coalesce($4, '*'),
+                            coalesce('role ' || $2, 'a context without a member role'), (SELECT ctx.plan FROM ctx)) END
+     WHERE NOT EXISTS (SELECT 1 FROM decided)
+$fn$;
+
+-- The decision with its reasons, for the current context. Records nothing.
+CREATE FUNCTION levqor.explain(action text, resource text DEFAULT '*') RETURNS jsonb
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT jsonb_build_object('allowed', d.allowed, 'rule', d.rule, 'rationale', d.rationale,
+                              'action', $1, 'resource', $2, 'tenant_id', levqor.current_tenant(),
+                              'user_id', levqor.current_user_id(), 'member_role', levqor.current_member_role())
+      FROM levqor._decide(levqor.current_tenant(), levqor.current_member_role(), $1, $2) d
+$fn$;
+
+-- Record a deny once per transaction and (action, resource), in the audit
+-- log; a read-only transaction cannot write, so there it goes to the server
+-- log instead.
+CREATE FUNCTION levqor._record_deny(action text, resource text, rule text, rationale text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    detail jsonb := jsonb_build_object('action', action, 'resource', resource, 'rule', rule, 'rationale', rationale,
+                                       'user_id', levqor.current_user_id(), 'member_role', levqor.current_member_role());
+BEGIN
+    IF NOT levqor._first_deny(coalesce(action, '') || chr(1) || coalesce(resource, '')) THEN
+        RETURN;
+    END IF;
+    IF current_setting('transaction_read_only') = 'on' THEN
+        RAISE LOG 'levqor: policy_denied %', detail::text;
+    ELSE
+        PERFORM levqor._log_event(levqor.current_tenant(), 'policy_denied', detail);
+    END IF;
+END
+$fn$;
+
+-- May the current context do `action` to `resource`? Usable from the
+-- application, in triggers and in RLS policies. (Volatile: a deny writes.)
+CREATE FUNCTION levqor.authorize(action text, resource text DEFAULT '*') RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    d record;
+BEGIN
+    SELECT * INTO d FROM levqor._decide(levqor.current_tenant(), levqor.current_member_role(), action, resource);
+    IF NOT d.allowed THEN
+        PERFORM levqor._record_deny(action, resource, d.rule, d.rationale);
+    END IF;
+    RETURN d.allowed;
+END
+$fn$;
+
+-- Write or replace a policy (levqor_admin). The document is text so that a
+-- malformed one is refused with a clear message.
+CREATE FUNCTION levqor.put_policy(name text, document text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    doc jsonb;
+BEGIN
+    BEGIN
+        doc := document::jsonb;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RAISE EXCEPTION 'invalid policy %: not JSON', name USING ERRCODE = '22023',
+            DETAIL = SQLERRM, HINT = 'docs/policy.md describes a policy document.';
+    END;
+    INSERT INTO levqor.policies AS p (name, document) VALUES (name, doc)
+    ON CONFLICT ON CONSTRAINT policies_pkey DO UPDATE
+       SET document = EXCLUDED.document, builtin = false, updated_at = now(), updated_by = session_user;
+    PERFORM levqor._log_event(NULL, 'policy_written', jsonb_build_object('name', name, 'document', doc));
+END
+$fn$;
+
+CREATE FUNCTION levqor.drop_policy(name text) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+BEGIN
+    DELETE FROM levqor.policies p WHERE p.name = name;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM levqor._log_event(NULL, 'policy_dropped', jsonb_build_object('name', name));
+    RETURN true;
+END
+$fn$;
+
 -- 5. Quota catalog changes reach every backend's cache.
 -- ... and so do changes to what quotas are measured against.
 CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.plans
@@ -1693,18 +1943,24 @@ GRANT EXECUTE ON FUNCTION
     levqor.move_tenant(text, text),
     levqor.add_member(text, uuid, text, text),
     levqor.set_member_role(text, uuid, text),
-    levqor.remove_member(text, uuid)
+    levqor.remove_member(text, uuid),
+    levqor.put_policy(text, text),
+    levqor.drop_policy(text)
 TO levqor_admin;
+
+-- The policy engine answers for the caller's own context.
+GRANT EXECUTE ON FUNCTION levqor.authorize(text, text), levqor.explain(text, text) TO PUBLIC;
 
 -- The hierarchy helpers answer a levqor_admin about any node and anyone else
 -- about their own context's tree only (the views filter).
 GRANT EXECUTE ON FUNCTION
     levqor.ancestors(uuid), levqor.descendants(uuid), levqor.tenant_of(uuid), levqor.accessible_orgs(uuid),
-    levqor._context_root(), levqor._tenant_orgs(), levqor._context_is_platform()
+    levqor._context_root(), levqor._tenant_orgs(), levqor._context_is_platform(), levqor._caller_is_admin(),
+    levqor._visible_node(uuid)
 TO PUBLIC;
 GRANT SELECT ON levqor.tree, levqor.member_reach TO PUBLIC;
 
-GRANT SELECT ON levqor.plans, levqor.metrics TO levqor_app, levqor_admin;
+GRANT SELECT ON levqor.plans, levqor.metrics, levqor.policies TO levqor_app, levqor_admin;
 GRANT SELECT ON levqor.quota_overrides, levqor.row_limits, levqor.usage_counters, levqor.usage_ledger,
     levqor.ledger_cursors, levqor.quota_alerts, levqor.tenant_tree, levqor.members TO levqor_admin;
 -- The audit log: row level security shows tenants their own trail (auditor,

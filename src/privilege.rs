@@ -70,3 +70,20 @@ pub fn current_role_has(role: &str) -> bool {
         oid != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetUserId(), oid)
     }
 }
+
+/// Whether the role that called into levqor (outside any SECURITY DEFINER
+/// function: the session's role, after SET ROLE) is a levqor_admin. Definer
+/// functions ask this to decide how much to show: inside them, current_user
+/// is the function's owner.
+#[pgrx::pg_extern(stable, parallel_safe)]
+fn _caller_is_admin() -> bool {
+    let name = c"levqor_admin";
+    unsafe {
+        let outer = pg_sys::GetOuterUserId();
+        if pg_sys::superuser_arg(outer) {
+            return true;
+        }
+        let oid = pg_sys::get_role_oid(name.as_ptr(), true);
+        oid != pg_sys::InvalidOid && pg_sys::has_privs_of_role(outer, oid)
+    }
+}
