@@ -94,8 +94,16 @@ GRANT EXECUTE ON FUNCTION
     levqor.set_member_role(text, uuid, text),
     levqor.remove_member(text, uuid),
     levqor.put_policy(text, text),
-    levqor.drop_policy(text)
+    levqor.drop_policy(text),
+    levqor.set_sso_oidc(text, text, text, text, text[]),
+    levqor.set_sso_saml(text, text, text, text, text[]),
+    levqor.clear_sso(text)
 TO levqor_admin;
+
+-- SSO: a login page reads its tenant's settings (never the secret); the
+-- trusted server that exchanges codes reads the secret.
+GRANT EXECUTE ON FUNCTION levqor.sso_settings(text), levqor._caller_has(text) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION levqor.sso_client_secret(text) TO levqor_context_admin;
 
 -- The policy engine answers for the caller's own context.
 GRANT EXECUTE ON FUNCTION levqor.authorize(text, text), levqor.explain(text, text) TO PUBLIC;

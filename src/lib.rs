@@ -43,7 +43,7 @@ extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["adopt", cur
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["audit"]);
 extension_sql_file!("../sql/quota.sql", name = "quota", requires = ["export", _usage_live]);
 extension_sql_file!("../sql/hierarchy.sql", name = "hierarchy", requires = ["quota", _caller_is_admin]);
-extension_sql_file!("../sql/members.sql", name = "members", requires = ["hierarchy"]);
+extension_sql_file!("../sql/members.sql", name = "members", requires = ["hierarchy", _caller_has]);
 extension_sql_file!("../sql/policy.sql", name = "policy", requires = ["members", _first_deny]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 

@@ -72,12 +72,12 @@ pub fn current_role_has(role: &str) -> bool {
 }
 
 /// Whether the role that called into levqor (outside any SECURITY DEFINER
-/// function: the session's role, after SET ROLE) is a levqor_admin. Definer
-/// functions ask this to decide how much to show: inside them, current_user
-/// is the function's owner.
+/// function: the session's role, after SET ROLE) has the privileges of
+/// `role`. Definer functions ask this to decide what to show: inside them,
+/// current_user is the function's owner.
 #[pgrx::pg_extern(stable, parallel_safe)]
-fn _caller_is_admin() -> bool {
-    let name = c"levqor_admin";
+fn _caller_has(role: &str) -> bool {
+    let Ok(name) = CString::new(role) else { return false };
     unsafe {
         let outer = pg_sys::GetOuterUserId();
         if pg_sys::superuser_arg(outer) {
@@ -86,4 +86,10 @@ fn _caller_is_admin() -> bool {
         let oid = pg_sys::get_role_oid(name.as_ptr(), true);
         oid != pg_sys::InvalidOid && pg_sys::has_privs_of_role(outer, oid)
     }
+}
+
+/// `_caller_has('levqor_admin')`.
+#[pgrx::pg_extern(stable, parallel_safe)]
+fn _caller_is_admin() -> bool {
+    _caller_has("levqor_admin")
 }

@@ -345,3 +345,82 @@ fn scoped_rows_are_shared_as_the_seed_says() {
     assert_eq!(sqlstate(su.execute(&format!("SELECT levqor.enable_tenancy('{table}', 'owner_org')"), &[])), "55000");
     assert!(su.query("SELECT * FROM levqor.isolation_report() WHERE object = $1", &[&table]).unwrap().is_empty());
 }
+
+const METADATA: &str = r#"<?xml version="1.0"?>
+<md:EntityDescriptor xmlns:md="urn:oasis:names:tc:SAML:2.0:metadata" entityID="https://idp.novartis.example/saml">
+  <md:IDPSSODescriptor protocolSupportEnumeration="urn:oasis:names:tc:SAML:2.0:protocol"/>
+</md:EntityDescriptor>"#;
+
+#[test]
+fn sso_settings_are_validated_and_the_secret_stays_with_the_trusted_server() {
+    let t = tree();
+    let mut a = admin();
+    // SSO comes with the plan.
+    assert_eq!(
+        sqlstate(a.execute(
+            "SELECT levqor.set_sso_oidc($1, 'https://login.example/', 'client-1', 'a-long-enough-secret')",
+            &[&t.novartis.slug]
+        )),
+        "55000"
+    );
+    a.execute("SELECT levqor.change_plan($1, 'enterprise')", &[&t.novartis.slug]).unwrap();
+    a.execute("SELECT levqor.change_plan($1, 'enterprise')", &[&t.pfizer.slug]).unwrap();
+    for (issuer, client, secret) in [
+        ("http://login.example/", "client-1", "a-long-enough-secret"),
+        ("https://login.example/ x", "client-1", "a-long-enough-secret"),
+        ("https://login.example/", "", "a-long-enough-secret"),
+        ("https://login.example/", "client-1", "short"),
+    ] {
+        assert_eq!(
+            sqlstate(a.execute("SELECT levqor.set_sso_oidc($1, $2, $3, $4)", &[&t.novartis.slug, &issuer, &client, &secret])),
+            "22023",
+            "{issuer} {client} {secret}"
+        );
+    }
+    a.execute(
+        "SELECT levqor.set_sso_oidc($1, 'https://login.novartis.example/', 'novartis-app', 'novartis-client-secret-0123',
+                                    ARRAY['novartis.example'])",
+        &[&t.novartis.slug],
+    )
+    .unwrap();
+    assert_eq!(
+        sqlstate(a.execute("SELECT levqor.set_sso_saml($1, 'https://idp.example/', metadata_xml => '<not xml')", &[&t.pfizer.slug])),
+        "22023"
+    );
+    assert_eq!(
+        sqlstate(a.execute("SELECT levqor.set_sso_saml($1, 'https://other.example/', metadata_xml => $2)", &[&t.pfizer.slug, &METADATA])),
+        "22023",
+        "the metadata names another entity"
+    );
+    a.execute("SELECT levqor.set_sso_saml($1, 'https://idp.novartis.example/saml', metadata_xml => $2)", &[&t.pfizer.slug, &METADATA])
+        .unwrap();
+
+    // The application reads its own tenant's settings, never the secret.
+    let mut c = app();
+    let (issuer, has_secret) = as_tenant(&mut c, &t.novartis, |tx| {
+        let r = tx.query_one("SELECT issuer, has_client_secret FROM levqor.sso_settings()", &[]).unwrap();
+        (r.get::<_, String>(0), r.get::<_, bool>(1))
+    });
+    assert_eq!((issuer.as_str(), has_secret), ("https://login.novartis.example/", true));
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT levqor.authenticate($1)", &[&t.novartis.key]).unwrap();
+    tx.batch_execute("SAVEPOINT s").unwrap();
+    assert_eq!(sqlstate(tx.query("SELECT * FROM levqor.sso_settings($1)", &[&t.pfizer.slug])), "42501");
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    assert_eq!(sqlstate(tx.query("SELECT levqor.sso_client_secret($1)", &[&t.novartis.slug])), "42501");
+    tx.batch_execute("ROLLBACK TO SAVEPOINT s").unwrap();
+    assert_eq!(sqlstate(tx.query("SELECT client_secret FROM levqor.tenant_sso", &[])), "42501");
+    drop(tx);
+    // The trusted server reads any tenant's settings before login, and the secret.
+    let mut s = server();
+    let protocol: String = s.query_one("SELECT protocol FROM levqor.sso_settings($1)", &[&t.pfizer.slug]).unwrap().get(0);
+    assert_eq!(protocol, "saml");
+    let secret: String = s.query_one("SELECT levqor.sso_client_secret($1)", &[&t.novartis.slug]).unwrap().get(0);
+    assert_eq!(secret, "novartis-client-secret-0123");
+    // The audit trail has the configuration, not the secret.
+    let detail: String = a
+        .query_one("SELECT detail::text FROM levqor.audit_log WHERE tenant_id = $1 AND event = 'sso_configured'", &[&t.novartis.id])
+        .unwrap()
+        .get(0);
+    assert!(detail.contains("novartis-app") && !detail.contains("secret-0123"), "{detail}");
+}
