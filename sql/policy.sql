@@ -94,19 +94,26 @@ INSERT INTO levqor.policies (name, document, builtin) VALUES
   ('feature-audit-stream', '{"effect": "allow", "actions": ["audit_stream:*"], "roles": ["owner", "admin"], "features": ["audit_stream"], "description": "Plans with audit streaming configure it."}', true),
   ('feature-db-per-tenant', '{"effect": "allow", "actions": ["db_per_tenant:*"], "roles": ["owner", "admin"], "features": ["db_per_tenant"], "description": "Plans with a database per tenant request one."}', true);
 
--- Whether `value` matches one of the patterns (* matches anything).
+-- Whether `value` matches one of the patterns (* matches anything). No SET
+-- clause, so that PostgreSQL inlines it into _decide (whose search_path is
+-- pinned); it is not a definer function.
 CREATE FUNCTION levqor._matches(patterns jsonb, value text) RETURNS boolean
-LANGUAGE sql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT EXISTS (SELECT 1 FROM jsonb_array_elements_text($1) AS p(pattern)
-                    WHERE $2 LIKE replace(replace(replace(replace(p.pattern, '\', '\\'), '%', '\%'), '_', '\_'), '*', '%'))
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $fn$
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.jsonb_array_elements_text($1) AS p(pattern)
+                    WHERE $2 OPERATOR(pg_catalog.~~) pg_catalog.replace(pg_catalog.replace(pg_catalog.replace(
+                              pg_catalog.replace(p.pattern, '\', '\\'), '%', '\%'), '_', '\_'), '*', '%'))
 $fn$;
 
 -- The decision for a tenant, role, action and resource: a matching deny
 -- wins, else a matching allow, else the default deny. The rule that decided
 -- and why, in words.
+-- (PL/pgSQL rather than SQL: its plan is prepared once per session, where a
+-- SQL function's would be planned on every call.)
 CREATE FUNCTION levqor._decide(tenant uuid, role text, action text, resource text)
 RETURNS TABLE (allowed boolean, rule text, rationale text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY
     WITH ctx AS (
         SELECT t.plan, p.features FROM levqor.tenants t JOIN levqor.plans p ON p.name = t.plan WHERE t.id = $1
     ), matching AS (
@@ -135,7 +142,8 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
            CASE WHEN NOT EXISTS (SELECT 1 FROM ctx) THEN 'no tenant context: everything is denied'
                 ELSE format('no policy allows %s on %s for %s on plan %s', $3, coalesce($4, '*'),
                             coalesce('role ' || $2, 'a context without a member role'), (SELECT ctx.plan FROM ctx)) END
-     WHERE NOT EXISTS (SELECT 1 FROM decided)
+     WHERE NOT EXISTS (SELECT 1 FROM decided);
+END
 $fn$;
 
 -- The decision with its reasons, for the current context. Records nothing.
