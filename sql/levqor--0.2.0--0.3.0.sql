@@ -610,15 +610,6 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_chain_hashes_wrapper';
 
--- src/context.rs:345
--- levqor::context::_first_deny
-CREATE  FUNCTION "_first_deny"(
-	"key" TEXT /* & str */
-) RETURNS bool /* bool */
-STRICT VOLATILE PARALLEL UNSAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_first_deny_wrapper';
-
 -- src/quota.rs:340
 -- levqor::quota::_limit_rows
 CREATE FUNCTION "_limit_rows"()
@@ -648,6 +639,16 @@ CREATE  FUNCTION "_window_start_of"(
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_window_start_of_wrapper';
+
+-- src/policy.rs:83
+-- levqor::policy::authorize
+CREATE  FUNCTION "authorize"(
+	"action" TEXT, /* & str */
+	"resource" TEXT DEFAULT '*' /* & str */
+) RETURNS bool /* bool */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'authorize_wrapper';
 
 -- src/quota.rs:253
 -- levqor::quota::consume
@@ -1971,18 +1972,15 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
       FROM levqor._decide(levqor.current_tenant(), levqor.current_member_role(), $1, $2) d
 $fn$;
 
--- Record a deny once per transaction and (action, resource), in the audit
--- log; a read-only transaction cannot write, so there it goes to the server
--- log instead.
+-- Record a deny in the audit log (levqor.authorize, in src/policy.rs, calls
+-- it once per transaction and (action, resource)); a read-only transaction
+-- cannot write, so there it goes to the server log instead.
 CREATE FUNCTION levqor._record_deny(action text, resource text, rule text, rationale text) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     detail jsonb := jsonb_build_object('action', action, 'resource', resource, 'rule', rule, 'rationale', rationale,
                                        'user_id', levqor.current_user_id(), 'member_role', levqor.current_member_role());
 BEGIN
-    IF NOT levqor._first_deny(coalesce(action, '') || chr(1) || coalesce(resource, '')) THEN
-        RETURN;
-    END IF;
     IF current_setting('transaction_read_only') = 'on' THEN
         RAISE LOG 'levqor: policy_denied %', detail::text;
     ELSE
@@ -1991,20 +1989,8 @@ BEGIN
 END
 $fn$;
 
--- May the current context do `action` to `resource`? Usable from the
--- application, in triggers and in RLS policies. (Volatile: a deny writes.)
-CREATE FUNCTION levqor.authorize(action text, resource text DEFAULT '*') RETURNS boolean
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-    d record;
-BEGIN
-    SELECT * INTO d FROM levqor._decide(levqor.current_tenant(), levqor.current_member_role(), action, resource);
-    IF NOT d.allowed THEN
-        PERFORM levqor._record_deny(action, resource, d.rule, d.rationale);
-    END IF;
-    RETURN d.allowed;
-END
-$fn$;
+-- levqor.authorize(action, resource) is in the library (src/policy.rs): the
+-- decision of _decide, cached per backend, plus _record_deny for denies.
 
 -- Write or replace a policy (levqor_admin). The document is text so that a
 -- malformed one is refused with a clear message.
@@ -2049,6 +2035,8 @@ CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCA
 CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.quota_overrides
     FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
 CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.row_limits
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
+CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.policies
     FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
 
 

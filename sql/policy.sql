@@ -155,18 +155,15 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
       FROM levqor._decide(levqor.current_tenant(), levqor.current_member_role(), $1, $2) d
 $fn$;
 
--- Record a deny once per transaction and (action, resource), in the audit
--- log; a read-only transaction cannot write, so there it goes to the server
--- log instead.
+-- Record a deny in the audit log (levqor.authorize, in src/policy.rs, calls
+-- it once per transaction and (action, resource)); a read-only transaction
+-- cannot write, so there it goes to the server log instead.
 CREATE FUNCTION levqor._record_deny(action text, resource text, rule text, rationale text) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     detail jsonb := jsonb_build_object('action', action, 'resource', resource, 'rule', rule, 'rationale', rationale,
                                        'user_id', levqor.current_user_id(), 'member_role', levqor.current_member_role());
 BEGIN
-    IF NOT levqor._first_deny(coalesce(action, '') || chr(1) || coalesce(resource, '')) THEN
-        RETURN;
-    END IF;
     IF current_setting('transaction_read_only') = 'on' THEN
         RAISE LOG 'levqor: policy_denied %', detail::text;
     ELSE
@@ -175,20 +172,8 @@ BEGIN
 END
 $fn$;
 
--- May the current context do `action` to `resource`? Usable from the
--- application, in triggers and in RLS policies. (Volatile: a deny writes.)
-CREATE FUNCTION levqor.authorize(action text, resource text DEFAULT '*') RETURNS boolean
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-    d record;
-BEGIN
-    SELECT * INTO d FROM levqor._decide(levqor.current_tenant(), levqor.current_member_role(), action, resource);
-    IF NOT d.allowed THEN
-        PERFORM levqor._record_deny(action, resource, d.rule, d.rationale);
-    END IF;
-    RETURN d.allowed;
-END
-$fn$;
+-- levqor.authorize(action, resource) is in the library (src/policy.rs): the
+-- decision of _decide, cached per backend, plus _record_deny for denies.
 
 -- Write or replace a policy (levqor_admin). The document is text so that a
 -- malformed one is refused with a clear message.

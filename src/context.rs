@@ -342,8 +342,7 @@ thread_local! {
 /// True the first time a transaction asks about `key`: the policy engine
 /// records each distinct deny once per transaction, so a policy evaluated
 /// for every row of a scan does not write an entry per row.
-#[pg_extern(volatile, parallel_unsafe)]
-fn _first_deny(key: &str) -> bool {
+pub fn first_deny(key: &str) -> bool {
     let lxid = unsafe { (*pg_sys::MyProc).lxid };
     DENIED.with(|d| {
         let mut d = d.borrow_mut();

@@ -26,6 +26,7 @@ mod errors;
 mod guc;
 mod keys;
 mod lifecycle;
+mod policy;
 mod privilege;
 mod quota;
 mod sealer;
@@ -44,7 +45,7 @@ extension_sql_file!("../sql/export.sql", name = "export", requires = ["audit"]);
 extension_sql_file!("../sql/quota.sql", name = "quota", requires = ["export", _usage_live]);
 extension_sql_file!("../sql/hierarchy.sql", name = "hierarchy", requires = ["quota", _caller_is_admin]);
 extension_sql_file!("../sql/members.sql", name = "members", requires = ["hierarchy", _caller_has]);
-extension_sql_file!("../sql/policy.sql", name = "policy", requires = ["members", _first_deny]);
+extension_sql_file!("../sql/policy.sql", name = "policy", requires = ["members"]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 thread_local! {
@@ -60,6 +61,7 @@ pub extern "C-unwind" fn _PG_init() {
     lifecycle::init();
     counters::init();
     quota::init();
+    policy::init();
     sealer::init();
     // Any other levqor.* name is a typo or an attempt at one; refuse it, and
     // drop placeholders a session made before the library was loaded.
