@@ -8,6 +8,10 @@ CREATE TABLE levqor.tenant_tree (
     ancestor   uuid NOT NULL REFERENCES levqor.tenants (id) ON DELETE CASCADE,
     descendant uuid NOT NULL REFERENCES levqor.tenants (id) ON DELETE CASCADE,
     depth      integer NOT NULL CONSTRAINT tenant_tree_depth_check CHECK (depth >= 0),
+    -- The descendant's slug and kind, copied so that listing a subtree
+    -- needs no lookup per node (kept by the triggers below).
+    slug       text NOT NULL,
+    kind       text NOT NULL,
     PRIMARY KEY (ancestor, descendant)
 );
 CREATE INDEX tenant_tree_descendant_idx ON levqor.tenant_tree (descendant, depth);
@@ -57,46 +61,55 @@ BEGIN
         -- Walk up the parent links rather than read the parent's links: a
         -- restore (COPY) may insert a child before its parent, and these
         -- triggers fire after the whole COPY.
-        INSERT INTO levqor.tenant_tree (ancestor, descendant, depth)
+        INSERT INTO levqor.tenant_tree (ancestor, descendant, depth, slug, kind)
         WITH RECURSIVE up AS (
             SELECT NEW.id AS ancestor, 0 AS depth, NEW.parent AS parent
             UNION ALL
             SELECT p.id, up.depth + 1, p.parent FROM up JOIN levqor.tenants p ON p.id = up.parent
         )
-        SELECT up.ancestor, NEW.id, up.depth FROM up;
-    ELSIF NEW.parent IS DISTINCT FROM OLD.parent THEN
+        SELECT up.ancestor, NEW.id, up.depth, NEW.slug, NEW.kind FROM up;
+    ELSIF NEW.parent IS NOT DISTINCT FROM OLD.parent THEN
+        -- Slug or kind changed.
+        UPDATE levqor.tenant_tree c SET slug = NEW.slug, kind = NEW.kind WHERE c.descendant = NEW.id;
+    ELSE
         -- Links from outside the subtree into it go; new ones come from the new parent's line.
         DELETE FROM levqor.tenant_tree l
          WHERE l.descendant IN (SELECT s.descendant FROM levqor.tenant_tree s WHERE s.ancestor = NEW.id)
            AND l.ancestor NOT IN (SELECT s.descendant FROM levqor.tenant_tree s WHERE s.ancestor = NEW.id);
-        INSERT INTO levqor.tenant_tree (ancestor, descendant, depth)
-        SELECT a.ancestor, s.descendant, a.depth + s.depth + 1
+        INSERT INTO levqor.tenant_tree (ancestor, descendant, depth, slug, kind)
+        SELECT a.ancestor, s.descendant, a.depth + s.depth + 1, s.slug, s.kind
           FROM levqor.tenant_tree a, levqor.tenant_tree s
          WHERE a.descendant = NEW.parent AND s.ancestor = NEW.id;
+        IF NEW.slug IS DISTINCT FROM OLD.slug OR NEW.kind IS DISTINCT FROM OLD.kind THEN
+            UPDATE levqor.tenant_tree c SET slug = NEW.slug, kind = NEW.kind WHERE c.descendant = NEW.id;
+        END IF;
     END IF;
     RETURN NULL;
 END
 $fn$;
-CREATE TRIGGER levqor_maintain_tree AFTER INSERT OR UPDATE OF parent ON levqor.tenants
+CREATE TRIGGER levqor_maintain_tree AFTER INSERT OR UPDATE OF parent, slug, kind ON levqor.tenants
     FOR EACH ROW EXECUTE FUNCTION levqor._maintain_tree();
 
 -- Tenants that existed before the hierarchy (an upgrade): link them all.
 WITH RECURSIVE up AS (
-    SELECT t.id AS descendant, t.id AS ancestor, 0 AS depth, t.parent FROM levqor.tenants t
+    SELECT t.id AS descendant, t.id AS ancestor, 0 AS depth, t.parent, t.slug, t.kind FROM levqor.tenants t
     UNION ALL
-    SELECT up.descendant, p.id, up.depth + 1, p.parent FROM up JOIN levqor.tenants p ON p.id = up.parent
+    SELECT up.descendant, p.id, up.depth + 1, p.parent, up.slug, up.kind FROM up JOIN levqor.tenants p ON p.id = up.parent
 )
-INSERT INTO levqor.tenant_tree (ancestor, descendant, depth)
-SELECT up.ancestor, up.descendant, up.depth FROM up
+INSERT INTO levqor.tenant_tree (ancestor, descendant, depth, slug, kind)
+SELECT up.ancestor, up.descendant, up.depth, up.slug, up.kind FROM up
 ON CONFLICT DO NOTHING;
 
 -- The tenant at or above the context's node (NULL without a context, or for
 -- a platform's context). No argument: it tells a caller only about itself.
 CREATE FUNCTION levqor._context_root() RETURNS uuid
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (
     SELECT c.ancestor
       FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.ancestor AND t.kind = 'tenant'
-     WHERE c.descendant = levqor.current_tenant()
+     WHERE c.descendant = levqor.current_tenant());
+END
 $fn$;
 
 -- The tree as the caller may see it: all of it for a levqor_admin; for
@@ -114,41 +127,55 @@ SELECT c.ancestor, a.slug AS ancestor_slug, a.kind AS ancestor_kind,
                 WHERE r.ancestor = (SELECT levqor._context_root()) AND r.descendant = c.ancestor);
 
 -- Whether the caller may ask about `node`: a levqor_admin about any, anyone
--- else about the nodes of their context's tenant.
+-- else about the nodes of their context's tenant. (These helpers are
+-- PL/pgSQL, whose plans are kept per session; a SQL function that cannot be
+-- inlined is planned on every call.)
 CREATE FUNCTION levqor._visible_node(node uuid) RETURNS boolean
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (
     SELECT levqor._caller_is_admin()
-        OR EXISTS (SELECT 1 FROM levqor.tenant_tree r WHERE r.ancestor = levqor._context_root() AND r.descendant = $1)
+        OR EXISTS (SELECT 1 FROM levqor.tenant_tree r WHERE r.ancestor = levqor._context_root() AND r.descendant = $1));
+END
 $fn$;
 
 -- The nodes above `node`, nearest first (itself excluded; for anyone but a
 -- levqor_admin, not the platform above their tenant).
 CREATE FUNCTION levqor.ancestors(node uuid)
 RETURNS TABLE (id uuid, slug text, kind text, depth integer)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY
     SELECT t.id, t.slug, t.kind, c.depth
       FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.ancestor
      WHERE c.descendant = $1 AND c.depth > 0 AND (SELECT levqor._visible_node($1))
        AND (t.kind <> 'platform' OR (SELECT levqor._caller_is_admin()))
-     ORDER BY c.depth
+     ORDER BY c.depth;
+END
 $fn$;
 
 -- The nodes below `node`, nearest first (itself excluded).
 CREATE FUNCTION levqor.descendants(node uuid)
 RETURNS TABLE (id uuid, slug text, kind text, depth integer)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT t.id, t.slug, t.kind, c.depth
-      FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.descendant
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN QUERY
+    SELECT c.descendant, c.slug, c.kind, c.depth
+      FROM levqor.tenant_tree c
      WHERE c.ancestor = $1 AND c.depth > 0 AND (SELECT levqor._visible_node($1))
-     ORDER BY c.depth, t.slug
+     ORDER BY c.depth, c.slug COLLATE "C";
+END
 $fn$;
 
 -- The tenant at or above `node` (NULL for a platform).
 CREATE FUNCTION levqor.tenant_of(node uuid) RETURNS uuid
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (
     SELECT c.ancestor
       FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.ancestor AND t.kind = 'tenant'
-     WHERE c.descendant = $1 AND (SELECT levqor._visible_node($1))
+     WHERE c.descendant = $1 AND (SELECT levqor._visible_node($1)));
+END
 $fn$;
 
 -- Move a node (and everything under it) to a new parent. A levqor_admin.
@@ -193,8 +220,11 @@ $fn$;
 -- calls it in a scalar subquery: evaluated once per statement, and the
 -- = ANY comparison an index condition.
 CREATE FUNCTION levqor._tenant_orgs() RETURNS uuid[]
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT array_agg(c.descendant) FROM levqor.tenant_tree c WHERE c.ancestor = levqor._context_root()
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    RETURN (
+    SELECT array_agg(c.descendant) FROM levqor.tenant_tree c WHERE c.ancestor = levqor._context_root());
+END
 $fn$;
 
 -- Whether the context's node is a platform.

@@ -58,6 +58,15 @@ fn assert_tree_consistent(a: &mut Client) {
         .unwrap()
         .get(0);
     assert_eq!(wrong, 0, "tenant_tree disagrees with the parent links");
+    let stale: i64 = a
+        .query_one(
+            "SELECT count(*) FROM levqor.tenant_tree c JOIN levqor.tenants t ON t.id = c.descendant
+              WHERE (c.slug, c.kind) IS DISTINCT FROM (t.slug, t.kind)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(stale, 0, "tenant_tree's copies of slug and kind are current");
 }
 
 #[test]
