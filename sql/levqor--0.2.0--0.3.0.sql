@@ -583,7 +583,7 @@ CREATE TRIGGER levqor_audit_no_delete BEFORE DELETE ON levqor.audit_log
 DELETE FROM levqor._disabling WHERE tbl = 'levqor.audit_log'::regclass;
 
 -- 3. New functions in the library.
--- src/privilege.rs:78
+-- src/privilege.rs:83
 -- levqor::privilege::_caller_has
 CREATE  FUNCTION "_caller_has"(
 	"role" TEXT /* & str */
@@ -592,7 +592,7 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_caller_has_wrapper';
 
--- src/privilege.rs:92
+-- src/privilege.rs:89
 -- levqor::privilege::_caller_is_admin
 CREATE  FUNCTION "_caller_is_admin"() RETURNS bool /* bool */
 STRICT STABLE PARALLEL SAFE
@@ -610,14 +610,14 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_chain_hashes_wrapper';
 
--- src/quota.rs:340
+-- src/quota.rs:342
 -- levqor::quota::_limit_rows
 CREATE FUNCTION "_limit_rows"()
 	RETURNS TRIGGER
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', '_limit_rows_wrapper';
 
--- src/quota.rs:401
+-- src/quota.rs:403
 -- levqor::quota::_usage_live
 CREATE  FUNCTION "_usage_live"() RETURNS TABLE (
 	"tenant_id" uuid,  /* pgrx :: Uuid */
@@ -630,7 +630,7 @@ STRICT STABLE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_usage_live_wrapper';
 
--- src/quota.rs:480
+-- src/quota.rs:482
 -- levqor::quota::_window_start_of
 CREATE  FUNCTION "_window_start_of"(
 	"reset_every_micros" bigint, /* i64 */
@@ -650,7 +650,7 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'authorize_wrapper';
 
--- src/quota.rs:253
+-- src/quota.rs:255
 -- levqor::quota::consume
 CREATE  FUNCTION "consume"(
 	"metric_name" TEXT, /* & str */
@@ -660,7 +660,7 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'consume_wrapper';
 
--- src/quota.rs:432
+-- src/quota.rs:434
 -- levqor::quota::flush_usage
 CREATE  FUNCTION "flush_usage"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE

@@ -236,16 +236,7 @@ pub fn find_or_create(key: &Key, rows: bool, init: impl FnOnce() -> Data) -> &'s
     unsafe { pg_sys::LWLockAcquire(LOCK, pg_sys::LWLockMode::LW_EXCLUSIVE) };
     let slot = match probe(key) {
         Probe::Found(s) => Some(s),
-        Probe::Empty(i) => {
-            let s = &slots()[i];
-            unsafe {
-                *s.key.get() = *key;
-                *s.rows.get() = rows as u32;
-                *s.data.get() = Data { version: 1, ..data };
-            }
-            s.ready.store(1, Ordering::Release);
-            Some(s)
-        }
+        Probe::Empty(i) => Some(publish(i, key, rows, Data { version: 1, ..data })),
         Probe::Full => None,
     };
     unsafe { pg_sys::LWLockRelease(LOCK) };
@@ -256,6 +247,19 @@ pub fn find_or_create(key: &Key, rows: bool, init: impl FnOnce() -> Data) -> &'s
             Some("Raise levqor.quota_slots (one per tenant and metric in use) and restart PostgreSQL."),
         )
     })
+}
+
+/// Fill the empty slot `i` and make it visible to lock-free readers (the
+/// caller holds the lock, or is the postmaster before any backend exists).
+fn publish(i: usize, key: &Key, rows: bool, data: Data) -> &'static Slot {
+    let s = &slots()[i];
+    unsafe {
+        *s.key.get() = *key;
+        *s.rows.get() = rows as u32;
+        *s.data.get() = data;
+    }
+    s.ready.store(1, Ordering::Release);
+    s
 }
 
 /// Every ready slot of the current database.
@@ -473,19 +477,8 @@ fn load_state() {
             tenant: r[8..24].try_into().unwrap(),
         };
         if let Probe::Empty(i) = probe(&key) {
-            let s = &slots()[i];
-            unsafe {
-                *s.key.get() = key;
-                *s.data.get() = Data {
-                    window: i64_at(r, 24),
-                    used: i64_at(r, 32),
-                    inflight: 0,
-                    unflushed: i64_at(r, 40),
-                    version: 1,
-                    flushed_version: 0,
-                };
-            }
-            s.ready.store(1, Ordering::Release);
+            let data = Data { window: i64_at(r, 24), used: i64_at(r, 32), unflushed: i64_at(r, 40), version: 1, ..Data::default() };
+            publish(i, &key, false, data);
         }
     }
 }

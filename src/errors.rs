@@ -5,7 +5,14 @@ use pgrx::pg_sys::panic::ErrorReport;
 use pgrx::prelude::*;
 
 pub fn raise(code: PgSqlErrorCode, message: impl Into<String>, hint: Option<&str>) -> ! {
+    raise_with_detail(code, message, None, hint)
+}
+
+pub fn raise_with_detail(code: PgSqlErrorCode, message: impl Into<String>, detail: Option<String>, hint: Option<&str>) -> ! {
     let mut report = ErrorReport::new(code, message.into(), "levqor");
+    if let Some(d) = detail {
+        report = report.set_detail(d);
+    }
     if let Some(h) = hint {
         report = report.set_hint(h);
     }

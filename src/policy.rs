@@ -85,7 +85,7 @@ fn authorize(action: &str, resource: default!(&str, "'*'")) -> bool {
     let ctx = context::current();
     let key: Key = (ctx.map(|c| c.tenant), ctx.and_then(|c| c.role).map(|r| r.as_str()), action.to_owned(), resource.to_owned());
     let d = decide(&key);
-    if !d.allowed && crate::context::first_deny(&format!("{action}\u{1}{resource}")) {
+    if !d.allowed && first_deny(&format!("{action}\u{1}{resource}")) {
         as_catalog_owner(|| {
             Spi::connect_mut(|client| {
                 client
@@ -99,4 +99,24 @@ fn authorize(action: &str, resource: default!(&str, "'*'")) -> bool {
         });
     }
     d.allowed
+}
+
+thread_local! {
+    /// Denies already recorded in this transaction (by its local id).
+    static DENIED: std::cell::RefCell<(u32, std::collections::HashSet<String>)> =
+        std::cell::RefCell::new((0, std::collections::HashSet::new()));
+}
+
+/// True the first time a transaction asks about `key`: the policy engine
+/// records each distinct deny once per transaction, so a policy evaluated
+/// for every row of a scan does not write an entry per row.
+fn first_deny(key: &str) -> bool {
+    let lxid = unsafe { (*pg_sys::MyProc).lxid };
+    DENIED.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != lxid {
+            *d = (lxid, std::collections::HashSet::new());
+        }
+        d.1.len() < 10_000 && d.1.insert(key.to_owned())
+    })
 }

@@ -59,16 +59,21 @@ pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// Whether the current role has the privileges of `role` (superusers always do).
-pub fn current_role_has(role: &str) -> bool {
-    let name = CString::new(role).expect("role names have no NUL");
+/// Whether `user` has the privileges of `role` (superusers always do).
+fn role_has(user: pg_sys::Oid, role: &str) -> bool {
+    let Ok(name) = CString::new(role) else { return false };
     unsafe {
-        if pg_sys::superuser() {
+        if pg_sys::superuser_arg(user) {
             return true;
         }
         let oid = pg_sys::get_role_oid(name.as_ptr(), true);
-        oid != pg_sys::InvalidOid && pg_sys::has_privs_of_role(pg_sys::GetUserId(), oid)
+        oid != pg_sys::InvalidOid && pg_sys::has_privs_of_role(user, oid)
     }
+}
+
+/// Whether the current role has the privileges of `role`.
+pub fn current_role_has(role: &str) -> bool {
+    role_has(unsafe { pg_sys::GetUserId() }, role)
 }
 
 /// Whether the role that called into levqor (outside any SECURITY DEFINER
@@ -77,15 +82,7 @@ pub fn current_role_has(role: &str) -> bool {
 /// current_user is the function's owner.
 #[pgrx::pg_extern(stable, parallel_safe)]
 fn _caller_has(role: &str) -> bool {
-    let Ok(name) = CString::new(role) else { return false };
-    unsafe {
-        let outer = pg_sys::GetOuterUserId();
-        if pg_sys::superuser_arg(outer) {
-            return true;
-        }
-        let oid = pg_sys::get_role_oid(name.as_ptr(), true);
-        oid != pg_sys::InvalidOid && pg_sys::has_privs_of_role(outer, oid)
-    }
+    role_has(unsafe { pg_sys::GetOuterUserId() }, role)
 }
 
 /// `_caller_has('levqor_admin')`.

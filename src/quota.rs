@@ -239,12 +239,14 @@ fn now() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() }
 }
 
+/// 53400, for every quota refusal.
 fn exceeded(what: String, detail: String) -> ! {
-    let report = pgrx::pg_sys::panic::ErrorReport::new(PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED, what, "levqor")
-        .set_detail(detail)
-        .set_hint("Move the tenant to a larger plan (levqor.change_plan) or ask a levqor_admin for an override (levqor.set_quota).");
-    report.report(PgLogLevel::ERROR);
-    unreachable!("ERROR does not return")
+    errors::raise_with_detail(
+        PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+        what,
+        Some(detail),
+        Some("Move the tenant to a larger plan (levqor.change_plan) or ask a levqor_admin for an override (levqor.set_quota)."),
+    )
 }
 
 /// Count `amount` of `metric` for the current tenant and return what is left
