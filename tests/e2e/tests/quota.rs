@@ -560,3 +560,45 @@ fn counters_survive_a_clean_restart_and_a_crash_loses_only_unflushed_counts() {
     consume_n(1);
     assert_eq!(live_used(&mut su), 48);
 }
+
+/// A schema tenant's storage is everything in its schema; over the limit, its
+/// writes are refused like a shared tenant's.
+#[test]
+fn a_schema_tenants_storage_is_its_schema() {
+    let _ = db();
+    let name = unique("q_schema_storage");
+    connect_to(port(), "postgres", "postgres").batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    let mut su = connect_to(port(), "postgres", &name);
+    su.batch_execute(&format!(
+        "CREATE EXTENSION levqor;
+         GRANT USAGE ON SCHEMA levqor_template TO levqor_app;
+         CREATE TABLE levqor_template.notes (id serial PRIMARY KEY, body text NOT NULL);
+         GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA levqor_template TO levqor_app;
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA levqor_template TO levqor_app;"
+    ))
+    .unwrap();
+    let row = su.query_one("SELECT tenant_id, api_key FROM levqor.create_tenant('q-sch', 'S', isolation => 'schema')", &[]).unwrap();
+    let t = Tenant { id: row.get(0), slug: "q-sch".into(), key: row.get(1) };
+    let mut c = connect_to(port(), APP, &name);
+    as_tenant(&mut c, &t, |tx| tx.batch_execute("INSERT INTO notes (body) SELECT repeat('x', 100) FROM generate_series(1, 500)").unwrap());
+    su.execute("SELECT levqor.refresh_storage()", &[]).unwrap();
+    let bytes: i64 = su
+        .query_one("SELECT used FROM levqor.usage WHERE tenant_id = $1 AND metric = 'storage_bytes'", &[&t.id])
+        .unwrap()
+        .get(0);
+    let schema_size: i64 = su
+        .query_one(
+            "SELECT sum(pg_total_relation_size(c.oid))::int8 FROM pg_class c
+              WHERE c.relnamespace = 'tenant_q_sch'::regnamespace AND c.relkind IN ('r', 'm')",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(bytes, schema_size, "the schema's tables, indexes and TOAST");
+    assert!(bytes > 50_000, "{bytes}");
+    su.execute("SELECT levqor.set_quota('q-sch', 'storage_bytes', 1000)", &[]).unwrap();
+    su.execute("SELECT levqor.refresh_storage()", &[]).unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT levqor.authenticate($1)", &[&t.key]).unwrap();
+    assert_eq!(sqlstate(tx.execute("INSERT INTO notes (body) VALUES ('one more')", &[])), "53400");
+}
