@@ -65,9 +65,6 @@ ALTER TABLE levqor.tenants
 out.append("\n-- 1b. New functions beside existing ones.\n")
 for f in new_sql:
     out.append(b[f] + "\n")
-out.append("\n-- 2. Changed functions.\n")
-for f in changed:
-    out.append(b[f].replace('CREATE FUNCTION', 'CREATE OR REPLACE FUNCTION', 1) + "\n")
 audit = open('sql/audit.sql').read()
 immutable = audit[audit.index("CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE"):audit.index("CREATE TRIGGER levqor_audit_no_truncate")]
 out.append("""
@@ -83,6 +80,11 @@ out.append("\n-- 4. Quotas (sql/quota.sql, new in 0.3.0).\n" + quota)
 out.append("\n-- 4b. The hierarchy (sql/hierarchy.sql, new in 0.3.0).\n" + hierarchy)
 out.append("\n-- 4c. Members (sql/members.sql, new in 0.3.0).\n" + members)
 out.append("\n-- 4d. The policy engine (sql/policy.sql, new in 0.3.0).\n" + policy)
+# After the new tables: a replaced event trigger function (the drop guard)
+# may already read them while the rest of the update runs.
+out.append("\n-- 4e. Changed functions.\n")
+for f in changed:
+    out.append(b[f].replace('CREATE FUNCTION', 'CREATE OR REPLACE FUNCTION', 1) + "\n")
 g = open('sql/grants.sql').read()
 triggers = g[g.index("-- ... and so do changes to what quotas are measured against."):g.index("REVOKE ALL ON ALL TABLES")]
 out.append("\n-- 5. Quota catalog changes reach every backend's cache.\n" + triggers)

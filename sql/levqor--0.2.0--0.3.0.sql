@@ -23,544 +23,6 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
     SELECT pt.scope_column FROM levqor.protected_tables pt WHERE pt.tbl = $1
 $fn$;
 
--- 2. Changed functions.
-CREATE OR REPLACE FUNCTION levqor._audit_immutable() RETURNS trigger
-LANGUAGE plpgsql AS $fn$
-BEGIN
-    IF TG_OP = 'DELETE' AND current_setting('levqor_audit.retention', true) = 'on' THEN
-        RETURN OLD;
-    END IF;
-    RAISE EXCEPTION 'the levqor audit log is append-only: % refused', TG_OP
-        USING ERRCODE = '42501', HINT = 'Retention is levqor.purge_audit_before(), for superusers.';
-END
-$fn$;
-CREATE OR REPLACE FUNCTION levqor._guard_ddl() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-#variable_conflict use_variable
-DECLARE
-    cmd      record;
-    tbl      oid;
-    problems text;
-BEGIN
-    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
-        tbl := CASE cmd.classid
-                   WHEN 'pg_class'::regclass THEN cmd.objid
-                   WHEN 'pg_policy'::regclass THEN (SELECT p.polrelid FROM pg_policy p WHERE p.oid = cmd.objid)
-                   WHEN 'pg_trigger'::regclass THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = cmd.objid)
-               END;
-        CONTINUE WHEN tbl IS NULL OR levqor._being_disabled(tbl);
-        IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname LIKE 'levqor\_audit\_%'
-                                               AND t.tgenabled NOT IN ('O', 'A')) THEN
-            RAISE EXCEPTION 'levqor: % would switch auditing off on %', cmd.command_tag, tbl::regclass
-                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
-        END IF;
-        IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname LIKE 'levqor\_limit\_%'
-                                               AND t.tgenabled NOT IN ('O', 'A')) THEN
-            RAISE EXCEPTION 'levqor: % would switch the row limit off on %', cmd.command_tag, tbl::regclass
-                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.unlimit_rows().';
-        END IF;
-        CONTINUE WHEN NOT levqor._is_protected(tbl);
-        SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl::regclass, false) x;
-        IF problems IS NOT NULL THEN
-            RAISE EXCEPTION 'levqor: % would weaken tenant isolation on %: %', cmd.command_tag, tbl::regclass, problems
-                USING ERRCODE = '42501',
-                      HINT = 'A levqor_admin can remove levqor tenancy with levqor.disable_tenancy().';
-        END IF;
-    END LOOP;
-END
-$fn$;
-CREATE OR REPLACE FUNCTION levqor._guard_drop() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-#variable_conflict use_variable
-DECLARE
-    obj record;
-    tbl regclass;
-BEGIN
-    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() o
-                WHERE o.object_type = 'extension' AND o.object_name = 'levqor') THEN
-        RETURN;
-    END IF;
-    FOR obj IN
-        SELECT o.object_type, o.address_names
-          FROM pg_event_trigger_dropped_objects() o
-         WHERE o.object_type IN ('policy', 'trigger')
-           AND (o.address_names[3] LIKE 'levqor\_tenant\_%'
-                OR o.address_names[3] IN ('levqor_no_truncate', 'levqor_write_guard')
-                OR o.address_names[3] LIKE 'levqor\_audit\_%'
-                OR o.address_names[3] LIKE 'levqor\_limit\_%')
-    LOOP
-        tbl := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
-        CONTINUE WHEN tbl IS NULL;  -- the table itself is going away
-        CONTINUE WHEN levqor._being_disabled(tbl);
-        IF obj.address_names[3] LIKE 'levqor\_audit\_%' THEN
-            RAISE EXCEPTION 'levqor: dropping % % on % would switch auditing off',
-                obj.object_type, quote_ident(obj.address_names[3]), tbl
-                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
-        END IF;
-        IF obj.address_names[3] LIKE 'levqor\_limit\_%' THEN
-            RAISE EXCEPTION 'levqor: dropping % % on % would switch the row limit off',
-                obj.object_type, quote_ident(obj.address_names[3]), tbl
-                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.unlimit_rows().';
-        END IF;
-        RAISE EXCEPTION 'levqor: dropping % % on % would remove tenant isolation',
-            obj.object_type, quote_ident(obj.address_names[3]), tbl
-            USING ERRCODE = '42501',
-                  HINT = 'A levqor_admin can remove levqor tenancy with levqor.disable_tenancy().';
-    END LOOP;
-    DELETE FROM levqor.protected_tables pt
-     WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = pt.tbl);
-END
-$fn$;
-CREATE OR REPLACE FUNCTION levqor._tenancy_problems(tbl regclass, complete boolean)
-RETURNS SETOF text
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-#variable_conflict use_variable
-DECLARE
-    c        record;
-    p        record;
-    col      name;
-    scope    name;
-    fits     boolean;
-    want_cmd text;
-BEGIN
-    SELECT rel.relrowsecurity, rel.relforcerowsecurity INTO c FROM pg_class rel WHERE rel.oid = tbl;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    IF NOT c.relrowsecurity THEN
-        RETURN NEXT 'row level security is disabled';
-    END IF;
-    IF NOT c.relforcerowsecurity THEN
-        RETURN NEXT 'row level security is not forced (the owner would bypass it)';
-    END IF;
-    SELECT pt.tenant_column, pt.scope_column INTO col, scope FROM levqor.protected_tables pt WHERE pt.tbl = $1;
-
-    FOR p IN
-        SELECT pol.polname, pol.polcmd, pol.polpermissive,
-               pg_get_expr(pol.polqual, pol.polrelid) AS qual,
-               pg_get_expr(pol.polwithcheck, pol.polrelid) AS chk
-          FROM pg_policy pol
-         WHERE pol.polrelid = tbl
-    LOOP
-        IF p.polname LIKE 'levqor\_tenant\_%' THEN
-            IF p.polpermissive THEN
-                RETURN NEXT format('policy %I must be restrictive', p.polname);
-            END IF;
-            want_cmd := (CASE p.polname WHEN 'levqor_tenant_select' THEN 'r'
-                                        WHEN 'levqor_tenant_insert' THEN 'a'
-                                        WHEN 'levqor_tenant_update' THEN 'w'
-                                        WHEN 'levqor_tenant_delete' THEN 'd' END);
-            IF want_cmd IS NULL OR p.polcmd::text <> want_cmd THEN
-                RETURN NEXT format('policy %I applies to the wrong command', p.polname);
-            END IF;
-            -- A scoped table (sql/hierarchy.sql): reads may also reach rows
-            -- shared at tenant or platform scope (or only the tenant's own,
-            -- which is narrower); writes stay in the writer's organization
-            -- and only a platform writes platform-scope rows.
-            IF scope IS NOT NULL THEN
-                fits := CASE p.polname
-                       WHEN 'levqor_tenant_select' THEN p.chk IS NULL AND p.qual IN (levqor._tenant_qual(col),
-                                                                  levqor._scoped_select_qual(col, scope))
-                       WHEN 'levqor_tenant_insert' THEN p.qual IS NULL AND p.chk = levqor._scoped_write_qual(col, scope)
-                       WHEN 'levqor_tenant_update' THEN p.qual = levqor._tenant_qual(col)
-                                                        AND p.chk = levqor._scoped_write_qual(col, scope)
-                       WHEN 'levqor_tenant_delete' THEN p.chk IS NULL AND p.qual = levqor._tenant_qual(col)
-                       ELSE false END;
-                IF NOT coalesce(fits, false) THEN
-                    RETURN NEXT format('policy %I no longer matches the scoped protection of column %I', p.polname, scope);
-                END IF;
-                CONTINUE;
-            END IF;
-            -- The expression must be the canonical one for a real column
-            -- (the registered one, when the table is registered).
-            IF NOT EXISTS (
-                SELECT 1 FROM pg_attribute a
-                 WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
-                   AND (col IS NULL OR a.attname = col)
-                   AND (p.qual IS NULL OR p.qual = levqor._tenant_qual(a.attname))
-                   AND (p.chk IS NULL OR p.chk = levqor._tenant_qual(a.attname))
-                   AND (p.polcmd <> 'w' OR (p.qual IS NOT NULL AND p.chk IS NOT NULL))
-                   AND coalesce(p.qual, p.chk) IS NOT NULL)
-            THEN
-                RETURN NEXT format('policy %I no longer compares the tenant column with levqor.current_tenant()', p.polname);
-            END IF;
-        ELSIF NOT p.polpermissive
-              AND (p.qual LIKE '%levqor.current_tenant()%' OR p.chk LIKE '%levqor.current_tenant()%')
-              AND (p.qual IS NULL OR p.qual ~ '^\(.* = levqor\.current_tenant\(\)\)$') THEN
-            -- A renamed levqor policy could later be dropped unnoticed.
-            RETURN NEXT format('policy %I looks like a renamed levqor policy', p.polname);
-        END IF;
-    END LOOP;
-
-    IF complete THEN
-        FOR p IN SELECT unnest(ARRAY['levqor_tenant_select', 'levqor_tenant_insert',
-                                     'levqor_tenant_update', 'levqor_tenant_delete']) AS polname
-        LOOP
-            IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = p.polname) THEN
-                RETURN NEXT format('policy %I is missing', p.polname);
-            END IF;
-        END LOOP;
-        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
-            RETURN NEXT 'the TRUNCATE guard trigger is missing';
-        END IF;
-        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard') THEN
-            RETURN NEXT 'the write guard trigger is missing';
-        END IF;
-    END IF;
-    -- A trigger fires in ordinary sessions only when enabled 'O' (origin) or
-    -- 'A' (always): 'D' (disabled) and 'R' (ENABLE REPLICA) both switch it off.
-    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate'
-                                           AND t.tgenabled NOT IN ('O', 'A')) THEN
-        RETURN NEXT 'the TRUNCATE guard trigger is disabled';
-    END IF;
-    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard'
-                                           AND t.tgenabled NOT IN ('O', 'A')) THEN
-        RETURN NEXT 'the write guard trigger is disabled';
-    END IF;
-END
-$fn$;
-CREATE OR REPLACE FUNCTION levqor.change_plan(tenant text, plan text, force boolean DEFAULT false) RETURNS void
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-#variable_conflict use_variable
-DECLARE
-    t       levqor.tenants := levqor._tenant_for_update(tenant);
-    lim     jsonb;
-    storage bigint;
-    r       record;
-    n       bigint;
-BEGIN
-    SELECT p.limits INTO lim FROM levqor.plans p WHERE p.name = plan;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'unknown plan %', coalesce(quote_literal(plan), 'NULL')
-            USING ERRCODE = '22023', HINT = 'Plans are listed in levqor.plans.';
-    END IF;
-    IF t.status = 'offboarded' THEN
-        RAISE EXCEPTION 'tenant % is offboarded', quote_literal(t.slug) USING ERRCODE = '55000';
-    END IF;
-    IF t.plan = plan THEN
-        RAISE NOTICE 'levqor: tenant % is already on plan %', t.slug, plan;
-        RETURN;
-    END IF;
-    -- A downgrade below what the tenant already uses is refused unless forced.
-    IF NOT force AND jsonb_typeof(lim->'storage_bytes') = 'number' THEN
-        storage := levqor.tenant_storage_bytes(t.id::text);
-        IF storage > (lim->>'storage_bytes')::bigint THEN
-            RAISE EXCEPTION 'plan % allows % of storage; tenant % uses %', plan,
-                pg_size_pretty((lim->>'storage_bytes')::bigint), t.slug, pg_size_pretty(storage)
-                USING ERRCODE = '23514', HINT = 'Free space first, or pass force => true.';
-        END IF;
-    END IF;
-    -- Likewise for rows counted by levqor.limit_rows (users, projects), unless
-    -- the tenant has its own override for the metric.
-    IF NOT force THEN
-        FOR r IN SELECT rl.tbl, rl.metric, rl.tenant_column FROM levqor.row_limits rl
-                  WHERE jsonb_typeof(lim -> rl.metric) = 'number'
-                    AND NOT EXISTS (SELECT 1 FROM levqor.quota_overrides o
-                                     WHERE o.tenant_id = t.id AND o.metric = rl.metric) LOOP
-            EXECUTE format('SELECT count(*) FROM %s WHERE %I = $1', r.tbl, r.tenant_column) INTO n USING t.id;
-            IF n > (lim ->> r.metric)::bigint THEN
-                RAISE EXCEPTION 'plan % allows % %; tenant % has %', plan, lim ->> r.metric, r.metric, t.slug, n
-                    USING ERRCODE = '23514', HINT = 'Delete some first, or pass force => true.';
-            END IF;
-        END LOOP;
-    END IF;
-    UPDATE levqor.tenants SET plan = plan, updated_at = now() WHERE id = t.id;
-    PERFORM levqor._log_event(t.id, 'plan_changed', jsonb_build_object('from', t.plan, 'to', plan, 'forced', force));
-END
-$fn$;
-CREATE OR REPLACE FUNCTION levqor.create_tenant(
-    slug      text,
-    name      text,
-    plan      text DEFAULT 'free',
-    region    text DEFAULT NULL,
-    isolation text DEFAULT 'shared',
-    parent    text DEFAULT NULL,
-    trial_ends_at timestamptz DEFAULT NULL
-) RETURNS TABLE (tenant_id uuid, api_key text)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-#variable_conflict use_variable
-DECLARE
-    new_id     uuid;
-    parent_id  uuid;
-    kind       text;
-    schema     name;
-    k          record;
-BEGIN
-    IF slug IS NULL OR slug !~ '^[a-z0-9_-]{1,63}$' THEN
-        RAISE EXCEPTION 'invalid tenant slug %', coalesce(quote_literal(slug), 'NULL')
-            USING ERRCODE = '22023',
-                  HINT = 'A slug is 1 to 63 characters: lowercase letters, digits, "-" and "_".';
-    END IF;
-    IF name IS NULL OR length(btrim(name)) NOT BETWEEN 1 AND 200 OR name ~ '[[:cntrl:]]' THEN
-        RAISE EXCEPTION 'invalid tenant name'
-            USING ERRCODE = '22023', HINT = 'A name is 1 to 200 characters without control characters.';
-    END IF;
-    IF plan IS NULL OR NOT EXISTS (SELECT 1 FROM levqor.plans p WHERE p.name = plan) THEN
-        RAISE EXCEPTION 'unknown plan %', coalesce(quote_literal(plan), 'NULL')
-            USING ERRCODE = '22023',
-                  HINT = 'Plans are listed in levqor.plans.';
-    END IF;
-    IF region IS NOT NULL AND region !~ '^[a-z0-9-]{1,63}$' THEN
-        RAISE EXCEPTION 'invalid region %', quote_literal(region)
-            USING ERRCODE = '22023', HINT = 'A region is lowercase letters, digits and "-", e.g. eu-west-1.';
-    END IF;
-    IF isolation = 'schema' THEN
-        IF length(slug) > 56 THEN
-            RAISE EXCEPTION 'the slug of a schema tenant is at most 56 characters'
-                USING ERRCODE = '22023', HINT = 'Its schema is tenant_<slug>, and names are at most 63 characters.';
-        END IF;
-        schema := 'tenant_' || replace(slug, '-', '_');
-    ELSIF isolation IS DISTINCT FROM 'shared' THEN
-        RAISE EXCEPTION 'unknown isolation %', coalesce(quote_literal(isolation), 'NULL')
-            USING ERRCODE = '22023', HINT = 'isolation is ''shared'' or ''schema''.';
-    END IF;
-    IF parent IS NOT NULL THEN
-        parent_id := levqor._tenant_id(parent);
-    END IF;
-    -- Under a platform (or nothing): a tenant; under a tenant or an
-    -- organization: an organization (sql/hierarchy.sql checks the rest).
-    kind := CASE WHEN parent_id IS NULL THEN 'tenant'
-                 WHEN (SELECT t.kind FROM levqor.tenants t WHERE t.id = parent_id) = 'platform' THEN 'tenant'
-                 ELSE 'organization' END;
-
-    BEGIN
-        INSERT INTO levqor.tenants (slug, name, plan, region, isolation, parent, kind, status, trial_ends_at, schema_name)
-        VALUES (slug, btrim(name), plan, region, isolation, parent_id, kind,
-                CASE WHEN trial_ends_at IS NULL THEN 'active' ELSE 'trial' END, trial_ends_at, schema)
-        RETURNING id INTO new_id;
-    EXCEPTION WHEN unique_violation THEN
-        RAISE EXCEPTION 'tenant slug % already exists%', quote_literal(slug),
-            CASE WHEN schema IS NULL THEN '' ELSE format(' (or a tenant with schema %I)', schema) END
-            USING ERRCODE = '23505';
-    END;
-    IF schema IS NOT NULL THEN
-        IF to_regnamespace(quote_ident(schema)) IS NOT NULL THEN
-            RAISE EXCEPTION 'schema % already exists', quote_ident(schema) USING ERRCODE = '42P06';
-        END IF;
-        PERFORM levqor._clone_template(schema, new_id);
-    END IF;
-
-    SELECT * INTO k FROM levqor._new_api_key();
-    INSERT INTO levqor.tenant_keys (key_id, tenant_id, key_hash, role, label)
-    VALUES (k.key_id, new_id, k.key_hash, 'admin', 'created with tenant');
-
-    PERFORM levqor._log_event(new_id, 'tenant_created',
-        jsonb_build_object('slug', slug, 'plan', plan, 'region', region,
-                           'isolation', isolation, 'schema', schema, 'parent', parent_id, 'kind', kind, 'key_id', k.key_id,
-                           'trial_ends_at', trial_ends_at));
-
-    tenant_id := new_id;
-    api_key := k.api_key;
-    RETURN NEXT;
-END
-$fn$;
-CREATE OR REPLACE FUNCTION levqor.enable_tenancy(tbl regclass, tenant_column name DEFAULT 'tenant_id')
-RETURNS void
-LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
-#variable_conflict use_variable
-DECLARE
-    rel      record;
-    col      record;
-    qual     text;
-    spec     record;
-    existing record;
-    have     boolean;
-    child    regclass;
-BEGIN
-    IF tbl IS NULL OR tenant_column IS NULL THEN
-        RAISE EXCEPTION 'enable_tenancy: table and tenant column must not be NULL' USING ERRCODE = '22023';
-    END IF;
-    IF levqor._scope_of(tbl) IS NOT NULL THEN
-        RAISE EXCEPTION '% is protected with a scope column', tbl USING ERRCODE = '55000',
-            HINT = 'Call levqor.enable_tenancy(table, tenant_column, scope_column) for it.';
-    END IF;
-    SELECT c.relkind, c.relowner, n.nspname INTO rel
-      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
-    IF rel.relkind NOT IN ('r', 'p') THEN
-        RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '42809',
-            HINT = 'Protect the tables a view reads; create views WITH (security_invoker = true).';
-    END IF;
-    IF rel.nspname IN ('levqor', 'pg_catalog', 'information_schema') OR rel.nspname LIKE 'pg\_%' THEN
-        RAISE EXCEPTION 'cannot enable tenancy on % (system or levqor table)', tbl USING ERRCODE = '42501';
-    END IF;
-    IF NOT pg_has_role(current_user, rel.relowner, 'USAGE') THEN
-        RAISE EXCEPTION 'must be owner of table % to enable tenancy', tbl USING ERRCODE = '42501';
-    END IF;
-
-    SELECT a.attnum, a.atttypid, a.attnotnull, a.atthasdef INTO col
-      FROM pg_attribute a
-     WHERE a.attrelid = tbl AND a.attname = tenant_column AND a.attnum > 0 AND NOT a.attisdropped;
-    IF NOT FOUND THEN
-        BEGIN
-            EXECUTE format('ALTER TABLE %s ADD COLUMN %I uuid NOT NULL DEFAULT levqor.current_tenant()',
-                           tbl, tenant_column);
-        EXCEPTION WHEN not_null_violation THEN
-            RAISE EXCEPTION '% already has rows, which belong to no tenant', tbl
-                USING ERRCODE = '23502',
-                      HINT = format('Add the column yourself and fill it (ALTER TABLE %s ADD COLUMN %I uuid; UPDATE …), then call enable_tenancy again.',
-                                    tbl, tenant_column);
-        END;
-        SELECT a.attnum, a.atttypid, a.attnotnull, a.atthasdef INTO col
-          FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = tenant_column AND NOT a.attisdropped;
-    ELSE
-        IF col.atttypid <> 'uuid'::regtype THEN
-            RAISE EXCEPTION 'column %.% has type %, not uuid', tbl, quote_ident(tenant_column),
-                format_type(col.atttypid, NULL) USING ERRCODE = '42804';
-        END IF;
-        IF NOT col.atthasdef THEN
-            EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT levqor.current_tenant()', tbl, tenant_column);
-        END IF;
-        IF NOT col.attnotnull THEN
-            BEGIN
-                EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET NOT NULL', tbl, tenant_column);
-            EXCEPTION WHEN not_null_violation THEN
-                RAISE EXCEPTION 'column %.% has NULLs: rows that belong to no tenant', tbl, quote_ident(tenant_column)
-                    USING ERRCODE = '23502', HINT = 'Assign those rows to a tenant first.';
-            END;
-        END IF;
-    END IF;
-
-    -- An index led by the tenant column, so the policy is an index condition.
-    IF NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = tbl AND i.indkey[0] = col.attnum) THEN
-        EXECUTE format('CREATE INDEX ON %s (%I)', tbl, tenant_column);
-    END IF;
-
-    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', tbl);
-    EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', tbl);
-
-    qual := levqor._tenant_qual(tenant_column);
-    FOR spec IN
-        SELECT * FROM (VALUES ('levqor_tenant_select', 'SELECT', 'r', true,  false),
-                              ('levqor_tenant_insert', 'INSERT', 'a', false, true),
-                              ('levqor_tenant_update', 'UPDATE', 'w', true,  true),
-                              ('levqor_tenant_delete', 'DELETE', 'd', true,  false))
-               AS s(polname, cmd, polcmd, has_using, has_check)
-    LOOP
-        SELECT pol.polcmd, pol.polpermissive INTO existing
-          FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = spec.polname;
-        have := FOUND;
-        IF have AND (existing.polcmd <> spec.polcmd OR existing.polpermissive) THEN
-            EXECUTE format('DROP POLICY %I ON %s', spec.polname, tbl);
-            have := false;
-        END IF;
-        IF NOT have THEN
-            EXECUTE format('CREATE POLICY %I ON %s AS RESTRICTIVE FOR %s TO PUBLIC %s %s',
-                           spec.polname, tbl, spec.cmd,
-                           CASE WHEN spec.has_using THEN 'USING ' || qual ELSE '' END,
-                           CASE WHEN spec.has_check THEN 'WITH CHECK ' || qual ELSE '' END);
-        ELSE
-            EXECUTE format('ALTER POLICY %I ON %s TO PUBLIC %s %s',
-                           spec.polname, tbl,
-                           CASE WHEN spec.has_using THEN 'USING ' || qual ELSE '' END,
-                           CASE WHEN spec.has_check THEN 'WITH CHECK ' || qual ELSE '' END);
-        END IF;
-    END LOOP;
-    IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = 'levqor_base') THEN
-        EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING (true) WITH CHECK (true)', tbl);
-    END IF;
-
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
-        EXECUTE format('CREATE TRIGGER levqor_no_truncate BEFORE TRUNCATE ON %s
-                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._refuse_truncate()', tbl);
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard') THEN
-        EXECUTE format('CREATE TRIGGER levqor_write_guard BEFORE INSERT OR UPDATE OR DELETE ON %s
-                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._write_guard()', tbl);
-    END IF;
-
-    -- A unique constraint without the tenant column answers, through its
-    -- errors, whether another tenant already has a value. Warn; rewriting a
-    -- constraint others may reference is the owner's decision.
-    DECLARE
-        u record;
-    BEGIN
-        FOR u IN SELECT i.indexrelid::regclass AS idx FROM pg_index i
-                  WHERE i.indrelid = tbl AND i.indisunique AND NOT i.indisprimary
-                    AND NOT (col.attnum = ANY (i.indkey::int2[])) LOOP
-            RAISE WARNING 'levqor: unique index % on % does not include %: its errors tell one tenant what another has',
-                u.idx, tbl, quote_ident(tenant_column)
-                USING HINT = format('Make it UNIQUE (%I, …) unless the values must be unique across tenants.', tenant_column);
-        END LOOP;
-    END;
-
-    -- Partitions can be queried directly, so each one is protected too.
-    FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
-        PERFORM levqor.enable_tenancy(child, tenant_column);
-    END LOOP;
-
-    PERFORM levqor._register_protected(tbl, tenant_column);
-END
-$fn$;
-CREATE OR REPLACE FUNCTION levqor.seal_audit(max_entries int DEFAULT 10000) RETURNS int
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-    ids    bigint[];
-    chains uuid[];
-    seqs   bigint[];
-    heads  bytea[];
-    canon  bytea[];
-    hashes bytea[];
-BEGIN
-    -- One sealer at a time; a second one has nothing to do.
-    IF NOT pg_try_advisory_xact_lock(hashtext('levqor.seal_audit')) THEN
-        RETURN 0;
-    END IF;
-    SET LOCAL levqor_audit.sealing = 'on';
-    -- The oldest unsealed entries, numbered after their chain's head, in
-    -- chain order; the chain's hashes come from levqor._chain_hashes.
-    WITH batch AS (
-        SELECT a.id, coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) AS chain
-          FROM levqor.audit_log a WHERE a.seq IS NULL ORDER BY a.id LIMIT max_entries
-    ), numbered AS (
-        SELECT b.id, b.chain, coalesce(hd.seq, 0) + row_number() OVER (PARTITION BY b.chain ORDER BY b.id) AS nseq,
-               coalesce(hd.hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea) AS head
-          FROM batch b LEFT JOIN levqor.audit_heads hd ON hd.chain = b.chain
-    )
-    SELECT array_agg(n.id ORDER BY n.chain, n.nseq), array_agg(n.chain ORDER BY n.chain, n.nseq),
-           array_agg(n.nseq ORDER BY n.chain, n.nseq), array_agg(n.head ORDER BY n.chain, n.nseq),
-           array_agg(levqor._audit_canonical(a, n.nseq) ORDER BY n.chain, n.nseq)
-      INTO ids, chains, seqs, heads, canon
-      FROM numbered n JOIN levqor.audit_log a ON a.id = n.id;
-    IF ids IS NULL THEN
-        RETURN 0;
-    END IF;
-    hashes := levqor._chain_hashes(chains, heads, canon);
-    UPDATE levqor.audit_log a
-       SET seq = u.seq, hash = u.hash, sealed_at = clock_timestamp(),
-           prev_hash = coalesce(u.prev, u.head)
-      FROM (SELECT x.*, lag(x.hash) OVER (PARTITION BY x.chain ORDER BY x.seq) AS prev
-              FROM unnest(ids, chains, seqs, heads, hashes) AS x(id, chain, seq, head, hash)) u
-     WHERE a.id = u.id;
-    INSERT INTO levqor.audit_heads AS hd (chain, seq, hash)
-    SELECT DISTINCT ON (x.chain) x.chain, x.seq, x.hash
-      FROM unnest(chains, seqs, hashes) AS x(chain, seq, hash)
-     ORDER BY x.chain, x.seq DESC
-    ON CONFLICT (chain) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, updated_at = now();
-    RETURN cardinality(ids);
-END
-$fn$;
-CREATE OR REPLACE FUNCTION levqor.tenant_storage_bytes(tenant text) RETURNS bigint
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-DECLARE
-    tid   uuid := levqor._tenant_id(tenant);
-    p     record;
-    n     bigint;
-    total bigint := 0;
-BEGIN
-    SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) INTO total
-      FROM levqor.tenants t JOIN pg_namespace s ON s.nspname = t.schema_name
-      JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind IN ('r', 'm')
-     WHERE t.id = tid;
-    FOR p IN SELECT pt.tbl, pt.tenant_column FROM levqor.protected_tables pt
-              WHERE NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = pt.tbl) LOOP
-        EXECUTE format('SELECT coalesce(sum(pg_column_size(t.*)), 0) FROM %s t WHERE %I = $1', p.tbl, p.tenant_column)
-           INTO n USING tid;
-        total := total + n;
-    END LOOP;
-    RETURN total;
-END
-$fn$;
-
 -- 2b. The audit log's immutability check moved into the trigger's WHEN clause
 --     (sealing no longer calls a function per entry). The drop guard allows
 --     it while the table is marked as being changed by levqor itself.
@@ -2053,6 +1515,547 @@ BEGIN
     END IF;
     PERFORM levqor._log_event(NULL, 'policy_dropped', jsonb_build_object('name', name));
     RETURN true;
+END
+$fn$;
+
+-- 4e. Changed functions.
+CREATE OR REPLACE FUNCTION levqor._audit_immutable() RETURNS trigger
+LANGUAGE plpgsql AS $fn$
+BEGIN
+    IF TG_OP = 'DELETE' AND current_setting('levqor_audit.retention', true) = 'on' THEN
+        RETURN OLD;
+    END IF;
+    RAISE EXCEPTION 'the levqor audit log is append-only: % refused', TG_OP
+        USING ERRCODE = '42501', HINT = 'Retention is levqor.purge_audit_before(), for superusers.';
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._guard_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    cmd      record;
+    tbl      oid;
+    problems text;
+BEGIN
+    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        tbl := CASE cmd.classid
+                   WHEN 'pg_class'::regclass THEN cmd.objid
+                   WHEN 'pg_policy'::regclass THEN (SELECT p.polrelid FROM pg_policy p WHERE p.oid = cmd.objid)
+                   WHEN 'pg_trigger'::regclass THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = cmd.objid)
+               END;
+        CONTINUE WHEN tbl IS NULL OR levqor._being_disabled(tbl);
+        IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname LIKE 'levqor\_audit\_%'
+                                               AND t.tgenabled NOT IN ('O', 'A')) THEN
+            RAISE EXCEPTION 'levqor: % would switch auditing off on %', cmd.command_tag, tbl::regclass
+                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
+        END IF;
+        IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname LIKE 'levqor\_limit\_%'
+                                               AND t.tgenabled NOT IN ('O', 'A')) THEN
+            RAISE EXCEPTION 'levqor: % would switch the row limit off on %', cmd.command_tag, tbl::regclass
+                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.unlimit_rows().';
+        END IF;
+        CONTINUE WHEN NOT levqor._is_protected(tbl);
+        SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl::regclass, false) x;
+        IF problems IS NOT NULL THEN
+            RAISE EXCEPTION 'levqor: % would weaken tenant isolation on %: %', cmd.command_tag, tbl::regclass, problems
+                USING ERRCODE = '42501',
+                      HINT = 'A levqor_admin can remove levqor tenancy with levqor.disable_tenancy().';
+        END IF;
+    END LOOP;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._guard_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    obj record;
+    tbl regclass;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() o
+                WHERE o.object_type = 'extension' AND o.object_name = 'levqor') THEN
+        RETURN;
+    END IF;
+    FOR obj IN
+        SELECT o.object_type, o.address_names
+          FROM pg_event_trigger_dropped_objects() o
+         WHERE o.object_type IN ('policy', 'trigger')
+           AND (o.address_names[3] LIKE 'levqor\_tenant\_%'
+                OR o.address_names[3] IN ('levqor_no_truncate', 'levqor_write_guard')
+                OR o.address_names[3] LIKE 'levqor\_audit\_%'
+                OR o.address_names[3] LIKE 'levqor\_limit\_%')
+    LOOP
+        tbl := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
+        CONTINUE WHEN tbl IS NULL;  -- the table itself is going away
+        CONTINUE WHEN levqor._being_disabled(tbl);
+        IF obj.address_names[3] LIKE 'levqor\_audit\_%' THEN
+            RAISE EXCEPTION 'levqor: dropping % % on % would switch auditing off',
+                obj.object_type, quote_ident(obj.address_names[3]), tbl
+                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
+        END IF;
+        IF obj.address_names[3] LIKE 'levqor\_limit\_%' THEN
+            RAISE EXCEPTION 'levqor: dropping % % on % would switch the row limit off',
+                obj.object_type, quote_ident(obj.address_names[3]), tbl
+                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.unlimit_rows().';
+        END IF;
+        RAISE EXCEPTION 'levqor: dropping % % on % would remove tenant isolation',
+            obj.object_type, quote_ident(obj.address_names[3]), tbl
+            USING ERRCODE = '42501',
+                  HINT = 'A levqor_admin can remove levqor tenancy with levqor.disable_tenancy().';
+    END LOOP;
+    DELETE FROM levqor.protected_tables pt
+     WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = pt.tbl);
+    -- A dropped table's row limit goes with it (its metric is free again).
+    DELETE FROM levqor.row_limits rl
+     WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = rl.tbl);
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._tenancy_problems(tbl regclass, complete boolean)
+RETURNS SETOF text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    c        record;
+    p        record;
+    col      name;
+    scope    name;
+    fits     boolean;
+    want_cmd text;
+BEGIN
+    SELECT rel.relrowsecurity, rel.relforcerowsecurity INTO c FROM pg_class rel WHERE rel.oid = tbl;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF NOT c.relrowsecurity THEN
+        RETURN NEXT 'row level security is disabled';
+    END IF;
+    IF NOT c.relforcerowsecurity THEN
+        RETURN NEXT 'row level security is not forced (the owner would bypass it)';
+    END IF;
+    SELECT pt.tenant_column, pt.scope_column INTO col, scope FROM levqor.protected_tables pt WHERE pt.tbl = $1;
+
+    FOR p IN
+        SELECT pol.polname, pol.polcmd, pol.polpermissive,
+               pg_get_expr(pol.polqual, pol.polrelid) AS qual,
+               pg_get_expr(pol.polwithcheck, pol.polrelid) AS chk
+          FROM pg_policy pol
+         WHERE pol.polrelid = tbl
+    LOOP
+        IF p.polname LIKE 'levqor\_tenant\_%' THEN
+            IF p.polpermissive THEN
+                RETURN NEXT format('policy %I must be restrictive', p.polname);
+            END IF;
+            want_cmd := (CASE p.polname WHEN 'levqor_tenant_select' THEN 'r'
+                                        WHEN 'levqor_tenant_insert' THEN 'a'
+                                        WHEN 'levqor_tenant_update' THEN 'w'
+                                        WHEN 'levqor_tenant_delete' THEN 'd' END);
+            IF want_cmd IS NULL OR p.polcmd::text <> want_cmd THEN
+                RETURN NEXT format('policy %I applies to the wrong command', p.polname);
+            END IF;
+            -- A scoped table (sql/hierarchy.sql): reads may also reach rows
+            -- shared at tenant or platform scope (or only the tenant's own,
+            -- which is narrower); writes stay in the writer's organization
+            -- and only a platform writes platform-scope rows.
+            IF scope IS NOT NULL THEN
+                fits := CASE p.polname
+                       WHEN 'levqor_tenant_select' THEN p.chk IS NULL AND p.qual IN (levqor._tenant_qual(col),
+                                                                  levqor._scoped_select_qual(col, scope))
+                       WHEN 'levqor_tenant_insert' THEN p.qual IS NULL AND p.chk = levqor._scoped_write_qual(col, scope)
+                       WHEN 'levqor_tenant_update' THEN p.qual = levqor._tenant_qual(col)
+                                                        AND p.chk = levqor._scoped_write_qual(col, scope)
+                       WHEN 'levqor_tenant_delete' THEN p.chk IS NULL AND p.qual = levqor._tenant_qual(col)
+                       ELSE false END;
+                IF NOT coalesce(fits, false) THEN
+                    RETURN NEXT format('policy %I no longer matches the scoped protection of column %I', p.polname, scope);
+                END IF;
+                CONTINUE;
+            END IF;
+            -- The expression must be the canonical one for a real column
+            -- (the registered one, when the table is registered).
+            IF NOT EXISTS (
+                SELECT 1 FROM pg_attribute a
+                 WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+                   AND (col IS NULL OR a.attname = col)
+                   AND (p.qual IS NULL OR p.qual = levqor._tenant_qual(a.attname))
+                   AND (p.chk IS NULL OR p.chk = levqor._tenant_qual(a.attname))
+                   AND (p.polcmd <> 'w' OR (p.qual IS NOT NULL AND p.chk IS NOT NULL))
+                   AND coalesce(p.qual, p.chk) IS NOT NULL)
+            THEN
+                RETURN NEXT format('policy %I no longer compares the tenant column with levqor.current_tenant()', p.polname);
+            END IF;
+        ELSIF NOT p.polpermissive
+              AND (p.qual LIKE '%levqor.current_tenant()%' OR p.chk LIKE '%levqor.current_tenant()%')
+              AND (p.qual IS NULL OR p.qual ~ '^\(.* = levqor\.current_tenant\(\)\)$') THEN
+            -- A renamed levqor policy could later be dropped unnoticed.
+            RETURN NEXT format('policy %I looks like a renamed levqor policy', p.polname);
+        END IF;
+    END LOOP;
+
+    IF complete THEN
+        FOR p IN SELECT unnest(ARRAY['levqor_tenant_select', 'levqor_tenant_insert',
+                                     'levqor_tenant_update', 'levqor_tenant_delete']) AS polname
+        LOOP
+            IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = p.polname) THEN
+                RETURN NEXT format('policy %I is missing', p.polname);
+            END IF;
+        END LOOP;
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
+            RETURN NEXT 'the TRUNCATE guard trigger is missing';
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard') THEN
+            RETURN NEXT 'the write guard trigger is missing';
+        END IF;
+    END IF;
+    -- A trigger fires in ordinary sessions only when enabled 'O' (origin) or
+    -- 'A' (always): 'D' (disabled) and 'R' (ENABLE REPLICA) both switch it off.
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate'
+                                           AND t.tgenabled NOT IN ('O', 'A')) THEN
+        RETURN NEXT 'the TRUNCATE guard trigger is disabled';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard'
+                                           AND t.tgenabled NOT IN ('O', 'A')) THEN
+        RETURN NEXT 'the write guard trigger is disabled';
+    END IF;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.change_plan(tenant text, plan text, force boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    t       levqor.tenants := levqor._tenant_for_update(tenant);
+    lim     jsonb;
+    storage bigint;
+    r       record;
+    n       bigint;
+BEGIN
+    SELECT p.limits INTO lim FROM levqor.plans p WHERE p.name = plan;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'unknown plan %', coalesce(quote_literal(plan), 'NULL')
+            USING ERRCODE = '22023', HINT = 'Plans are listed in levqor.plans.';
+    END IF;
+    IF t.status = 'offboarded' THEN
+        RAISE EXCEPTION 'tenant % is offboarded', quote_literal(t.slug) USING ERRCODE = '55000';
+    END IF;
+    IF t.plan = plan THEN
+        RAISE NOTICE 'levqor: tenant % is already on plan %', t.slug, plan;
+        RETURN;
+    END IF;
+    -- A downgrade below what the tenant already uses is refused unless forced.
+    IF NOT force AND jsonb_typeof(lim->'storage_bytes') = 'number' THEN
+        storage := levqor.tenant_storage_bytes(t.id::text);
+        IF storage > (lim->>'storage_bytes')::bigint THEN
+            RAISE EXCEPTION 'plan % allows % of storage; tenant % uses %', plan,
+                pg_size_pretty((lim->>'storage_bytes')::bigint), t.slug, pg_size_pretty(storage)
+                USING ERRCODE = '23514', HINT = 'Free space first, or pass force => true.';
+        END IF;
+    END IF;
+    -- Likewise for rows counted by levqor.limit_rows (users, projects), unless
+    -- the tenant has its own override for the metric.
+    IF NOT force THEN
+        FOR r IN SELECT rl.tbl, rl.metric, rl.tenant_column FROM levqor.row_limits rl
+                  WHERE jsonb_typeof(lim -> rl.metric) = 'number'
+                    AND NOT EXISTS (SELECT 1 FROM levqor.quota_overrides o
+                                     WHERE o.tenant_id = t.id AND o.metric = rl.metric) LOOP
+            EXECUTE format('SELECT count(*) FROM %s WHERE %I = $1', r.tbl, r.tenant_column) INTO n USING t.id;
+            IF n > (lim ->> r.metric)::bigint THEN
+                RAISE EXCEPTION 'plan % allows % %; tenant % has %', plan, lim ->> r.metric, r.metric, t.slug, n
+                    USING ERRCODE = '23514', HINT = 'Delete some first, or pass force => true.';
+            END IF;
+        END LOOP;
+    END IF;
+    UPDATE levqor.tenants SET plan = plan, updated_at = now() WHERE id = t.id;
+    PERFORM levqor._log_event(t.id, 'plan_changed', jsonb_build_object('from', t.plan, 'to', plan, 'forced', force));
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.create_tenant(
+    slug      text,
+    name      text,
+    plan      text DEFAULT 'free',
+    region    text DEFAULT NULL,
+    isolation text DEFAULT 'shared',
+    parent    text DEFAULT NULL,
+    trial_ends_at timestamptz DEFAULT NULL
+) RETURNS TABLE (tenant_id uuid, api_key text)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    new_id     uuid;
+    parent_id  uuid;
+    kind       text;
+    schema     name;
+    k          record;
+BEGIN
+    IF slug IS NULL OR slug !~ '^[a-z0-9_-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid tenant slug %', coalesce(quote_literal(slug), 'NULL')
+            USING ERRCODE = '22023',
+                  HINT = 'A slug is 1 to 63 characters: lowercase letters, digits, "-" and "_".';
+    END IF;
+    IF name IS NULL OR length(btrim(name)) NOT BETWEEN 1 AND 200 OR name ~ '[[:cntrl:]]' THEN
+        RAISE EXCEPTION 'invalid tenant name'
+            USING ERRCODE = '22023', HINT = 'A name is 1 to 200 characters without control characters.';
+    END IF;
+    IF plan IS NULL OR NOT EXISTS (SELECT 1 FROM levqor.plans p WHERE p.name = plan) THEN
+        RAISE EXCEPTION 'unknown plan %', coalesce(quote_literal(plan), 'NULL')
+            USING ERRCODE = '22023',
+                  HINT = 'Plans are listed in levqor.plans.';
+    END IF;
+    IF region IS NOT NULL AND region !~ '^[a-z0-9-]{1,63}$' THEN
+        RAISE EXCEPTION 'invalid region %', quote_literal(region)
+            USING ERRCODE = '22023', HINT = 'A region is lowercase letters, digits and "-", e.g. eu-west-1.';
+    END IF;
+    IF isolation = 'schema' THEN
+        IF length(slug) > 56 THEN
+            RAISE EXCEPTION 'the slug of a schema tenant is at most 56 characters'
+                USING ERRCODE = '22023', HINT = 'Its schema is tenant_<slug>, and names are at most 63 characters.';
+        END IF;
+        schema := 'tenant_' || replace(slug, '-', '_');
+    ELSIF isolation IS DISTINCT FROM 'shared' THEN
+        RAISE EXCEPTION 'unknown isolation %', coalesce(quote_literal(isolation), 'NULL')
+            USING ERRCODE = '22023', HINT = 'isolation is ''shared'' or ''schema''.';
+    END IF;
+    IF parent IS NOT NULL THEN
+        parent_id := levqor._tenant_id(parent);
+    END IF;
+    -- Under a platform (or nothing): a tenant; under a tenant or an
+    -- organization: an organization (sql/hierarchy.sql checks the rest).
+    kind := CASE WHEN parent_id IS NULL THEN 'tenant'
+                 WHEN (SELECT t.kind FROM levqor.tenants t WHERE t.id = parent_id) = 'platform' THEN 'tenant'
+                 ELSE 'organization' END;
+
+    BEGIN
+        INSERT INTO levqor.tenants (slug, name, plan, region, isolation, parent, kind, status, trial_ends_at, schema_name)
+        VALUES (slug, btrim(name), plan, region, isolation, parent_id, kind,
+                CASE WHEN trial_ends_at IS NULL THEN 'active' ELSE 'trial' END, trial_ends_at, schema)
+        RETURNING id INTO new_id;
+    EXCEPTION WHEN unique_violation THEN
+        RAISE EXCEPTION 'tenant slug % already exists%', quote_literal(slug),
+            CASE WHEN schema IS NULL THEN '' ELSE format(' (or a tenant with schema %I)', schema) END
+            USING ERRCODE = '23505';
+    END;
+    IF schema IS NOT NULL THEN
+        IF to_regnamespace(quote_ident(schema)) IS NOT NULL THEN
+            RAISE EXCEPTION 'schema % already exists', quote_ident(schema) USING ERRCODE = '42P06';
+        END IF;
+        PERFORM levqor._clone_template(schema, new_id);
+    END IF;
+
+    SELECT * INTO k FROM levqor._new_api_key();
+    INSERT INTO levqor.tenant_keys (key_id, tenant_id, key_hash, role, label)
+    VALUES (k.key_id, new_id, k.key_hash, 'admin', 'created with tenant');
+
+    PERFORM levqor._log_event(new_id, 'tenant_created',
+        jsonb_build_object('slug', slug, 'plan', plan, 'region', region,
+                           'isolation', isolation, 'schema', schema, 'parent', parent_id, 'kind', kind, 'key_id', k.key_id,
+                           'trial_ends_at', trial_ends_at));
+
+    tenant_id := new_id;
+    api_key := k.api_key;
+    RETURN NEXT;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.enable_tenancy(tbl regclass, tenant_column name DEFAULT 'tenant_id')
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    rel      record;
+    col      record;
+    qual     text;
+    spec     record;
+    existing record;
+    have     boolean;
+    child    regclass;
+BEGIN
+    IF tbl IS NULL OR tenant_column IS NULL THEN
+        RAISE EXCEPTION 'enable_tenancy: table and tenant column must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF levqor._scope_of(tbl) IS NOT NULL THEN
+        RAISE EXCEPTION '% is protected with a scope column', tbl USING ERRCODE = '55000',
+            HINT = 'Call levqor.enable_tenancy(table, tenant_column, scope_column) for it.';
+    END IF;
+    SELECT c.relkind, c.relowner, n.nspname INTO rel
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '42809',
+            HINT = 'Protect the tables a view reads; create views WITH (security_invoker = true).';
+    END IF;
+    IF rel.nspname IN ('levqor', 'pg_catalog', 'information_schema') OR rel.nspname LIKE 'pg\_%' THEN
+        RAISE EXCEPTION 'cannot enable tenancy on % (system or levqor table)', tbl USING ERRCODE = '42501';
+    END IF;
+    IF NOT pg_has_role(current_user, rel.relowner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be owner of table % to enable tenancy', tbl USING ERRCODE = '42501';
+    END IF;
+
+    SELECT a.attnum, a.atttypid, a.attnotnull, a.atthasdef INTO col
+      FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = tenant_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        BEGIN
+            EXECUTE format('ALTER TABLE %s ADD COLUMN %I uuid NOT NULL DEFAULT levqor.current_tenant()',
+                           tbl, tenant_column);
+        EXCEPTION WHEN not_null_violation THEN
+            RAISE EXCEPTION '% already has rows, which belong to no tenant', tbl
+                USING ERRCODE = '23502',
+                      HINT = format('Add the column yourself and fill it (ALTER TABLE %s ADD COLUMN %I uuid; UPDATE …), then call enable_tenancy again.',
+                                    tbl, tenant_column);
+        END;
+        SELECT a.attnum, a.atttypid, a.attnotnull, a.atthasdef INTO col
+          FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = tenant_column AND NOT a.attisdropped;
+    ELSE
+        IF col.atttypid <> 'uuid'::regtype THEN
+            RAISE EXCEPTION 'column %.% has type %, not uuid', tbl, quote_ident(tenant_column),
+                format_type(col.atttypid, NULL) USING ERRCODE = '42804';
+        END IF;
+        IF NOT col.atthasdef THEN
+            EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT levqor.current_tenant()', tbl, tenant_column);
+        END IF;
+        IF NOT col.attnotnull THEN
+            BEGIN
+                EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET NOT NULL', tbl, tenant_column);
+            EXCEPTION WHEN not_null_violation THEN
+                RAISE EXCEPTION 'column %.% has NULLs: rows that belong to no tenant', tbl, quote_ident(tenant_column)
+                    USING ERRCODE = '23502', HINT = 'Assign those rows to a tenant first.';
+            END;
+        END IF;
+    END IF;
+
+    -- An index led by the tenant column, so the policy is an index condition.
+    IF NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = tbl AND i.indkey[0] = col.attnum) THEN
+        EXECUTE format('CREATE INDEX ON %s (%I)', tbl, tenant_column);
+    END IF;
+
+    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', tbl);
+    EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', tbl);
+
+    qual := levqor._tenant_qual(tenant_column);
+    FOR spec IN
+        SELECT * FROM (VALUES ('levqor_tenant_select', 'SELECT', 'r', true,  false),
+                              ('levqor_tenant_insert', 'INSERT', 'a', false, true),
+                              ('levqor_tenant_update', 'UPDATE', 'w', true,  true),
+                              ('levqor_tenant_delete', 'DELETE', 'd', true,  false))
+               AS s(polname, cmd, polcmd, has_using, has_check)
+    LOOP
+        SELECT pol.polcmd, pol.polpermissive INTO existing
+          FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = spec.polname;
+        have := FOUND;
+        IF have AND (existing.polcmd <> spec.polcmd OR existing.polpermissive) THEN
+            EXECUTE format('DROP POLICY %I ON %s', spec.polname, tbl);
+            have := false;
+        END IF;
+        IF NOT have THEN
+            EXECUTE format('CREATE POLICY %I ON %s AS RESTRICTIVE FOR %s TO PUBLIC %s %s',
+                           spec.polname, tbl, spec.cmd,
+                           CASE WHEN spec.has_using THEN 'USING ' || qual ELSE '' END,
+                           CASE WHEN spec.has_check THEN 'WITH CHECK ' || qual ELSE '' END);
+        ELSE
+            EXECUTE format('ALTER POLICY %I ON %s TO PUBLIC %s %s',
+                           spec.polname, tbl,
+                           CASE WHEN spec.has_using THEN 'USING ' || qual ELSE '' END,
+                           CASE WHEN spec.has_check THEN 'WITH CHECK ' || qual ELSE '' END);
+        END IF;
+    END LOOP;
+    IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = 'levqor_base') THEN
+        EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING (true) WITH CHECK (true)', tbl);
+    END IF;
+
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
+        EXECUTE format('CREATE TRIGGER levqor_no_truncate BEFORE TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._refuse_truncate()', tbl);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard') THEN
+        EXECUTE format('CREATE TRIGGER levqor_write_guard BEFORE INSERT OR UPDATE OR DELETE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._write_guard()', tbl);
+    END IF;
+
+    -- A unique constraint without the tenant column answers, through its
+    -- errors, whether another tenant already has a value. Warn; rewriting a
+    -- constraint others may reference is the owner's decision.
+    DECLARE
+        u record;
+    BEGIN
+        FOR u IN SELECT i.indexrelid::regclass AS idx FROM pg_index i
+                  WHERE i.indrelid = tbl AND i.indisunique AND NOT i.indisprimary
+                    AND NOT (col.attnum = ANY (i.indkey::int2[])) LOOP
+            RAISE WARNING 'levqor: unique index % on % does not include %: its errors tell one tenant what another has',
+                u.idx, tbl, quote_ident(tenant_column)
+                USING HINT = format('Make it UNIQUE (%I, …) unless the values must be unique across tenants.', tenant_column);
+        END LOOP;
+    END;
+
+    -- Partitions can be queried directly, so each one is protected too.
+    FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
+        PERFORM levqor.enable_tenancy(child, tenant_column);
+    END LOOP;
+
+    PERFORM levqor._register_protected(tbl, tenant_column);
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.seal_audit(max_entries int DEFAULT 10000) RETURNS int
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    ids    bigint[];
+    chains uuid[];
+    seqs   bigint[];
+    heads  bytea[];
+    canon  bytea[];
+    hashes bytea[];
+BEGIN
+    -- One sealer at a time; a second one has nothing to do.
+    IF NOT pg_try_advisory_xact_lock(hashtext('levqor.seal_audit')) THEN
+        RETURN 0;
+    END IF;
+    SET LOCAL levqor_audit.sealing = 'on';
+    -- The oldest unsealed entries, numbered after their chain's head, in
+    -- chain order; the chain's hashes come from levqor._chain_hashes.
+    WITH batch AS (
+        SELECT a.id, coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) AS chain
+          FROM levqor.audit_log a WHERE a.seq IS NULL ORDER BY a.id LIMIT max_entries
+    ), numbered AS (
+        SELECT b.id, b.chain, coalesce(hd.seq, 0) + row_number() OVER (PARTITION BY b.chain ORDER BY b.id) AS nseq,
+               coalesce(hd.hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea) AS head
+          FROM batch b LEFT JOIN levqor.audit_heads hd ON hd.chain = b.chain
+    )
+    SELECT array_agg(n.id ORDER BY n.chain, n.nseq), array_agg(n.chain ORDER BY n.chain, n.nseq),
+           array_agg(n.nseq ORDER BY n.chain, n.nseq), array_agg(n.head ORDER BY n.chain, n.nseq),
+           array_agg(levqor._audit_canonical(a, n.nseq) ORDER BY n.chain, n.nseq)
+      INTO ids, chains, seqs, heads, canon
+      FROM numbered n JOIN levqor.audit_log a ON a.id = n.id;
+    IF ids IS NULL THEN
+        RETURN 0;
+    END IF;
+    hashes := levqor._chain_hashes(chains, heads, canon);
+    UPDATE levqor.audit_log a
+       SET seq = u.seq, hash = u.hash, sealed_at = clock_timestamp(),
+           prev_hash = coalesce(u.prev, u.head)
+      FROM (SELECT x.*, lag(x.hash) OVER (PARTITION BY x.chain ORDER BY x.seq) AS prev
+              FROM unnest(ids, chains, seqs, heads, hashes) AS x(id, chain, seq, head, hash)) u
+     WHERE a.id = u.id;
+    INSERT INTO levqor.audit_heads AS hd (chain, seq, hash)
+    SELECT DISTINCT ON (x.chain) x.chain, x.seq, x.hash
+      FROM unnest(chains, seqs, hashes) AS x(chain, seq, hash)
+     ORDER BY x.chain, x.seq DESC
+    ON CONFLICT (chain) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, updated_at = now();
+    RETURN cardinality(ids);
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.tenant_storage_bytes(tenant text) RETURNS bigint
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    tid   uuid := levqor._tenant_id(tenant);
+    p     record;
+    n     bigint;
+    total bigint := 0;
+BEGIN
+    SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) INTO total
+      FROM levqor.tenants t JOIN pg_namespace s ON s.nspname = t.schema_name
+      JOIN pg_class c ON c.relnamespace = s.oid AND c.relkind IN ('r', 'm')
+     WHERE t.id = tid;
+    FOR p IN SELECT pt.tbl, pt.tenant_column FROM levqor.protected_tables pt
+              WHERE NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = pt.tbl) LOOP
+        EXECUTE format('SELECT coalesce(sum(pg_column_size(t.*)), 0) FROM %s t WHERE %I = $1', p.tbl, p.tenant_column)
+           INTO n USING tid;
+        total := total + n;
+    END LOOP;
+    RETURN total;
 END
 $fn$;
 

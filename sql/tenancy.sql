@@ -435,6 +435,9 @@ BEGIN
     END LOOP;
     DELETE FROM levqor.protected_tables pt
      WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = pt.tbl);
+    -- A dropped table's row limit goes with it (its metric is free again).
+    DELETE FROM levqor.row_limits rl
+     WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = rl.tbl);
 END
 $fn$;
 

@@ -310,9 +310,12 @@ fn limit_rows_refuses_what_it_cannot_count() {
     // Only the table's owner limits it.
     assert_eq!(sqlstate(app().execute(&format!("SELECT levqor.limit_rows('{table}', $1)"), &[&m])), "42501");
     su.execute(&format!("SELECT levqor.limit_rows('{table}', $1)"), &[&m]).unwrap();
-    // One table per metric.
+    // One table per metric...
     let second = protected_table("q_lr_second");
     assert_eq!(sqlstate(su.execute(&format!("SELECT levqor.limit_rows('{second}', $1)"), &[&m])), "42710");
+    // ... until that table is dropped.
+    su.batch_execute(&format!("DROP TABLE {table}")).unwrap();
+    su.execute(&format!("SELECT levqor.limit_rows('{second}', $1)"), &[&m]).unwrap();
 }
 
 #[test]
