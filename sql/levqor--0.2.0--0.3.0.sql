@@ -61,7 +61,7 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_caller_is_admin_wrapper';
 
--- src/audit.rs:216
+-- src/audit.rs:235
 -- levqor::audit::_chain_hashes
 CREATE  FUNCTION "_chain_hashes"(
 	"chains" uuid[], /* Vec < pgrx :: Uuid > */

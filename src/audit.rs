@@ -31,7 +31,7 @@ const INSERT_SQL: &str = "
            (SELECT jsonb_object_agg(k, coalesce(r.n, r.o) -> k) FROM unnest($6::text[]) k),
            r.o, r.n,
            CASE WHEN $3 = 'UPDATE' THEN
-               ARRAY(SELECT e.key FROM jsonb_each(r.n) e WHERE e.value IS DISTINCT FROM r.o -> e.key ORDER BY 1)
+               ARRAY(SELECT e.key FROM jsonb_each(r.n) e WHERE e.value IS DISTINCT FROM r.o -> e.key ORDER BY e.key COLLATE \"C\")
            END
       FROM (SELECT to_jsonb($1) AS o, to_jsonb($2) AS n) r";
 
@@ -93,7 +93,7 @@ fn statement_sql(op: &str, pk: &[String]) -> String {
                 (SELECT jsonb_object_agg(k, coalesce(r.n, r.o) -> k) FROM unnest($4::text[]) k),
                 r.o, r.n,
                 CASE WHEN '{op}' = 'UPDATE' THEN
-                    ARRAY(SELECT e.key FROM jsonb_each(r.n) e WHERE e.value IS DISTINCT FROM r.o -> e.key ORDER BY 1)
+                    ARRAY(SELECT e.key FROM jsonb_each(r.n) e WHERE e.value IS DISTINCT FROM r.o -> e.key ORDER BY e.key COLLATE \"C\")
                 END
            FROM ({source}) r"
     )
@@ -101,6 +101,7 @@ fn statement_sql(op: &str, pk: &[String]) -> String {
 
 /// Forget plans when a table changes shape (called from the relcache callback).
 pub fn forget(relid: pg_sys::Oid) {
+    crate::audit_direct::forget(relid);
     PLANS.with(|p| {
         let mut p = p.borrow_mut();
         if relid == pg_sys::InvalidOid {
@@ -184,6 +185,24 @@ fn _audit_row<'a>(
                 }
             };
             if set_based {
+                // One row: write the entry directly (src/audit_direct.rs).
+                if let Some((old, new)) = unsafe { crate::audit_direct::single_row(data, op) } {
+                    let target = crate::audit_direct::target(client);
+                    let addr = crate::audit_direct::client_addr(client);
+                    let entry = crate::audit_direct::Entry {
+                        old,
+                        new,
+                        op,
+                        table: &p.name,
+                        role: &role,
+                        pk: &p.pk,
+                        tenant_column: p.tenant_column.as_deref(),
+                        client_addr: addr.as_deref(),
+                    };
+                    if unsafe { crate::audit_direct::insert(target, &entry, tupdesc) } {
+                        return;
+                    }
+                }
                 let args =
                     [role.as_str().into(), p.name.as_str().into(), p.tenant_column.clone().into(), p.pk.clone().into()];
                 client.update(&p.plan, None, &args).expect("audit: append entries");

@@ -18,6 +18,7 @@ use pgrx::prelude::*;
 ::pgrx::pg_module_magic!(name, version);
 
 mod audit;
+mod audit_direct;
 mod auth;
 mod cache;
 mod context;

@@ -483,3 +483,72 @@ fn invalidations_arriving_during_audited_writes_are_harmless() {
         .get(0);
     assert_eq!(entries, written * 2, "every insert and update recorded");
 }
+
+/// A one-row statement's entry is written without SPI (src/audit_direct.rs);
+/// it must be the entry the set-based path writes for the same row.
+#[test]
+fn one_row_and_many_row_statements_write_the_same_entries() {
+    let (db, mut su) = fresh_db("audit_same");
+    su.batch_execute(&format!(
+        "CREATE TABLE typed (id int PRIMARY KEY, n numeric, t timestamptz, j jsonb, a int[], b boolean, s text,
+                             tenant_id uuid DEFAULT levqor.current_tenant());
+         SELECT levqor.enable_audit('typed');
+         GRANT SELECT, INSERT, UPDATE, DELETE ON typed TO {SERVER};"
+    ))
+    .unwrap();
+    let t = create_tenant_on(&mut su, "aud-same");
+    let user = uuid::Uuid::new_v4();
+    let mut s = connect_to(port(), SERVER, &db);
+    s.batch_execute("SET application_name = 'same-check'").unwrap();
+    let row = "123456789012345678901234567890.123456789, '2026-11-23 10:15:00.123456+00', '{\"k\": [1, \"é\"]}', '{1,2,NULL}', true, 'zoë \"quoted\"'";
+    let mut tx = s.transaction().unwrap();
+    tx.execute("SELECT levqor.set_tenant($1, user_id => $2, member_role => 'operator')", &[&t.slug, &user]).unwrap();
+    tx.batch_execute(&format!(
+        "INSERT INTO typed (id, n, t, j, a, b, s) VALUES (1, {row});
+         INSERT INTO typed (id, n, t, j, a, b, s) VALUES (2, {row}), (3, {row});
+         UPDATE typed SET s = NULL, n = n + 1 WHERE id = 1;
+         UPDATE typed SET s = NULL, n = n + 1 WHERE id IN (2, 3);
+         DELETE FROM typed WHERE id = 1;
+         DELETE FROM typed WHERE id IN (2, 3);"
+    ))
+    .unwrap();
+    tx.commit().unwrap();
+    let differing: i64 = su
+        .query_one(
+            "WITH e AS (
+                 SELECT operation, coalesce(new_row, old_row)->>'id' AS id, tenant_id, db_role, user_id, member_role,
+                        application_name, client_addr, kind, table_name, changed, xid,
+                        old_row - 'id' AS o, new_row - 'id' AS n, pk - 'id' AS pk_rest, pk ? 'id' AS has_pk
+                   FROM levqor.audit_log WHERE table_name = 'public.typed')
+             SELECT count(*) FROM e one JOIN e two ON two.operation = one.operation AND two.id = '2'
+              WHERE one.id = '1'
+                AND (one.tenant_id, one.db_role, one.user_id, one.member_role, one.application_name, one.client_addr,
+                     one.kind, one.changed, one.xid, one.o, one.n, one.pk_rest, one.has_pk)
+                    IS DISTINCT FROM
+                    (two.tenant_id, two.db_role, two.user_id, two.member_role, two.application_name, two.client_addr,
+                     two.kind, two.changed, two.xid, two.o, two.n, two.pk_rest, two.has_pk)",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(differing, 0, "the one-row entries differ from the set-based ones");
+    let pairs: i64 = su
+        .query_one(
+            "SELECT count(DISTINCT operation) FROM levqor.audit_log
+              WHERE table_name = 'public.typed' AND coalesce(new_row, old_row)->>'id' = '1'
+                AND tenant_id = $1 AND user_id = $2 AND application_name = 'same-check'",
+            &[&t.id, &user],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(pairs, 3, "insert, update and delete of the one-row statements, with who and where");
+    let changed: Vec<String> = su
+        .query_one(
+            "SELECT changed FROM levqor.audit_log WHERE table_name = 'public.typed' AND operation = 'UPDATE'
+                AND new_row->>'id' = '1'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(changed, ["n", "s"]);
+}

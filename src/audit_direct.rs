@@ -1,0 +1,279 @@
+//! The audit entry of a one-row statement, written without SPI.
+//!
+//! Most writes change one row. Planning and starting an executor for the
+//! trigger's `INSERT … SELECT` into `levqor.audit_log` costs more than the
+//! audited insert itself, so for a statement whose transition tables hold
+//! one row this forms the entry here and inserts it with the table access
+//! method and the index AM, as COPY does. The entry is the one the SQL path
+//! writes: the same JSON (row_to_json, then jsonb), the same defaults.
+//! Bulk statements keep the set-based SQL path (src/audit.rs).
+
+use std::cell::Cell;
+use std::ffi::{CStr, CString};
+
+use pgrx::pg_sys;
+use pgrx::IntoDatum;
+
+use crate::context;
+
+/// levqor.audit_log and its id sequence, learnt once per backend.
+#[derive(Clone, Copy)]
+struct Target {
+    rel: pg_sys::Oid,
+    seq: pg_sys::Oid,
+}
+
+thread_local! {
+    static TARGET: Cell<Option<Target>> = const { Cell::new(None) };
+    /// inet_client_addr() as text: constant for the life of a backend.
+    static CLIENT_ADDR: std::cell::RefCell<Option<Option<String>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Forget the target when the audit log changes (relcache callback).
+pub fn forget(relid: pg_sys::Oid) {
+    TARGET.with(|t| {
+        if relid == pg_sys::InvalidOid || t.get().is_some_and(|x| x.rel == relid) {
+            t.set(None);
+        }
+    });
+}
+
+/// Learn the target; runs inside the caller's SPI connection.
+pub fn target(client: &pgrx::spi::SpiClient<'_>) -> (pg_sys::Oid, pg_sys::Oid) {
+    if let Some(t) = TARGET.with(Cell::get) {
+        return (t.rel, t.seq);
+    }
+    let t = client
+        .select(
+            "SELECT 'levqor.audit_log'::regclass::oid,
+                    pg_get_serial_sequence('levqor.audit_log', 'id')::regclass::oid",
+            Some(1),
+            &[],
+        )
+        .expect("audit: find the log");
+    let row = t.first();
+    let target = Target {
+        rel: row.get::<pg_sys::Oid>(1).ok().flatten().expect("levqor.audit_log exists"),
+        seq: row.get::<pg_sys::Oid>(2).ok().flatten().expect("levqor.audit_log has an id sequence"),
+    };
+    TARGET.with(|c| c.set(Some(target)));
+    (target.rel, target.seq)
+}
+
+/// The client's address as the column default inet_client_addr() gives it.
+pub fn client_addr(client: &pgrx::spi::SpiClient<'_>) -> Option<String> {
+    if let Some(a) = CLIENT_ADDR.with(|c| c.borrow().clone()) {
+        return a;
+    }
+    let a = client
+        .select("SELECT inet_client_addr()::text", Some(1), &[])
+        .ok()
+        .and_then(|t| t.first().get::<String>(1).ok().flatten());
+    CLIENT_ADDR.with(|c| *c.borrow_mut() = Some(a.clone()));
+    a
+}
+
+/// The one row of a transition table, as a composite datum.
+unsafe fn only_row(store: *mut pg_sys::Tuplestorestate, desc: pg_sys::TupleDesc) -> Option<pg_sys::Datum> {
+    if store.is_null() || pg_sys::tuplestore_tuple_count(store) != 1 {
+        return None;
+    }
+    let slot = pg_sys::MakeSingleTupleTableSlot(desc, &pg_sys::TTSOpsMinimalTuple);
+    pg_sys::tuplestore_rescan(store);
+    let got = pg_sys::tuplestore_gettupleslot(store, true, false, slot);
+    let datum = got.then(|| pg_sys::ExecFetchSlotHeapTupleDatum(slot));
+    pg_sys::ExecDropSingleTupleTableSlot(slot);
+    datum
+}
+
+/// The statement's single (old, new) row images, or None for a statement
+/// that changed no row or more than one.
+pub unsafe fn single_row(
+    data: &pg_sys::TriggerData,
+    op: &str,
+) -> Option<(Option<pg_sys::Datum>, Option<pg_sys::Datum>)> {
+    let desc = (*data.tg_relation).rd_att;
+    match op {
+        "INSERT" => Some((None, Some(only_row(data.tg_newtable, desc)?))),
+        "DELETE" => Some((Some(only_row(data.tg_oldtable, desc)?), None)),
+        "UPDATE" => Some((Some(only_row(data.tg_oldtable, desc)?), Some(only_row(data.tg_newtable, desc)?))),
+        _ => None,
+    }
+}
+
+type PgFn = unsafe fn(pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+
+/// A built-in function called directly; None when it returns SQL NULL.
+unsafe fn call(f: PgFn, args: &[pg_sys::Datum]) -> Option<pg_sys::Datum> {
+    let args: Vec<Option<pg_sys::Datum>> = args.iter().copied().map(Some).collect();
+    pgrx::direct_function_call_as_datum(f, &args)
+}
+
+unsafe fn call1(f: PgFn, a: pg_sys::Datum) -> pg_sys::Datum {
+    call(f, &[a]).expect("a strict built-in returns a value")
+}
+
+/// to_jsonb(row), as the SQL path computes it: row_to_json formats every
+/// value as to_jsonb does; jsonb_in normalizes it.
+unsafe fn row_jsonb(row: pg_sys::Datum) -> pg_sys::Datum {
+    let json = call1(pg_sys::row_to_json, row);
+    let text = pg_sys::text_to_cstring(json.cast_mut_ptr());
+    call1(pg_sys::jsonb_in, pg_sys::Datum::from(text))
+}
+
+fn cstr(s: &str) -> CString {
+    CString::new(s.replace('\0', "")).expect("no NUL")
+}
+
+/// row -> key, or None when the row has no such key.
+unsafe fn field(row: pg_sys::Datum, key: &str) -> Option<pg_sys::Datum> {
+    let k = pg_sys::Datum::from(pg_sys::cstring_to_text(cstr(key).as_ptr()));
+    call(pg_sys::jsonb_object_field, &[row, k])
+}
+
+/// The entry's `pk`: an object of the primary key's columns, or NULL for a
+/// table without one (as jsonb_object_agg over no keys gives).
+unsafe fn pk_jsonb(row: pg_sys::Datum, pk: &[String]) -> Option<pg_sys::Datum> {
+    if pk.is_empty() {
+        return None;
+    }
+    let mut text = String::from("{");
+    for (i, k) in pk.iter().enumerate() {
+        if i > 0 {
+            text.push_str(", ");
+        }
+        text.push_str(&serde_json::to_string(k).expect("a string serializes"));
+        text.push_str(": ");
+        match field(row, k) {
+            Some(v) => text.push_str(&CStr::from_ptr(call1(pg_sys::jsonb_out, v).cast_mut_ptr()).to_string_lossy()),
+            None => text.push_str("null"),
+        }
+    }
+    text.push('}');
+    Some(call1(pg_sys::jsonb_in, pg_sys::Datum::from(cstr(&text).into_raw())))
+}
+
+/// The columns whose values differ, in byte order of their names (as the
+/// SQL path sorts them).
+unsafe fn changed(old: pg_sys::Datum, new: pg_sys::Datum, desc: pg_sys::TupleDesc) -> Vec<String> {
+    let mut names = Vec::new();
+    for i in 0..(*desc).natts as usize {
+        let att = &*(*desc).attrs.as_ptr().add(i);
+        if att.attisdropped {
+            continue;
+        }
+        let name = CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned();
+        let same = match (field(old, &name), field(new, &name)) {
+            (None, None) => true,
+            (Some(a), Some(b)) => call(pg_sys::jsonb_eq, &[a, b]).is_some_and(|d| d.value() != 0),
+            _ => false,
+        };
+        if !same {
+            names.push(name);
+        }
+    }
+    names.sort();
+    names
+}
+
+/// The tenant of the row: its tenant column, else the context's.
+unsafe fn tenant_of(row: pg_sys::Datum, tenant_column: Option<&str>) -> Option<pg_sys::Datum> {
+    let from_row = tenant_column.and_then(|c| field(row, c)).and_then(|v| {
+        let text = CStr::from_ptr(call1(pg_sys::jsonb_out, v).cast_mut_ptr()).to_string_lossy().into_owned();
+        uuid::Uuid::parse_str(text.trim_matches('"')).ok()
+    });
+    from_row
+        .or_else(|| context::current().map(|c| c.tenant))
+        .and_then(|u| context::from_uuid(u).into_datum())
+}
+
+pub struct Entry<'a> {
+    pub old: Option<pg_sys::Datum>,
+    pub new: Option<pg_sys::Datum>,
+    pub op: &'a str,
+    pub table: &'a str,
+    pub role: &'a str,
+    pub pk: &'a [String],
+    pub tenant_column: Option<&'a str>,
+    pub client_addr: Option<&'a str>,
+}
+
+/// Form and insert one audit entry; runs with the catalog owner's authority.
+/// Returns false, writing nothing, for an update that changed the primary
+/// key: the SQL path records that as the old row and the new row, unpaired,
+/// and so must this.
+pub unsafe fn insert(target: (pg_sys::Oid, pg_sys::Oid), e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
+    let old = e.old.map(|d| row_jsonb(d));
+    let new = e.new.map(|d| row_jsonb(d));
+    let any = new.or(old).expect("an entry has a row");
+    let pk = pk_jsonb(any, e.pk);
+    if let (Some(o), Some(_), Some(key)) = (old, new, pk) {
+        let old_key = pk_jsonb(o, e.pk).expect("same key columns");
+        if !call(pg_sys::jsonb_eq, &[key, old_key]).is_some_and(|d| d.value() != 0) {
+            return false;
+        }
+    }
+    let ctx = context::current();
+    let app_name = CStr::from_ptr(pg_sys::GetConfigOption(c"application_name".as_ptr(), false, false))
+        .to_string_lossy()
+        .into_owned();
+    let changed = match (old, new) {
+        (Some(o), Some(n)) if e.op == "UPDATE" => Some(changed(o, n, desc)),
+        _ => None,
+    };
+
+    let rel = pg_sys::table_open(target.0, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+    let log_desc = (*rel).rd_att;
+    let natts = (*log_desc).natts as usize;
+    let mut values = vec![pg_sys::Datum::from(0); natts];
+    let mut nulls = vec![true; natts];
+    for i in 0..natts {
+        let att = &*(*log_desc).attrs.as_ptr().add(i);
+        if att.attisdropped {
+            continue;
+        }
+        let name = CStr::from_ptr(att.attname.data.as_ptr()).to_bytes();
+        let v: Option<pg_sys::Datum> = match name {
+            b"id" => Some(call1(pg_sys::nextval_oid, pg_sys::Datum::from(target.1))),
+            b"tenant_id" => tenant_of(any, e.tenant_column),
+            b"at" => Some(pg_sys::Datum::from(pg_sys::GetCurrentStatementStartTimestamp())),
+            b"xid" => Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
+            b"db_role" => Some(call1(pg_sys::namein, pg_sys::Datum::from(cstr(e.role).into_raw()))),
+            b"user_id" => ctx.and_then(|c| c.user).and_then(|u| context::from_uuid(u).into_datum()),
+            b"member_role" => ctx.and_then(|c| c.role).and_then(|r| r.as_str().into_datum()),
+            b"application_name" => app_name.as_str().into_datum(),
+            b"client_addr" => e.client_addr.map(|a| call1(pg_sys::inet_in, pg_sys::Datum::from(cstr(a).into_raw()))),
+            b"kind" => "row".into_datum(),
+            b"table_name" => e.table.into_datum(),
+            b"operation" => e.op.into_datum(),
+            b"pk" => pk,
+            b"old_row" => old,
+            b"new_row" => new,
+            b"changed" => changed.clone().and_then(|c| c.into_datum()),
+            _ => None, // event, detail and the chain fields start NULL
+        };
+        if let Some(v) = v {
+            values[i] = v;
+            nulls[i] = false;
+        }
+    }
+    let tuple = pg_sys::heap_form_tuple(log_desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+
+    let estate = pg_sys::CreateExecutorState();
+    let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
+    (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
+    pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
+    pg_sys::ExecOpenIndices(rri, false);
+    let slot = pg_sys::ExecInitExtraTupleSlot(estate, log_desc, &pg_sys::TTSOpsHeapTuple);
+    pg_sys::ExecStoreHeapTuple(tuple, slot, false);
+    pg_sys::simple_table_tuple_insert(rel, slot);
+    let recheck = pg_sys::ExecInsertIndexTuples(rri, slot, estate, false, false, std::ptr::null_mut(), std::ptr::null_mut());
+    if !recheck.is_null() {
+        pg_sys::list_free(recheck);
+    }
+    pg_sys::ExecCloseIndices(rri);
+    pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
+    pg_sys::FreeExecutorState(estate);
+    pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    true
+}
