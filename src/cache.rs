@@ -98,8 +98,12 @@ pub fn init() {
     unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
 }
 
+/// The one relcache callback for all of levqor's backend-local caches
+/// (PostgreSQL has room for few): each module forgets what depends on relid.
 unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
     crate::audit::forget(relid);
+    crate::quota::forget(relid);
+    crate::policy::forget(relid);
     if relid == pg_sys::InvalidOid || CATALOG.with(Cell::get).contains(&relid) {
         clear();
     }
@@ -115,11 +119,18 @@ pub fn remember_catalog(tenants: pg_sys::Oid, keys: pg_sys::Oid) {
     CATALOG.with(|c| c.set([tenants, keys]));
 }
 
-fn get_or_fill<V: Clone>(
-    map: &'static std::thread::LocalKey<RefCell<HashMap<String, V>>>,
-    key: &str,
+/// The value cached under `key`, or `fill()`'s, kept for next time (the
+/// map starts over beyond MAX_ENTRIES). Every levqor cache goes through here.
+pub fn get_or_fill<K, Q, V>(
+    map: &'static std::thread::LocalKey<RefCell<HashMap<K, V>>>,
+    key: &Q,
     fill: impl FnOnce() -> Option<V>,
-) -> Option<V> {
+) -> Option<V>
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    V: Clone,
+{
     if let Some(v) = map.with(|m| m.borrow().get(key).cloned()) {
         return Some(v);
     }

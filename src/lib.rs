@@ -61,8 +61,6 @@ pub extern "C-unwind" fn _PG_init() {
     cache::init();
     lifecycle::init();
     counters::init();
-    quota::init();
-    policy::init();
     sealer::init();
     // Any other levqor.* name is a typo or an attempt at one; refuse it, and
     // drop placeholders a session made before the library was loaded.

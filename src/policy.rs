@@ -23,29 +23,25 @@ struct Decision {
 
 type Key = (Option<Uuid>, Option<&'static str>, String, String);
 
-const MAX_ENTRIES: usize = 10_000;
-
 thread_local! {
     static DECISIONS: RefCell<HashMap<Key, Decision>> = RefCell::new(HashMap::new());
     static CATALOG: Cell<[pg_sys::Oid; 3]> = const { Cell::new([pg_sys::InvalidOid; 3]) };
 }
 
-pub fn init() {
-    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
-}
-
-unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+/// Called from the relcache callback in crate::cache.
+pub fn forget(relid: pg_sys::Oid) {
     if relid == pg_sys::InvalidOid || CATALOG.with(Cell::get).contains(&relid) {
         DECISIONS.with(|d| d.borrow_mut().clear());
     }
 }
 
 fn decide(key: &Key) -> Decision {
-    if let Some(d) = DECISIONS.with(|d| d.borrow().get(key).cloned()) {
-        return d;
-    }
+    crate::cache::get_or_fill(&DECISIONS, key, || Some(fill(key))).expect("a filled decision")
+}
+
+fn fill(key: &Key) -> Decision {
     let (tenant, role, action, resource) = key;
-    let decision = as_catalog_owner(|| {
+    as_catalog_owner(|| {
         Spi::connect(|client| {
             let table = client
                 .select(
@@ -65,15 +61,7 @@ fn decide(key: &Key) -> Decision {
                 rationale: row.get::<String>(3).ok().flatten().unwrap_or_default(),
             }
         })
-    });
-    DECISIONS.with(|d| {
-        let mut d = d.borrow_mut();
-        if d.len() >= MAX_ENTRIES {
-            d.clear();
-        }
-        d.insert(key.clone(), decision.clone());
-    });
-    decision
+    })
 }
 
 /// May the current context do `action` to `resource`? Default deny; every

@@ -16,6 +16,7 @@ use pgrx::prelude::*;
 use uuid::Uuid;
 
 use crate::context::{self, from_uuid, to_uuid};
+use crate::cache;
 use crate::counters::{self, Data, Key, NO_WINDOW};
 use crate::errors;
 use crate::privilege::{as_catalog_owner, current_role_has};
@@ -131,11 +132,8 @@ thread_local! {
     static CATALOG: Cell<[pg_sys::Oid; 5]> = const { Cell::new([pg_sys::InvalidOid; 5]) };
 }
 
-pub fn init() {
-    unsafe { pg_sys::CacheRegisterRelcacheCallback(Some(invalidate), pg_sys::Datum::from(0)) };
-}
-
-unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) {
+/// Called from the relcache callback in crate::cache.
+pub fn forget(relid: pg_sys::Oid) {
     if relid == pg_sys::InvalidOid || CATALOG.with(Cell::get).contains(&relid) {
         METRICS.with(|m| m.borrow_mut().clear());
         LIMITS.with(|m| m.borrow_mut().clear());
@@ -165,10 +163,11 @@ fn query_one<R>(sql: &str, args: &[pgrx::datum::DatumWithOid<'_>], read: impl Fn
 }
 
 fn metric(name: &str) -> Option<Metric> {
-    if let Some(m) = METRICS.with(|m| m.borrow().get(name).cloned()) {
-        return Some(m);
-    }
-    let m = query_one(
+    cache::get_or_fill(&METRICS, name, || fill_metric(name))
+}
+
+fn fill_metric(name: &str) -> Option<Metric> {
+    query_one(
         "SELECT m.id::int4, m.kind, levqor._window_micros(m.reset_every),
                 'levqor.metrics'::regclass::oid, 'levqor.plans'::regclass::oid,
                 'levqor.quota_overrides'::regclass::oid, 'levqor.tenants'::regclass::oid,
@@ -188,17 +187,16 @@ fn metric(name: &str) -> Option<Metric> {
                 window: Window::from_micros(row.get::<i64>(3).ok().flatten().unwrap_or_default()),
             }
         },
-    )?;
-    METRICS.with(|c| c.borrow_mut().insert(name.to_owned(), m.clone()));
-    Some(m)
+    )
 }
 
 fn limit(tenant: Uuid, metric: &str) -> Limit {
-    let key = (tenant, metric.to_owned());
-    if let Some(l) = LIMITS.with(|l| l.borrow().get(&key).cloned()) {
-        return l;
-    }
-    let l = query_one(
+    cache::get_or_fill(&LIMITS, &(tenant, metric.to_owned()), || Some(fill_limit(tenant, metric)))
+        .expect("a filled limit")
+}
+
+fn fill_limit(tenant: Uuid, metric: &str) -> Limit {
+    query_one(
         "SELECT t.slug, t.plan, levqor._limit(t.id, $2) FROM levqor.tenants t WHERE t.id = $1",
         &[from_uuid(tenant).into(), metric.into()],
         |row| Limit {
@@ -207,16 +205,15 @@ fn limit(tenant: Uuid, metric: &str) -> Limit {
             quota: row.get::<i64>(3).ok().flatten(),
         },
     )
-    .unwrap_or_else(|| errors::unknown_tenant(&tenant.to_string()));
-    LIMITS.with(|c| c.borrow_mut().insert(key, l.clone()));
-    l
+    .unwrap_or_else(|| errors::unknown_tenant(&tenant.to_string()))
 }
 
 fn row_table(relid: pg_sys::Oid) -> Option<RowTable> {
-    if let Some(t) = ROW_TABLES.with(|t| t.borrow().get(&relid).cloned()) {
-        return Some(t);
-    }
-    let t = query_one(
+    cache::get_or_fill(&ROW_TABLES, &relid, || fill_row_table(relid))
+}
+
+fn fill_row_table(relid: pg_sys::Oid) -> Option<RowTable> {
+    query_one(
         "SELECT r.id::int4, r.metric, r.tenant_column::text, r.tbl::regclass::text
            FROM levqor.row_limits r WHERE r.tbl = $1",
         &[relid.into()],
@@ -226,9 +223,7 @@ fn row_table(relid: pg_sys::Oid) -> Option<RowTable> {
             column: row.get::<String>(3).ok().flatten().unwrap_or_default(),
             name: row.get::<String>(4).ok().flatten().unwrap_or_default(),
         },
-    )?;
-    ROW_TABLES.with(|c| c.borrow_mut().insert(relid, t.clone()));
-    Some(t)
+    )
 }
 
 fn key(tenant: Uuid, metric: u32) -> Key {
