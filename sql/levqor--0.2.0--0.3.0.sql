@@ -72,14 +72,14 @@ IMMUTABLE STRICT PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_chain_hashes_wrapper';
 
--- src/quota.rs:342
+-- src/quota.rs:337
 -- levqor::quota::_limit_rows
 CREATE FUNCTION "_limit_rows"()
 	RETURNS TRIGGER
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', '_limit_rows_wrapper';
 
--- src/quota.rs:403
+-- src/quota.rs:398
 -- levqor::quota::_usage_live
 CREATE  FUNCTION "_usage_live"() RETURNS TABLE (
 	"tenant_id" uuid,  /* pgrx :: Uuid */
@@ -92,7 +92,7 @@ STRICT STABLE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_usage_live_wrapper';
 
--- src/quota.rs:482
+-- src/quota.rs:477
 -- levqor::quota::_window_start_of
 CREATE  FUNCTION "_window_start_of"(
 	"reset_every_micros" bigint, /* i64 */
@@ -102,7 +102,7 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_window_start_of_wrapper';
 
--- src/policy.rs:83
+-- src/policy.rs:71
 -- levqor::policy::authorize
 CREATE  FUNCTION "authorize"(
 	"action" TEXT, /* & str */
@@ -112,7 +112,7 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'authorize_wrapper';
 
--- src/quota.rs:255
+-- src/quota.rs:250
 -- levqor::quota::consume
 CREATE  FUNCTION "consume"(
 	"metric_name" TEXT, /* & str */
@@ -122,7 +122,7 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'consume_wrapper';
 
--- src/quota.rs:434
+-- src/quota.rs:429
 -- levqor::quota::flush_usage
 CREATE  FUNCTION "flush_usage"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE
@@ -1061,6 +1061,25 @@ BEGIN
 END
 $fn$;
 
+-- A member's role, for a change to it: 42704 if not a member, and the
+-- tenant's last owner may not leave the role.
+CREATE FUNCTION levqor._leaving_role(t levqor.tenants, user_id uuid) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    was text;
+BEGIN
+    SELECT m.role INTO was FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'user % is not a member of %', user_id, t.slug USING ERRCODE = '42704';
+    END IF;
+    IF was = 'owner' THEN
+        PERFORM levqor._keep_an_owner(t, user_id);
+    END IF;
+    RETURN was;
+END
+$fn$;
+
 CREATE FUNCTION levqor.add_member(tenant text, user_id uuid, role text, sso_id text DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_variable
@@ -1089,16 +1108,10 @@ DECLARE
     was text;
 BEGIN
     PERFORM levqor._check_member_role(role);
-    SELECT m.role INTO was FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'user % is not a member of %', user_id, t.slug USING ERRCODE = '42704';
-    END IF;
-    IF was = role THEN
+    IF EXISTS (SELECT 1 FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id AND m.role = role) THEN
         RETURN;
     END IF;
-    IF was = 'owner' THEN
-        PERFORM levqor._keep_an_owner(t, user_id);
-    END IF;
+    was := levqor._leaving_role(t, user_id);
     UPDATE levqor.members m SET role = role, updated_at = now() WHERE m.tenant_id = t.id AND m.user_id = user_id;
     PERFORM levqor._log_event(t.id, 'member_role_changed', jsonb_build_object('user_id', user_id, 'from', was, 'to', role));
 END
@@ -1111,13 +1124,7 @@ DECLARE
     t   levqor.tenants := levqor._tenant_for_update(tenant);
     was text;
 BEGIN
-    SELECT m.role INTO was FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'user % is not a member of %', user_id, t.slug USING ERRCODE = '42704';
-    END IF;
-    IF was = 'owner' THEN
-        PERFORM levqor._keep_an_owner(t, user_id);
-    END IF;
+    was := levqor._leaving_role(t, user_id);
     DELETE FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
     PERFORM levqor._log_event(t.id, 'member_removed', jsonb_build_object('user_id', user_id, 'role', was));
 END

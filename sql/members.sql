@@ -41,6 +41,25 @@ BEGIN
 END
 $fn$;
 
+-- A member's role, for a change to it: 42704 if not a member, and the
+-- tenant's last owner may not leave the role.
+CREATE FUNCTION levqor._leaving_role(t levqor.tenants, user_id uuid) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    was text;
+BEGIN
+    SELECT m.role INTO was FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'user % is not a member of %', user_id, t.slug USING ERRCODE = '42704';
+    END IF;
+    IF was = 'owner' THEN
+        PERFORM levqor._keep_an_owner(t, user_id);
+    END IF;
+    RETURN was;
+END
+$fn$;
+
 CREATE FUNCTION levqor.add_member(tenant text, user_id uuid, role text, sso_id text DEFAULT NULL) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_variable
@@ -69,16 +88,10 @@ DECLARE
     was text;
 BEGIN
     PERFORM levqor._check_member_role(role);
-    SELECT m.role INTO was FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'user % is not a member of %', user_id, t.slug USING ERRCODE = '42704';
-    END IF;
-    IF was = role THEN
+    IF EXISTS (SELECT 1 FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id AND m.role = role) THEN
         RETURN;
     END IF;
-    IF was = 'owner' THEN
-        PERFORM levqor._keep_an_owner(t, user_id);
-    END IF;
+    was := levqor._leaving_role(t, user_id);
     UPDATE levqor.members m SET role = role, updated_at = now() WHERE m.tenant_id = t.id AND m.user_id = user_id;
     PERFORM levqor._log_event(t.id, 'member_role_changed', jsonb_build_object('user_id', user_id, 'from', was, 'to', role));
 END
@@ -91,13 +104,7 @@ DECLARE
     t   levqor.tenants := levqor._tenant_for_update(tenant);
     was text;
 BEGIN
-    SELECT m.role INTO was FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'user % is not a member of %', user_id, t.slug USING ERRCODE = '42704';
-    END IF;
-    IF was = 'owner' THEN
-        PERFORM levqor._keep_an_owner(t, user_id);
-    END IF;
+    was := levqor._leaving_role(t, user_id);
     DELETE FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
     PERFORM levqor._log_event(t.id, 'member_removed', jsonb_build_object('user_id', user_id, 'role', was));
 END
