@@ -123,6 +123,16 @@ pub fn create_tenant_on(client: &mut Client, prefix: &str) -> Tenant {
     Tenant { id: row.get(0), slug, key: row.get(1) }
 }
 
+/// A database of the test's own (once the cluster-wide roles exist), and a
+/// superuser connection to it.
+pub fn new_database(prefix: &str) -> (String, Client) {
+    let _ = db();
+    let name = unique(prefix);
+    connect_to(port(), "postgres", "postgres").batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
+    let client = connect_to(port(), "postgres", &name);
+    (name, client)
+}
+
 /// A new tenant, created by the levqor_admin role.
 pub fn tenant(prefix: &str) -> Tenant {
     create_tenant_on(&mut admin(), prefix)

@@ -4,10 +4,7 @@ use levqor_e2e::*;
 
 #[test]
 fn a_legacy_database_is_adopted_in_batches_and_can_go_back() {
-    let _ = db();
-    let name = unique("legacy");
-    connect_to(port(), "postgres", "postgres").batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    let mut su = connect_to(port(), "postgres", &name);
+    let (name, mut su) = new_database("legacy");
     // A v7-style single-tenant schema, with data.
     su.batch_execute(&format!(
         "CREATE TABLE users (id serial PRIMARY KEY, email text NOT NULL);

@@ -4,10 +4,7 @@
 use levqor_e2e::*;
 
 fn fresh_db(prefix: &str) -> (String, Client) {
-    let _ = db();
-    let name = unique(prefix);
-    connect_to(port(), "postgres", "postgres").batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    let mut su = connect_to(port(), "postgres", &name);
+    let (name, mut su) = new_database(prefix);
     su.batch_execute(&format!(
         "CREATE EXTENSION levqor;
          CREATE TABLE items (id serial PRIMARY KEY, body text NOT NULL);

@@ -568,10 +568,7 @@ fn counters_survive_a_clean_restart_and_a_crash_loses_only_unflushed_counts() {
 /// writes are refused like a shared tenant's.
 #[test]
 fn a_schema_tenants_storage_is_its_schema() {
-    let _ = db();
-    let name = unique("q_schema_storage");
-    connect_to(port(), "postgres", "postgres").batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    let mut su = connect_to(port(), "postgres", &name);
+    let (name, mut su) = new_database("q_schema_storage");
     su.batch_execute(&format!(
         "CREATE EXTENSION levqor;
          GRANT USAGE ON SCHEMA levqor_template TO levqor_app;

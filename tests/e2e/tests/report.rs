@@ -19,11 +19,7 @@ fn has(c: &mut Client, kind: &str, object: &str) -> bool {
 
 #[test]
 fn each_finding_is_reported_and_fixing_it_clears_it() {
-    let _ = db();
-    let name = unique("report");
-    let mut su0 = connect_to(port(), "postgres", "postgres");
-    su0.batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    let mut su = connect_to(port(), "postgres", &name);
+    let (name, mut su) = new_database("report");
     su.batch_execute(&format!("CREATE EXTENSION levqor; GRANT CREATE ON SCHEMA public TO {APP}")).unwrap();
     assert_eq!(findings(&mut su), vec![], "a clean database has no findings");
 

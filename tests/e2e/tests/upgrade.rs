@@ -57,14 +57,6 @@ fn fingerprint(c: &mut Client) -> Vec<String> {
     c.query(FINGERPRINT, &[]).unwrap().iter().map(|r| r.get(0)).collect()
 }
 
-fn fresh(prefix: &str) -> (String, Client) {
-    let _ = db();
-    let name = unique(prefix);
-    connect_to(port(), "postgres", "postgres").batch_execute(&format!("CREATE DATABASE {name}")).unwrap();
-    let c = connect_to(port(), "postgres", &name);
-    (name, c)
-}
-
 const CURRENT: &str = "0.3.0";
 
 #[test]
@@ -78,7 +70,7 @@ fn update_from_0_2_0_keeps_data_and_matches_a_fresh_install() {
 }
 
 fn update_from(from: &str) {
-    let (old_db, mut old) = fresh("upgrade_old");
+    let (old_db, mut old) = new_database("upgrade_old");
     old.batch_execute(&format!(
         "CREATE EXTENSION levqor VERSION '{from}';
          CREATE TABLE orders (id bigserial PRIMARY KEY, item text NOT NULL);
@@ -121,7 +113,7 @@ fn update_from(from: &str) {
     assert!(old.query("SELECT * FROM levqor.isolation_report()", &[]).unwrap().is_empty());
 
     // The catalog is exactly that of a fresh install.
-    let (_new_db, mut new) = fresh("upgrade_new");
+    let (_new_db, mut new) = new_database("upgrade_new");
     new.batch_execute("CREATE EXTENSION levqor").unwrap();
     let (o, n) = (fingerprint(&mut old), fingerprint(&mut new));
     let only_old: Vec<_> = o.iter().filter(|x| !n.contains(x)).collect();
