@@ -92,8 +92,9 @@ fn databases() -> Vec<String> {
     dbs
 }
 
-/// Run `sql` if levqor (with `function`) is installed in this database.
-fn run_if_installed(function: &str, sql: &str) {
+/// Run `sql` if levqor (with `function`) is installed in this database;
+/// returns the first column of its result when that is an integer.
+fn run_if_installed(function: &str, sql: &str) -> Option<i64> {
     BackgroundWorker::transaction(|| {
         Spi::connect_mut(|client| {
             let installed = client
@@ -101,12 +102,19 @@ fn run_if_installed(function: &str, sql: &str) {
                 .ok()
                 .and_then(|t| t.first().get::<bool>(1).ok().flatten())
                 .unwrap_or(false);
-            if installed {
-                client.update(sql, None, &[]).unwrap_or_else(|e| panic!("levqor worker: {sql}: {e}"));
+            if !installed {
+                return None;
             }
+            let t = client.update(sql, None, &[]).unwrap_or_else(|e| panic!("levqor worker: {sql}: {e}"));
+            t.first().get::<i64>(1).ok().flatten()
         })
-    });
+    })
 }
+
+/// Entries one sealing transaction takes; a pass repeats while it fills one
+/// (a backlog after a restart), up to this many times.
+const SEAL_BATCH: i64 = 10_000;
+const SEAL_ROUNDS: usize = 20;
 
 #[pg_guard]
 #[unsafe(no_mangle)]
@@ -133,8 +141,18 @@ pub extern "C-unwind" fn levqor_audit_sealer_main(_arg: pg_sys::Datum) {
             run_if_installed("levqor.flush_usage()", "SELECT levqor.flush_usage()");
             break;
         }
+        // The intervals are reloadable (SIGHUP), in this worker too.
+        if BackgroundWorker::sighup_received() {
+            unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
+            continue;
+        }
         if sealed.elapsed() >= seal {
-            run_if_installed("levqor.seal_audit(integer)", "SELECT levqor.seal_audit(10000)");
+            for _ in 0..SEAL_ROUNDS {
+                let sql = format!("SELECT levqor.seal_audit({SEAL_BATCH})::int8");
+                if run_if_installed("levqor.seal_audit(integer)", &sql) != Some(SEAL_BATCH) {
+                    break;
+                }
+            }
             sealed = Instant::now();
         }
         if flushed.elapsed() >= flush {
