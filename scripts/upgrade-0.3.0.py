@@ -46,7 +46,9 @@ added_lib = [new_lib[k] for k in sorted(new_lib) if k not in old_lib]
 out = ["""-- levqor 0.2.0 -> 0.3.0 (assembled by scripts/upgrade-0.3.0.py)
 --
 -- 0.3.0 adds plan quotas (consume(), row limits, storage limits, the usage
--- view, threshold events, the billing ledger), the organisation hierarchy, members and the policy engine. Run by ALTER EXTENSION
+-- view, threshold events, the billing ledger), the organisation hierarchy,
+-- members and the policy engine, and moves the audit chain into a table of
+-- its own. Run by ALTER EXTENSION
 -- levqor UPDATE; tests/e2e/tests/upgrade.rs checks that the result is the
 -- same catalog as a fresh 0.3.0 install, with data kept. Install the 0.3.0
 -- library first and restart (quotas need levqor in shared_preload_libraries).
@@ -65,17 +67,50 @@ ALTER TABLE levqor.tenants
 out.append("\n-- 1b. New functions beside existing ones.\n")
 for f in new_sql:
     out.append(b[f] + "\n")
-audit = open('sql/audit.sql').read()
-immutable = audit[audit.index("CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE"):audit.index("CREATE TRIGGER levqor_audit_no_truncate")]
-out.append("""
--- 2b. The audit log's immutability check moved into the trigger's WHEN clause
---     (sealing no longer calls a function per entry). The drop guard allows
---     it while the table is marked as being changed by levqor itself.
-INSERT INTO levqor._disabling (tbl) VALUES ('levqor.audit_log'::regclass);
-DROP TRIGGER levqor_audit_immutable ON levqor.audit_log;
-""" + immutable + "DELETE FROM levqor._disabling WHERE tbl = 'levqor.audit_log'::regclass;\n")
 out.append("\n-- 3. New functions in the library.\n")
 out.append("\n\n".join(added_lib) + "\n")
+audit = open('sql/audit.sql').read()
+
+
+def between(text, start, end):
+    return text[text.index(start):text.index(end)]
+
+
+out.append("""
+-- 3b. The audit chain moves beside the entries (levqor.audit_chain, written
+--     once per sealing batch) and entries are never updated again; entry ids
+--     come from levqor._audit_id() (the writer's transaction id first), over
+--     a sequence that continues where the identity stopped.
+""" + between(audit, "-- The chains: position seq", "-- The head of each chain")
+    + between(audit, "-- Where the sealer starts looking.", "SELECT pg_catalog.pg_extension_config_dump('levqor.audit_log', '');")
+    + """INSERT INTO levqor.audit_chain (chain, seq, id, hash, sealed_at)
+SELECT coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid), a.seq, a.id, a.hash, a.sealed_at
+  FROM levqor.audit_log a WHERE a.seq IS NOT NULL;
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_chain', '');
+INSERT INTO levqor._disabling (tbl) VALUES ('levqor.audit_log'::regclass);
+DROP TRIGGER levqor_audit_immutable ON levqor.audit_log;
+ALTER TABLE levqor.audit_log DROP COLUMN seq, DROP COLUMN prev_hash, DROP COLUMN hash, DROP COLUMN sealed_at;
+DELETE FROM levqor._disabling WHERE tbl = 'levqor.audit_log'::regclass;
+SELECT set_config('levqor_audit.last_id', coalesce(pg_sequence_last_value('levqor.audit_log_id_seq'), 0)::text, true);
+-- The identity's sequence goes with it; PostgreSQL leaves it among the
+-- extension's configuration tables, so take it out of that list first.
+UPDATE pg_catalog.pg_extension e
+   SET extconfig = x.cfg, extcondition = x.cond
+  FROM (SELECT array_agg(c.oid ORDER BY c.n) AS cfg, array_agg(c.cond ORDER BY c.n) AS cond
+          FROM pg_catalog.pg_extension e2, unnest(e2.extconfig, e2.extcondition) WITH ORDINALITY AS c(oid, cond, n)
+         WHERE e2.extname = 'levqor' AND c.oid <> 'levqor.audit_log_id_seq'::regclass) x
+ WHERE e.extname = 'levqor';
+ALTER TABLE levqor.audit_log ALTER COLUMN id DROP IDENTITY;
+CREATE SEQUENCE levqor.audit_log_id_seq OWNED BY levqor.audit_log.id;
+SELECT setval('levqor.audit_log_id_seq', greatest(current_setting('levqor_audit.last_id')::bigint, 1),
+              current_setting('levqor_audit.last_id')::bigint > 0);
+ALTER TABLE levqor.audit_log ALTER COLUMN id SET DEFAULT levqor._audit_id();
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_log_id_seq', '');
+""" + between(audit, "ALTER TABLE levqor.audit_chain ENABLE ROW LEVEL SECURITY;", "-- The canonical serialization")
+    + between(audit, "CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE ON levqor.audit_log",
+              "CREATE TRIGGER levqor_audit_no_truncate BEFORE TRUNCATE ON levqor.audit_log")
+    + between(audit, "CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE ON levqor.audit_chain", "-- Retention (superusers)")
+    + "CREATE POLICY audit_chain_admin_read ON levqor.audit_chain FOR SELECT TO levqor_admin USING (true);\n")
 out.append("\n-- 4. Quotas (sql/quota.sql, new in 0.3.0).\n" + quota)
 out.append("\n-- 4b. The hierarchy (sql/hierarchy.sql, new in 0.3.0).\n" + hierarchy)
 out.append("\n-- 4c. Members (sql/members.sql, new in 0.3.0).\n" + members)

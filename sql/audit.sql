@@ -2,13 +2,18 @@
 -- per tenant, in a SHA-256 hash chain.
 --
 -- Writers (the Rust trigger levqor._audit_row, and levqor._log_event) only
--- append *unchained* entries, so no writer waits for another's transaction.
+-- append entries, so no writer waits for another's transaction.
 -- levqor.seal_audit() links committed entries into their tenant's chain, one
--- sealer at a time, in id order of what has committed: entry N of a chain
--- stores hash_N = sha256(hash_{N-1} || canonical(entry N)).
+-- sealer at a time, in the order it finds them committed: position N of a
+-- chain stores hash_N = sha256(hash_{N-1} || canonical(entry at N)). The chain
+-- lives beside the entries, in levqor.audit_chain, written once per batch, so
+-- an entry is written once and never updated.
 
+-- Entry ids come from levqor._audit_id(): it takes the writer's transaction
+-- id first, then the next id, which is what lets the sealer tell when every
+-- id below some value is settled (see seal_audit).
 CREATE TABLE levqor.audit_log (
-    id               bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id               bigint PRIMARY KEY DEFAULT levqor._audit_id(),
     tenant_id        uuid,                      -- NULL: platform-level entries
     at               timestamptz NOT NULL DEFAULT statement_timestamp(),
     xid              xid8 NOT NULL DEFAULT pg_current_xact_id(),
@@ -25,17 +30,23 @@ CREATE TABLE levqor.audit_log (
     new_row          jsonb,
     changed          text[],
     event            text,
-    detail           jsonb,
-    -- the chain, set by seal_audit()
-    seq              bigint,
-    prev_hash        bytea,
-    hash             bytea,
-    sealed_at        timestamptz
+    detail           jsonb
 );
-CREATE UNIQUE INDEX audit_log_chain_idx ON levqor.audit_log
-    ((coalesce(tenant_id, '00000000-0000-0000-0000-000000000000'::uuid)), seq) WHERE seq IS NOT NULL;
-CREATE INDEX audit_log_unsealed_idx ON levqor.audit_log (id) WHERE seq IS NULL;
+CREATE SEQUENCE levqor.audit_log_id_seq OWNED BY levqor.audit_log.id;
 CREATE INDEX audit_log_tenant_idx ON levqor.audit_log (tenant_id, id);
+
+-- The chains: position seq of chain `chain` (a tenant, or the nil uuid for
+-- the platform) holds entry `id`, and hash = sha256(hash at seq - 1 ||
+-- canonical(entry, seq)).
+CREATE TABLE levqor.audit_chain (
+    chain     uuid NOT NULL,
+    seq       bigint NOT NULL,
+    id        bigint NOT NULL,
+    hash      bytea NOT NULL,
+    sealed_at timestamptz NOT NULL,
+    PRIMARY KEY (chain, seq)
+);
+CREATE UNIQUE INDEX audit_chain_id_idx ON levqor.audit_chain (id);
 
 -- The head of each chain: its length and last hash.
 CREATE TABLE levqor.audit_heads (
@@ -48,8 +59,23 @@ CREATE TABLE levqor.audit_heads (
     floor_hash bytea NOT NULL DEFAULT '\x0000000000000000000000000000000000000000000000000000000000000000',
     updated_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Where the sealer starts looking. Every entry with an id up to `through` is
+-- sealed or was rolled back. (horizon_id, horizon_xid) was read at an
+-- earlier pass: the id sequence's value, then the next transaction id. Once
+-- every transaction older than horizon_xid has ended, no entry with an id up
+-- to horizon_id can still appear, and `through` may move up to it.
+-- Not dumped: a restored database starts again from 0, which is only slower.
+CREATE TABLE levqor.audit_seal_state (
+    one         boolean PRIMARY KEY DEFAULT true CONSTRAINT audit_seal_state_one CHECK (one),
+    through     bigint NOT NULL DEFAULT 0,
+    horizon_id  bigint,
+    horizon_xid bigint
+);
+INSERT INTO levqor.audit_seal_state DEFAULT VALUES;
 SELECT pg_catalog.pg_extension_config_dump('levqor.audit_log', '');
 SELECT pg_catalog.pg_extension_config_dump('levqor.audit_log_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_chain', '');
 SELECT pg_catalog.pg_extension_config_dump('levqor.audit_heads', '');
 
 -- Tenants read their own trail, as auditor, admin or owner. Nobody else
@@ -58,11 +84,22 @@ ALTER TABLE levqor.audit_log ENABLE ROW LEVEL SECURITY;
 ALTER TABLE levqor.audit_log FORCE ROW LEVEL SECURITY;
 CREATE POLICY audit_read ON levqor.audit_log FOR SELECT TO PUBLIC
     USING (tenant_id = levqor.current_tenant() AND levqor.current_member_role() IN ('auditor', 'admin', 'owner'));
+ALTER TABLE levqor.audit_chain ENABLE ROW LEVEL SECURITY;
+ALTER TABLE levqor.audit_chain FORCE ROW LEVEL SECURITY;
+CREATE POLICY audit_chain_read ON levqor.audit_chain FOR SELECT TO PUBLIC
+    USING (chain = levqor.current_tenant() AND levqor.current_member_role() IN ('auditor', 'admin', 'owner'));
+
+-- Entries with their place in the chain (NULL while unsealed), as the
+-- reader's own row level security lets them see both.
+CREATE VIEW levqor.audit_trail WITH (security_invoker = true) AS
+    SELECT a.*, c.seq, c.hash, c.sealed_at
+      FROM levqor.audit_log a LEFT JOIN levqor.audit_chain c ON c.id = a.id;
 
 -- The canonical serialization an entry's hash covers: a JSON array in a fixed
 -- order (jsonb text output is deterministic), including its chain position.
+-- STABLE, not IMMUTABLE (to_char is stable), so that it is inlined.
 CREATE FUNCTION levqor._audit_canonical(e levqor.audit_log, chain_seq bigint) RETURNS bytea
-LANGUAGE sql IMMUTABLE AS $fn$
+LANGUAGE sql STABLE AS $fn$
     SELECT convert_to(jsonb_build_array(
         e.id, e.tenant_id, to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'), e.xid::text,
         e.db_role, e.user_id, e.member_role, e.application_name, host(e.client_addr), e.kind,
@@ -70,52 +107,54 @@ LANGUAGE sql IMMUTABLE AS $fn$
         chain_seq)::text, 'UTF8')
 $fn$;
 
+-- Seal up to max_entries committed entries; returns how many.
+--
+-- Which entries: every committed entry not yet in a chain, oldest id first.
+-- A transaction that stays open does not hold the others back: its entries
+-- are sealed when it commits, after those that committed before. To look
+-- only at recent ids, the sealer keeps a watermark (audit_seal_state):
+-- writers take their transaction id before their entry id, so once every
+-- transaction older than a transaction id read after some id value has
+-- ended, nothing at or below that value can still commit.
 CREATE FUNCTION levqor.seal_audit(max_entries int DEFAULT 10000) RETURNS int
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    ids    bigint[];
-    chains uuid[];
-    seqs   bigint[];
-    heads  bytea[];
-    canon  bytea[];
-    hashes bytea[];
+    st       record;
+    now_id   bigint;
+    now_xid  bigint;
+    settled  boolean;
+    upto     bigint;
+    n        int;
+    last_id  bigint;
 BEGIN
     -- One sealer at a time; a second one has nothing to do.
-    IF NOT pg_try_advisory_xact_lock(hashtext('levqor.seal_audit')) THEN
+    IF max_entries < 1 OR NOT pg_try_advisory_xact_lock(hashtext('levqor.seal_audit')) THEN
         RETURN 0;
     END IF;
-    SET LOCAL levqor_audit.sealing = 'on';
-    -- The oldest unsealed entries, numbered after their chain's head, in
-    -- chain order; the chain's hashes come from levqor._chain_hashes.
-    WITH batch AS (
-        SELECT a.id, coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) AS chain
-          FROM levqor.audit_log a WHERE a.seq IS NULL ORDER BY a.id LIMIT max_entries
-    ), numbered AS (
-        SELECT b.id, b.chain, coalesce(hd.seq, 0) + row_number() OVER (PARTITION BY b.chain ORDER BY b.id) AS nseq,
-               coalesce(hd.hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea) AS head
-          FROM batch b LEFT JOIN levqor.audit_heads hd ON hd.chain = b.chain
-    )
-    SELECT array_agg(n.id ORDER BY n.chain, n.nseq), array_agg(n.chain ORDER BY n.chain, n.nseq),
-           array_agg(n.nseq ORDER BY n.chain, n.nseq), array_agg(n.head ORDER BY n.chain, n.nseq),
-           array_agg(levqor._audit_canonical(a, n.nseq) ORDER BY n.chain, n.nseq)
-      INTO ids, chains, seqs, heads, canon
-      FROM numbered n JOIN levqor.audit_log a ON a.id = n.id;
-    IF ids IS NULL THEN
-        RETURN 0;
+    -- In this order: an id taken up to now_id was taken by a transaction
+    -- whose id is below now_xid.
+    now_id := coalesce(pg_sequence_last_value('levqor.audit_log_id_seq'), 0);
+    now_xid := levqor._next_xid();
+    SELECT s.through, s.horizon_id, s.horizon_xid INTO st FROM levqor.audit_seal_state s;
+    settled := st.horizon_xid IS NOT NULL
+               AND st.horizon_xid <= pg_snapshot_xmin(pg_current_snapshot())::text::bigint;
+    -- A later statement, a later snapshot: it sees every entry of the
+    -- transactions found ended above. The batch (read, hashed, appended to
+    -- levqor.audit_chain, heads moved) is src/seal.rs.
+    SELECT b.sealed, b.last_id INTO n, last_id FROM levqor._seal_batch(st.through, max_entries) b;
+    -- Move the watermark: up to the horizon once it is settled, but not past
+    -- what this pass sealed if it stopped at max_entries.
+    upto := st.through;
+    IF settled THEN
+        upto := greatest(upto, CASE WHEN n < max_entries THEN st.horizon_id
+                                          ELSE least(st.horizon_id, last_id) END);
     END IF;
-    hashes := levqor._chain_hashes(chains, heads, canon);
-    UPDATE levqor.audit_log a
-       SET seq = u.seq, hash = u.hash, sealed_at = clock_timestamp(),
-           prev_hash = coalesce(u.prev, u.head)
-      FROM (SELECT x.*, lag(x.hash) OVER (PARTITION BY x.chain ORDER BY x.seq) AS prev
-              FROM unnest(ids, chains, seqs, heads, hashes) AS x(id, chain, seq, head, hash)) u
-     WHERE a.id = u.id;
-    INSERT INTO levqor.audit_heads AS hd (chain, seq, hash)
-    SELECT DISTINCT ON (x.chain) x.chain, x.seq, x.hash
-      FROM unnest(chains, seqs, hashes) AS x(chain, seq, hash)
-     ORDER BY x.chain, x.seq DESC
-    ON CONFLICT (chain) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, updated_at = now();
-    RETURN cardinality(ids);
+    IF st.horizon_xid IS NULL OR (settled AND upto >= st.horizon_id) THEN
+        UPDATE levqor.audit_seal_state SET through = upto, horizon_id = now_id, horizon_xid = now_xid;
+    ELSIF upto <> st.through THEN
+        UPDATE levqor.audit_seal_state SET through = upto;
+    END IF;
+    RETURN n;
 END
 $fn$;
 
@@ -123,39 +162,55 @@ CREATE FUNCTION levqor.verify_audit(tenant text DEFAULT NULL)
 RETURNS TABLE (ok boolean, checked bigint, first_bad_id bigint, reason text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    ch    uuid := CASE WHEN tenant IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid
-                       ELSE levqor._tenant_id(tenant) END;
-    e     levqor.audit_log;
-    prev  bytea;
-    n     bigint;
-    head  record;
+    ch     uuid := CASE WHEN tenant IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid
+                        ELSE levqor._tenant_id(tenant) END;
+    r      record;
+    prev   bytea;
+    n      bigint;
+    head   record;
+    stray  bigint;
 BEGIN
     checked := 0;
     SELECT hd.seq, hd.hash, hd.floor_seq, hd.floor_hash INTO head FROM levqor.audit_heads hd WHERE hd.chain = ch;
     n := coalesce(head.floor_seq, 0);
     prev := coalesce(head.floor_hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
-    FOR e IN SELECT * FROM levqor.audit_log a
-              WHERE coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000') = ch AND a.seq IS NOT NULL
-              ORDER BY a.seq LOOP
+    FOR r IN SELECT c.seq, c.id, c.hash, a AS e, a.id IS NOT NULL AS present
+               FROM levqor.audit_chain c LEFT JOIN levqor.audit_log a ON a.id = c.id
+              WHERE c.chain = ch ORDER BY c.seq LOOP
         n := n + 1;
-        IF e.seq <> n THEN
-            RETURN QUERY SELECT false, checked, e.id, format('entry %s of the chain is missing (found %s next)', n, e.seq);
+        IF r.seq <> n THEN
+            RETURN QUERY SELECT false, checked, r.id, format('entry %s of the chain is missing (found %s next)', n, r.seq);
             RETURN;
         END IF;
-        IF e.prev_hash IS DISTINCT FROM prev THEN
-            RETURN QUERY SELECT false, checked, e.id, format('entry %s does not link to the entry before it', n);
+        IF NOT r.present THEN
+            RETURN QUERY SELECT false, checked, r.id, format('entry %s of the chain (id %s) was deleted from the log', n, r.id);
             RETURN;
         END IF;
-        IF e.hash IS DISTINCT FROM sha256(prev || levqor._audit_canonical(e, e.seq)) THEN
-            RETURN QUERY SELECT false, checked, e.id, format('entry %s was changed after it was sealed', n);
+        IF r.hash IS DISTINCT FROM sha256(prev || levqor._audit_canonical(r.e, r.seq)) THEN
+            RETURN QUERY SELECT false, checked, r.id, format('entry %s was changed after it was sealed', n);
             RETURN;
         END IF;
-        prev := e.hash;
+        prev := r.hash;
         checked := checked + 1;
     END LOOP;
     IF coalesce(head.seq, 0) <> n OR (n > 0 AND head.hash IS DISTINCT FROM prev) THEN
         RETURN QUERY SELECT false, checked, NULL::bigint,
             format('the chain ends at entry %s but its recorded head is entry %s: entries were removed from its end', n, coalesce(head.seq, 0));
+        RETURN;
+    END IF;
+    -- An entry of this chain below the sealer's watermark that no position
+    -- holds was put into the log behind the sealer's back.
+    IF tenant IS NULL THEN
+        SELECT a.id INTO stray FROM levqor.audit_log a
+         WHERE a.tenant_id IS NULL AND a.id <= (SELECT s.through FROM levqor.audit_seal_state s)
+           AND NOT EXISTS (SELECT FROM levqor.audit_chain c WHERE c.id = a.id) ORDER BY a.id LIMIT 1;
+    ELSE
+        SELECT a.id INTO stray FROM levqor.audit_log a
+         WHERE a.tenant_id = ch AND a.id <= (SELECT s.through FROM levqor.audit_seal_state s)
+           AND NOT EXISTS (SELECT FROM levqor.audit_chain c WHERE c.id = a.id) ORDER BY a.id LIMIT 1;
+    END IF;
+    IF stray IS NOT NULL THEN
+        RETURN QUERY SELECT false, checked, stray, format('entry id %s is in the log but in no chain: it was inserted behind the sealer', stray);
         RETURN;
     END IF;
     RETURN QUERY SELECT true, checked, NULL::bigint, NULL::text;
@@ -170,13 +225,9 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
      WHERE hd.chain = CASE WHEN $1 IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE levqor._tenant_id($1) END
 $fn$;
 
--- Nobody edits or deletes entries through SQL: the only change allowed is
--- sealing (filling the chain columns once), and deletion only through
--- levqor.purge_audit_before() (retention), both marked with a local setting
--- that only levqor's definer functions set.
--- Nothing changes an entry, except the sealer adding its chain fields once
--- (checked in the trigger's WHEN clause, in C, so sealing fires no function
--- per entry) and retention deleting a sealed prefix.
+-- Nobody edits an entry or a chain position, ever, and deletes them only
+-- through levqor.purge_audit_before() (retention), marked with a local
+-- setting that only that function sets.
 CREATE FUNCTION levqor._audit_immutable() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
@@ -188,20 +239,16 @@ BEGIN
 END
 $fn$;
 CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE ON levqor.audit_log
-    FOR EACH ROW
-    WHEN (NOT (current_setting('levqor_audit.sealing', true) IS NOT DISTINCT FROM 'on'
-               AND OLD.seq IS NULL AND NEW.seq IS NOT NULL
-               AND (OLD.id, OLD.tenant_id, OLD.at, OLD.kind, OLD.table_name, OLD.operation, OLD.pk, OLD.old_row,
-                    OLD.new_row, OLD.event, OLD.detail, OLD.xid::text, OLD.db_role, OLD.user_id, OLD.member_role,
-                    OLD.application_name, OLD.client_addr, OLD.changed)
-                   IS NOT DISTINCT FROM
-                   (NEW.id, NEW.tenant_id, NEW.at, NEW.kind, NEW.table_name, NEW.operation, NEW.pk, NEW.old_row,
-                    NEW.new_row, NEW.event, NEW.detail, NEW.xid::text, NEW.db_role, NEW.user_id, NEW.member_role,
-                    NEW.application_name, NEW.client_addr, NEW.changed)))
-    EXECUTE FUNCTION levqor._audit_immutable();
+    FOR EACH ROW EXECUTE FUNCTION levqor._audit_immutable();
 CREATE TRIGGER levqor_audit_no_delete BEFORE DELETE ON levqor.audit_log
     FOR EACH ROW EXECUTE FUNCTION levqor._audit_immutable();
 CREATE TRIGGER levqor_audit_no_truncate BEFORE TRUNCATE ON levqor.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_immutable();
+CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE ON levqor.audit_chain
+    FOR EACH ROW EXECUTE FUNCTION levqor._audit_immutable();
+CREATE TRIGGER levqor_audit_no_delete BEFORE DELETE ON levqor.audit_chain
+    FOR EACH ROW EXECUTE FUNCTION levqor._audit_immutable();
+CREATE TRIGGER levqor_audit_no_truncate BEFORE TRUNCATE ON levqor.audit_chain
     FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_immutable();
 
 -- Retention (superusers): delete sealed entries older than a point, a prefix
@@ -214,21 +261,24 @@ DECLARE
 BEGIN
     PERFORM levqor._require_superuser('levqor.purge_audit_before()');
     SET LOCAL levqor_audit.retention = 'on';
-    -- Per chain, only a prefix can go (entries sealed before the cutoff, up to
-    -- the first one that is not): the floor records where the chain now starts.
-    WITH doomed AS (
-        SELECT coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) AS chain, a.seq, a.hash, a.id
-          FROM levqor.audit_log a
-         WHERE a.seq IS NOT NULL
-           AND a.seq < coalesce((SELECT min(b.seq) FROM levqor.audit_log b
-                                  WHERE coalesce(b.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid)
-                                        = coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid)
-                                    AND b.seq IS NOT NULL AND b.at >= cutoff), 9223372036854775807)
+    -- Per chain, only a prefix can go (positions whose entries are older
+    -- than the cutoff, up to the first one that is not): the floor records
+    -- where the chain now starts.
+    WITH kept AS (
+        SELECT k.chain, min(k.seq) AS first
+          FROM levqor.audit_chain k JOIN levqor.audit_log b ON b.id = k.id
+         WHERE b.at >= cutoff GROUP BY k.chain
+    ), doomed AS (
+        SELECT c.chain, c.seq, c.hash, c.id
+          FROM levqor.audit_chain c LEFT JOIN kept USING (chain)
+         WHERE c.seq < coalesce(kept.first, 9223372036854775807)
     ), floors AS (
         SELECT DISTINCT ON (d.chain) d.chain, d.seq, d.hash FROM doomed d ORDER BY d.chain, d.seq DESC
     ), moved AS (
         UPDATE levqor.audit_heads hd SET floor_seq = f.seq, floor_hash = f.hash
           FROM floors f WHERE hd.chain = f.chain
+    ), unchained AS (
+        DELETE FROM levqor.audit_chain c USING doomed d WHERE c.chain = d.chain AND c.seq = d.seq
     )
     DELETE FROM levqor.audit_log a USING doomed d WHERE a.id = d.id;
     GET DIAGNOSTICS n = ROW_COUNT;
@@ -283,6 +333,7 @@ END
 $fn$;
 
 CREATE POLICY audit_admin_read ON levqor.audit_log FOR SELECT TO levqor_admin USING (true);
+CREATE POLICY audit_chain_admin_read ON levqor.audit_chain FOR SELECT TO levqor_admin USING (true);
 
 -- levqor's own events (lifecycle, keys, plans) go into the chained log too.
 CREATE OR REPLACE FUNCTION levqor._log_event(tenant uuid, event text, detail jsonb DEFAULT '{}')

@@ -58,7 +58,7 @@ BEGIN
                                         p.tbl::text, p.tbl, p.tenant_column) USING tid;
         END IF;
     END LOOP;
-    RETURN QUERY SELECT 'levqor.audit_log', to_jsonb(a) FROM levqor.audit_log a WHERE a.tenant_id = tid ORDER BY a.id;
+    RETURN QUERY SELECT 'levqor.audit_log', to_jsonb(a) FROM levqor.audit_trail a WHERE a.tenant_id = tid ORDER BY a.id;
 END
 $fn$;
 

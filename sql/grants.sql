@@ -124,8 +124,8 @@ GRANT SELECT ON levqor.quota_overrides, levqor.row_limits, levqor.usage_counters
     levqor.ledger_cursors, levqor.quota_alerts, levqor.tenant_tree, levqor.members TO levqor_admin;
 -- The audit log: row level security shows tenants their own trail (auditor,
 -- admin, owner) and levqor_admin all of it; nobody is granted any write.
-GRANT SELECT ON levqor.audit_log TO PUBLIC;
-GRANT SELECT ON levqor.audit_heads TO levqor_admin;
+GRANT SELECT ON levqor.audit_log, levqor.audit_chain, levqor.audit_trail TO PUBLIC;
+GRANT SELECT ON levqor.audit_heads, levqor.audit_seal_state TO levqor_admin;
 GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables, levqor.report_exemptions, levqor.migrations, levqor.adoptions TO levqor_admin;
 -- Key metadata, never the hashes.
 GRANT SELECT (key_id, tenant_id, role, user_id, label, created_at, created_by, expires_at, revoked_at)

@@ -1,7 +1,9 @@
 -- levqor 0.2.0 -> 0.3.0 (assembled by scripts/upgrade-0.3.0.py)
 --
 -- 0.3.0 adds plan quotas (consume(), row limits, storage limits, the usage
--- view, threshold events, the billing ledger), the organisation hierarchy, members and the policy engine. Run by ALTER EXTENSION
+-- view, threshold events, the billing ledger), the organisation hierarchy,
+-- members and the policy engine, and moves the audit chain into a table of
+-- its own. Run by ALTER EXTENSION
 -- levqor UPDATE; tests/e2e/tests/upgrade.rs checks that the result is the
 -- same catalog as a fresh 0.3.0 install, with data kept. Install the 0.3.0
 -- library first and restart (quotas need levqor in shared_preload_libraries).
@@ -23,28 +25,14 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
     SELECT pt.scope_column FROM levqor.protected_tables pt WHERE pt.tbl = $1
 $fn$;
 
--- 2b. The audit log's immutability check moved into the trigger's WHEN clause
---     (sealing no longer calls a function per entry). The drop guard allows
---     it while the table is marked as being changed by levqor itself.
-INSERT INTO levqor._disabling (tbl) VALUES ('levqor.audit_log'::regclass);
-DROP TRIGGER levqor_audit_immutable ON levqor.audit_log;
-CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE ON levqor.audit_log
-    FOR EACH ROW
-    WHEN (NOT (current_setting('levqor_audit.sealing', true) IS NOT DISTINCT FROM 'on'
-               AND OLD.seq IS NULL AND NEW.seq IS NOT NULL
-               AND (OLD.id, OLD.tenant_id, OLD.at, OLD.kind, OLD.table_name, OLD.operation, OLD.pk, OLD.old_row,
-                    OLD.new_row, OLD.event, OLD.detail, OLD.xid::text, OLD.db_role, OLD.user_id, OLD.member_role,
-                    OLD.application_name, OLD.client_addr, OLD.changed)
-                   IS NOT DISTINCT FROM
-                   (NEW.id, NEW.tenant_id, NEW.at, NEW.kind, NEW.table_name, NEW.operation, NEW.pk, NEW.old_row,
-                    NEW.new_row, NEW.event, NEW.detail, NEW.xid::text, NEW.db_role, NEW.user_id, NEW.member_role,
-                    NEW.application_name, NEW.client_addr, NEW.changed)))
-    EXECUTE FUNCTION levqor._audit_immutable();
-CREATE TRIGGER levqor_audit_no_delete BEFORE DELETE ON levqor.audit_log
-    FOR EACH ROW EXECUTE FUNCTION levqor._audit_immutable();
-DELETE FROM levqor._disabling WHERE tbl = 'levqor.audit_log'::regclass;
-
 -- 3. New functions in the library.
+-- src/audit.rs:231
+-- levqor::audit::_audit_id
+CREATE  FUNCTION "_audit_id"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_audit_id_wrapper';
+
 -- src/privilege.rs:83
 -- levqor::privilege::_caller_has
 CREATE  FUNCTION "_caller_has"(
@@ -61,23 +49,32 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_caller_is_admin_wrapper';
 
--- src/audit.rs:235
--- levqor::audit::_chain_hashes
-CREATE  FUNCTION "_chain_hashes"(
-	"chains" uuid[], /* Vec < pgrx :: Uuid > */
-	"heads" bytea[], /* pgrx :: Array < '_, & [u8] > */
-	"canonicals" bytea[] /* pgrx :: Array < '_, & [u8] > */
-) RETURNS bytea[] /* Vec < Vec < u8 > > */
-IMMUTABLE STRICT PARALLEL SAFE
-LANGUAGE c /* Rust */
-AS 'MODULE_PATHNAME', '_chain_hashes_wrapper';
-
 -- src/quota.rs:337
 -- levqor::quota::_limit_rows
 CREATE FUNCTION "_limit_rows"()
 	RETURNS TRIGGER
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', '_limit_rows_wrapper';
+
+-- src/audit.rs:239
+-- levqor::audit::_next_xid
+CREATE  FUNCTION "_next_xid"() RETURNS bigint /* i64 */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_next_xid_wrapper';
+
+-- src/seal.rs:151
+-- levqor::seal::_seal_batch
+CREATE  FUNCTION "_seal_batch"(
+	"after" bigint, /* i64 */
+	"max_entries" INT /* i32 */
+) RETURNS TABLE (
+	"sealed" INT,  /* i32 */
+	"last_id" bigint  /* Option < i64 > */
+)
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_seal_batch_wrapper';
 
 -- src/quota.rs:398
 -- levqor::quota::_usage_live
@@ -128,6 +125,83 @@ CREATE  FUNCTION "flush_usage"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', 'flush_usage_wrapper';
+
+-- 3b. The audit chain moves beside the entries (levqor.audit_chain, written
+--     once per sealing batch) and entries are never updated again; entry ids
+--     come from levqor._audit_id() (the writer's transaction id first), over
+--     a sequence that continues where the identity stopped.
+-- The chains: position seq of chain `chain` (a tenant, or the nil uuid for
+-- the platform) holds entry `id`, and hash = sha256(hash at seq - 1 ||
+-- canonical(entry, seq)).
+CREATE TABLE levqor.audit_chain (
+    chain     uuid NOT NULL,
+    seq       bigint NOT NULL,
+    id        bigint NOT NULL,
+    hash      bytea NOT NULL,
+    sealed_at timestamptz NOT NULL,
+    PRIMARY KEY (chain, seq)
+);
+CREATE UNIQUE INDEX audit_chain_id_idx ON levqor.audit_chain (id);
+
+-- Where the sealer starts looking. Every entry with an id up to `through` is
+-- sealed or was rolled back. (horizon_id, horizon_xid) was read at an
+-- earlier pass: the id sequence's value, then the next transaction id. Once
+-- every transaction older than horizon_xid has ended, no entry with an id up
+-- to horizon_id can still appear, and `through` may move up to it.
+-- Not dumped: a restored database starts again from 0, which is only slower.
+CREATE TABLE levqor.audit_seal_state (
+    one         boolean PRIMARY KEY DEFAULT true CONSTRAINT audit_seal_state_one CHECK (one),
+    through     bigint NOT NULL DEFAULT 0,
+    horizon_id  bigint,
+    horizon_xid bigint
+);
+INSERT INTO levqor.audit_seal_state DEFAULT VALUES;
+INSERT INTO levqor.audit_chain (chain, seq, id, hash, sealed_at)
+SELECT coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid), a.seq, a.id, a.hash, a.sealed_at
+  FROM levqor.audit_log a WHERE a.seq IS NOT NULL;
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_chain', '');
+INSERT INTO levqor._disabling (tbl) VALUES ('levqor.audit_log'::regclass);
+DROP TRIGGER levqor_audit_immutable ON levqor.audit_log;
+ALTER TABLE levqor.audit_log DROP COLUMN seq, DROP COLUMN prev_hash, DROP COLUMN hash, DROP COLUMN sealed_at;
+DELETE FROM levqor._disabling WHERE tbl = 'levqor.audit_log'::regclass;
+SELECT set_config('levqor_audit.last_id', coalesce(pg_sequence_last_value('levqor.audit_log_id_seq'), 0)::text, true);
+-- The identity's sequence goes with it; PostgreSQL leaves it among the
+-- extension's configuration tables, so take it out of that list first.
+UPDATE pg_catalog.pg_extension e
+   SET extconfig = x.cfg, extcondition = x.cond
+  FROM (SELECT array_agg(c.oid ORDER BY c.n) AS cfg, array_agg(c.cond ORDER BY c.n) AS cond
+          FROM pg_catalog.pg_extension e2, unnest(e2.extconfig, e2.extcondition) WITH ORDINALITY AS c(oid, cond, n)
+         WHERE e2.extname = 'levqor' AND c.oid <> 'levqor.audit_log_id_seq'::regclass) x
+ WHERE e.extname = 'levqor';
+ALTER TABLE levqor.audit_log ALTER COLUMN id DROP IDENTITY;
+CREATE SEQUENCE levqor.audit_log_id_seq OWNED BY levqor.audit_log.id;
+SELECT setval('levqor.audit_log_id_seq', greatest(current_setting('levqor_audit.last_id')::bigint, 1),
+              current_setting('levqor_audit.last_id')::bigint > 0);
+ALTER TABLE levqor.audit_log ALTER COLUMN id SET DEFAULT levqor._audit_id();
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_log_id_seq', '');
+ALTER TABLE levqor.audit_chain ENABLE ROW LEVEL SECURITY;
+ALTER TABLE levqor.audit_chain FORCE ROW LEVEL SECURITY;
+CREATE POLICY audit_chain_read ON levqor.audit_chain FOR SELECT TO PUBLIC
+    USING (chain = levqor.current_tenant() AND levqor.current_member_role() IN ('auditor', 'admin', 'owner'));
+
+-- Entries with their place in the chain (NULL while unsealed), as the
+-- reader's own row level security lets them see both.
+CREATE VIEW levqor.audit_trail WITH (security_invoker = true) AS
+    SELECT a.*, c.seq, c.hash, c.sealed_at
+      FROM levqor.audit_log a LEFT JOIN levqor.audit_chain c ON c.id = a.id;
+
+CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE ON levqor.audit_log
+    FOR EACH ROW EXECUTE FUNCTION levqor._audit_immutable();
+CREATE TRIGGER levqor_audit_no_delete BEFORE DELETE ON levqor.audit_log
+    FOR EACH ROW EXECUTE FUNCTION levqor._audit_immutable();
+CREATE TRIGGER levqor_audit_immutable BEFORE UPDATE ON levqor.audit_chain
+    FOR EACH ROW EXECUTE FUNCTION levqor._audit_immutable();
+CREATE TRIGGER levqor_audit_no_delete BEFORE DELETE ON levqor.audit_chain
+    FOR EACH ROW EXECUTE FUNCTION levqor._audit_immutable();
+CREATE TRIGGER levqor_audit_no_truncate BEFORE TRUNCATE ON levqor.audit_chain
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_immutable();
+
+CREATE POLICY audit_chain_admin_read ON levqor.audit_chain FOR SELECT TO levqor_admin USING (true);
 
 -- 4. Quotas (sql/quota.sql, new in 0.3.0).
 -- Plan quotas and usage metering (docs/quotas.md).
@@ -1526,6 +1600,14 @@ END
 $fn$;
 
 -- 4e. Changed functions.
+CREATE OR REPLACE FUNCTION levqor._audit_canonical(e levqor.audit_log, chain_seq bigint) RETURNS bytea
+LANGUAGE sql STABLE AS $fn$
+    SELECT convert_to(jsonb_build_array(
+        e.id, e.tenant_id, to_char(e.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US'), e.xid::text,
+        e.db_role, e.user_id, e.member_role, e.application_name, host(e.client_addr), e.kind,
+        e.table_name, e.operation, e.pk, e.old_row, e.new_row, to_jsonb(e.changed), e.event, e.detail,
+        chain_seq)::text, 'UTF8')
+$fn$;
 CREATE OR REPLACE FUNCTION levqor._audit_immutable() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
 BEGIN
@@ -1534,6 +1616,51 @@ BEGIN
     END IF;
     RAISE EXCEPTION 'the levqor audit log is append-only: % refused', TG_OP
         USING ERRCODE = '42501', HINT = 'Retention is levqor.purge_audit_before(), for superusers.';
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._export(tid uuid) RETURNS TABLE (table_name text, row_data jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_column
+DECLARE
+    t      levqor.tenants;
+    p      record;
+    counts jsonb := '{}';
+    n      bigint;
+BEGIN
+    SELECT * INTO t FROM levqor.tenants WHERE id = tid;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'tenant % does not exist', tid USING ERRCODE = '42704';
+    END IF;
+    FOR p IN SELECT * FROM levqor._export_sources(tid) LOOP
+        IF p.tenant_column IS NULL THEN
+            EXECUTE format('SELECT count(*) FROM %s', p.tbl) INTO n;
+        ELSE
+            EXECUTE format('SELECT count(*) FROM %s WHERE %I = $1', p.tbl, p.tenant_column) INTO n USING tid;
+        END IF;
+        counts := counts || jsonb_build_object(p.tbl::text, n);
+    END LOOP;
+    counts := counts
+        || jsonb_build_object('levqor.tenants', 1,
+                              'levqor.tenant_keys', (SELECT count(*) FROM levqor.tenant_keys k WHERE k.tenant_id = tid),
+                              'levqor.audit_log', (SELECT count(*) FROM levqor.audit_log a WHERE a.tenant_id = tid));
+
+    table_name := 'manifest';
+    row_data := jsonb_build_object('tenant', tid, 'slug', t.slug, 'exported_at', now(), 'format', 'levqor-export/1',
+                              'rows', counts);
+    RETURN NEXT;
+    RETURN QUERY SELECT 'levqor.tenants', to_jsonb(x) FROM levqor.tenants x WHERE x.id = tid;
+    -- Key metadata, never the hashes.
+    RETURN QUERY SELECT 'levqor.tenant_keys', to_jsonb(k) - 'key_hash'
+                   FROM levqor.tenant_keys k WHERE k.tenant_id = tid ORDER BY k.created_at;
+    FOR p IN SELECT * FROM levqor._export_sources(tid) LOOP
+        IF p.tenant_column IS NULL THEN
+            RETURN QUERY EXECUTE format('SELECT %L::text, to_jsonb(x) FROM %s x', p.tbl::text, p.tbl);
+        ELSE
+            RETURN QUERY EXECUTE format('SELECT %L::text, to_jsonb(x) FROM %s x WHERE x.%I = $1',
+                                        p.tbl::text, p.tbl, p.tenant_column) USING tid;
+        END IF;
+    END LOOP;
+    RETURN QUERY SELECT 'levqor.audit_log', to_jsonb(a) FROM levqor.audit_trail a WHERE a.tenant_id = tid ORDER BY a.id;
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor._guard_ddl() RETURNS event_trigger
@@ -1996,52 +2123,77 @@ BEGIN
     PERFORM levqor._register_protected(tbl, tenant_column);
 END
 $fn$;
+CREATE OR REPLACE FUNCTION levqor.purge_audit_before(cutoff timestamptz) RETURNS bigint
+LANGUAGE plpgsql VOLATILE AS $fn$
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM levqor._require_superuser('levqor.purge_audit_before()');
+    SET LOCAL levqor_audit.retention = 'on';
+    -- Per chain, only a prefix can go (positions whose entries are older
+    -- than the cutoff, up to the first one that is not): the floor records
+    -- where the chain now starts.
+    WITH kept AS (
+        SELECT k.chain, min(k.seq) AS first
+          FROM levqor.audit_chain k JOIN levqor.audit_log b ON b.id = k.id
+         WHERE b.at >= cutoff GROUP BY k.chain
+    ), doomed AS (
+        SELECT c.chain, c.seq, c.hash, c.id
+          FROM levqor.audit_chain c LEFT JOIN kept USING (chain)
+         WHERE c.seq < coalesce(kept.first, 9223372036854775807)
+    ), floors AS (
+        SELECT DISTINCT ON (d.chain) d.chain, d.seq, d.hash FROM doomed d ORDER BY d.chain, d.seq DESC
+    ), moved AS (
+        UPDATE levqor.audit_heads hd SET floor_seq = f.seq, floor_hash = f.hash
+          FROM floors f WHERE hd.chain = f.chain
+    ), unchained AS (
+        DELETE FROM levqor.audit_chain c USING doomed d WHERE c.chain = d.chain AND c.seq = d.seq
+    )
+    DELETE FROM levqor.audit_log a USING doomed d WHERE a.id = d.id;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM levqor._log_event(NULL, 'audit_retention', jsonb_build_object('before', cutoff, 'deleted', n));
+    RETURN n;
+END
+$fn$;
 CREATE OR REPLACE FUNCTION levqor.seal_audit(max_entries int DEFAULT 10000) RETURNS int
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    ids    bigint[];
-    chains uuid[];
-    seqs   bigint[];
-    heads  bytea[];
-    canon  bytea[];
-    hashes bytea[];
+    st       record;
+    now_id   bigint;
+    now_xid  bigint;
+    settled  boolean;
+    upto     bigint;
+    n        int;
+    last_id  bigint;
 BEGIN
     -- One sealer at a time; a second one has nothing to do.
-    IF NOT pg_try_advisory_xact_lock(hashtext('levqor.seal_audit')) THEN
+    IF max_entries < 1 OR NOT pg_try_advisory_xact_lock(hashtext('levqor.seal_audit')) THEN
         RETURN 0;
     END IF;
-    SET LOCAL levqor_audit.sealing = 'on';
-    -- The oldest unsealed entries, numbered after their chain's head, in
-    -- chain order; the chain's hashes come from levqor._chain_hashes.
-    WITH batch AS (
-        SELECT a.id, coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) AS chain
-          FROM levqor.audit_log a WHERE a.seq IS NULL ORDER BY a.id LIMIT max_entries
-    ), numbered AS (
-        SELECT b.id, b.chain, coalesce(hd.seq, 0) + row_number() OVER (PARTITION BY b.chain ORDER BY b.id) AS nseq,
-               coalesce(hd.hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea) AS head
-          FROM batch b LEFT JOIN levqor.audit_heads hd ON hd.chain = b.chain
-    )
-    SELECT array_agg(n.id ORDER BY n.chain, n.nseq), array_agg(n.chain ORDER BY n.chain, n.nseq),
-           array_agg(n.nseq ORDER BY n.chain, n.nseq), array_agg(n.head ORDER BY n.chain, n.nseq),
-           array_agg(levqor._audit_canonical(a, n.nseq) ORDER BY n.chain, n.nseq)
-      INTO ids, chains, seqs, heads, canon
-      FROM numbered n JOIN levqor.audit_log a ON a.id = n.id;
-    IF ids IS NULL THEN
-        RETURN 0;
+    -- In this order: an id taken up to now_id was taken by a transaction
+    -- whose id is below now_xid.
+    now_id := coalesce(pg_sequence_last_value('levqor.audit_log_id_seq'), 0);
+    now_xid := levqor._next_xid();
+    SELECT s.through, s.horizon_id, s.horizon_xid INTO st FROM levqor.audit_seal_state s;
+    settled := st.horizon_xid IS NOT NULL
+               AND st.horizon_xid <= pg_snapshot_xmin(pg_current_snapshot())::text::bigint;
+    -- A later statement, a later snapshot: it sees every entry of the
+    -- transactions found ended above. The batch (read, hashed, appended to
+    -- levqor.audit_chain, heads moved) is src/seal.rs.
+    SELECT b.sealed, b.last_id INTO n, last_id FROM levqor._seal_batch(st.through, max_entries) b;
+    -- Move the watermark: up to the horizon once it is settled, but not past
+    -- what this pass sealed if it stopped at max_entries.
+    upto := st.through;
+    IF settled THEN
+        upto := greatest(upto, CASE WHEN n < max_entries THEN st.horizon_id
+                                          ELSE least(st.horizon_id, last_id) END);
     END IF;
-    hashes := levqor._chain_hashes(chains, heads, canon);
-    UPDATE levqor.audit_log a
-       SET seq = u.seq, hash = u.hash, sealed_at = clock_timestamp(),
-           prev_hash = coalesce(u.prev, u.head)
-      FROM (SELECT x.*, lag(x.hash) OVER (PARTITION BY x.chain ORDER BY x.seq) AS prev
-              FROM unnest(ids, chains, seqs, heads, hashes) AS x(id, chain, seq, head, hash)) u
-     WHERE a.id = u.id;
-    INSERT INTO levqor.audit_heads AS hd (chain, seq, hash)
-    SELECT DISTINCT ON (x.chain) x.chain, x.seq, x.hash
-      FROM unnest(chains, seqs, hashes) AS x(chain, seq, hash)
-     ORDER BY x.chain, x.seq DESC
-    ON CONFLICT (chain) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, updated_at = now();
-    RETURN cardinality(ids);
+    IF st.horizon_xid IS NULL OR (settled AND upto >= st.horizon_id) THEN
+        UPDATE levqor.audit_seal_state SET through = upto, horizon_id = now_id, horizon_xid = now_xid;
+    ELSIF upto <> st.through THEN
+        UPDATE levqor.audit_seal_state SET through = upto;
+    END IF;
+    RETURN n;
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor.tenant_storage_bytes(tenant text) RETURNS bigint
@@ -2063,6 +2215,64 @@ BEGIN
         total := total + n;
     END LOOP;
     RETURN total;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.verify_audit(tenant text DEFAULT NULL)
+RETURNS TABLE (ok boolean, checked bigint, first_bad_id bigint, reason text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    ch     uuid := CASE WHEN tenant IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid
+                        ELSE levqor._tenant_id(tenant) END;
+    r      record;
+    prev   bytea;
+    n      bigint;
+    head   record;
+    stray  bigint;
+BEGIN
+    checked := 0;
+    SELECT hd.seq, hd.hash, hd.floor_seq, hd.floor_hash INTO head FROM levqor.audit_heads hd WHERE hd.chain = ch;
+    n := coalesce(head.floor_seq, 0);
+    prev := coalesce(head.floor_hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
+    FOR r IN SELECT c.seq, c.id, c.hash, a AS e, a.id IS NOT NULL AS present
+               FROM levqor.audit_chain c LEFT JOIN levqor.audit_log a ON a.id = c.id
+              WHERE c.chain = ch ORDER BY c.seq LOOP
+        n := n + 1;
+        IF r.seq <> n THEN
+            RETURN QUERY SELECT false, checked, r.id, format('entry %s of the chain is missing (found %s next)', n, r.seq);
+            RETURN;
+        END IF;
+        IF NOT r.present THEN
+            RETURN QUERY SELECT false, checked, r.id, format('entry %s of the chain (id %s) was deleted from the log', n, r.id);
+            RETURN;
+        END IF;
+        IF r.hash IS DISTINCT FROM sha256(prev || levqor._audit_canonical(r.e, r.seq)) THEN
+            RETURN QUERY SELECT false, checked, r.id, format('entry %s was changed after it was sealed', n);
+            RETURN;
+        END IF;
+        prev := r.hash;
+        checked := checked + 1;
+    END LOOP;
+    IF coalesce(head.seq, 0) <> n OR (n > 0 AND head.hash IS DISTINCT FROM prev) THEN
+        RETURN QUERY SELECT false, checked, NULL::bigint,
+            format('the chain ends at entry %s but its recorded head is entry %s: entries were removed from its end', n, coalesce(head.seq, 0));
+        RETURN;
+    END IF;
+    -- An entry of this chain below the sealer's watermark that no position
+    -- holds was put into the log behind the sealer's back.
+    IF tenant IS NULL THEN
+        SELECT a.id INTO stray FROM levqor.audit_log a
+         WHERE a.tenant_id IS NULL AND a.id <= (SELECT s.through FROM levqor.audit_seal_state s)
+           AND NOT EXISTS (SELECT FROM levqor.audit_chain c WHERE c.id = a.id) ORDER BY a.id LIMIT 1;
+    ELSE
+        SELECT a.id INTO stray FROM levqor.audit_log a
+         WHERE a.tenant_id = ch AND a.id <= (SELECT s.through FROM levqor.audit_seal_state s)
+           AND NOT EXISTS (SELECT FROM levqor.audit_chain c WHERE c.id = a.id) ORDER BY a.id LIMIT 1;
+    END IF;
+    IF stray IS NOT NULL THEN
+        RETURN QUERY SELECT false, checked, stray, format('entry id %s is in the log but in no chain: it was inserted behind the sealer', stray);
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT true, checked, NULL::bigint, NULL::text;
 END
 $fn$;
 
@@ -2187,8 +2397,8 @@ GRANT SELECT ON levqor.quota_overrides, levqor.row_limits, levqor.usage_counters
     levqor.ledger_cursors, levqor.quota_alerts, levqor.tenant_tree, levqor.members TO levqor_admin;
 -- The audit log: row level security shows tenants their own trail (auditor,
 -- admin, owner) and levqor_admin all of it; nobody is granted any write.
-GRANT SELECT ON levqor.audit_log TO PUBLIC;
-GRANT SELECT ON levqor.audit_heads TO levqor_admin;
+GRANT SELECT ON levqor.audit_log, levqor.audit_chain, levqor.audit_trail TO PUBLIC;
+GRANT SELECT ON levqor.audit_heads, levqor.audit_seal_state TO levqor_admin;
 GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables, levqor.report_exemptions, levqor.migrations, levqor.adoptions TO levqor_admin;
 -- Key metadata, never the hashes.
 GRANT SELECT (key_id, tenant_id, role, user_id, label, created_at, created_by, expires_at, revoked_at)

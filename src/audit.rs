@@ -187,7 +187,6 @@ fn _audit_row<'a>(
             if set_based {
                 // One row: write the entry directly (src/audit_direct.rs).
                 if let Some((old, new)) = unsafe { crate::audit_direct::single_row(data, op) } {
-                    let target = crate::audit_direct::target(client);
                     let addr = crate::audit_direct::client_addr(client);
                     let entry = crate::audit_direct::Entry {
                         old,
@@ -199,7 +198,7 @@ fn _audit_row<'a>(
                         tenant_column: p.tenant_column.as_deref(),
                         client_addr: addr.as_deref(),
                     };
-                    if unsafe { crate::audit_direct::insert(target, &entry, tupdesc) } {
+                    if unsafe { crate::audit_direct::insert(&entry, tupdesc) } {
                         return;
                     }
                 }
@@ -227,31 +226,17 @@ fn _audit_row<'a>(
     Ok(None)
 }
 
-/// The hash chain over a batch of entries, for `levqor.seal_audit()`: entries
-/// come ordered by chain and position; each chain starts from its head's
-/// hash; entry i's hash is sha256(previous hash ‖ canonical_i). Hashing here
-/// rather than row by row in PL/pgSQL lets sealing be a few set-based
-/// statements per batch.
-#[pg_extern(immutable, parallel_safe)]
-fn _chain_hashes(
-    chains: Vec<pgrx::Uuid>,
-    heads: pgrx::Array<'_, &[u8]>,
-    canonicals: pgrx::Array<'_, &[u8]>,
-) -> Vec<Vec<u8>> {
-    use sha2::{Digest, Sha256};
-    let heads: Vec<Option<&[u8]>> = heads.iter().collect();
-    let canonicals: Vec<Option<&[u8]>> = canonicals.iter().collect();
-    assert!(
-        chains.len() == heads.len() && heads.len() == canonicals.len(),
-        "levqor._chain_hashes: arrays of different lengths"
-    );
-    let mut out: Vec<Vec<u8>> = Vec::with_capacity(chains.len());
-    for i in 0..chains.len() {
-        let prev: &[u8] = if i == 0 || chains[i] != chains[i - 1] { heads[i].unwrap_or_default() } else { &out[i - 1] };
-        let mut h = Sha256::new();
-        h.update(prev);
-        h.update(canonicals[i].expect("levqor._chain_hashes: an entry without a canonical form"));
-        out.push(h.finalize().to_vec());
-    }
-    out
+/// The default of levqor.audit_log.id: the transaction's id first, then the
+/// next entry id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _audit_id() -> i64 {
+    crate::audit_direct::next_id()
+}
+
+/// The next transaction id to be assigned, for the sealer's watermark (it
+/// must be read, not taken: the sealer's own transaction may already have
+/// an id older than some writer's).
+#[pg_extern(volatile, parallel_unsafe)]
+fn _next_xid() -> i64 {
+    unsafe { pg_sys::ReadNextFullTransactionId() }.value as i64
 }

@@ -32,32 +32,44 @@ thread_local! {
 /// Forget the target when the audit log changes (relcache callback).
 pub fn forget(relid: pg_sys::Oid) {
     TARGET.with(|t| {
-        if relid == pg_sys::InvalidOid || t.get().is_some_and(|x| x.rel == relid) {
+        if relid == pg_sys::InvalidOid || t.get().is_some_and(|x| x.rel == relid || x.seq == relid) {
             t.set(None);
         }
     });
 }
 
-/// Learn the target; runs inside the caller's SPI connection.
-pub fn target(client: &pgrx::spi::SpiClient<'_>) -> (pg_sys::Oid, pg_sys::Oid) {
+/// levqor.audit_log and its id sequence, looked up by name (no SPI: the id
+/// default calls this for every entry the SQL paths write).
+pub fn target() -> (pg_sys::Oid, pg_sys::Oid) {
     if let Some(t) = TARGET.with(Cell::get) {
         return (t.rel, t.seq);
     }
-    let t = client
-        .select(
-            "SELECT 'levqor.audit_log'::regclass::oid,
-                    pg_get_serial_sequence('levqor.audit_log', 'id')::regclass::oid",
-            Some(1),
-            &[],
-        )
-        .expect("audit: find the log");
-    let row = t.first();
-    let target = Target {
-        rel: row.get::<pg_sys::Oid>(1).ok().flatten().expect("levqor.audit_log exists"),
-        seq: row.get::<pg_sys::Oid>(2).ok().flatten().expect("levqor.audit_log has an id sequence"),
+    let (rel, seq) = unsafe {
+        let ns = pg_sys::get_namespace_oid(c"levqor".as_ptr(), false);
+        (pg_sys::get_relname_relid(c"audit_log".as_ptr(), ns), pg_sys::get_relname_relid(c"audit_log_id_seq".as_ptr(), ns))
     };
-    TARGET.with(|c| c.set(Some(target)));
-    (target.rel, target.seq)
+    assert!(rel != pg_sys::InvalidOid && seq != pg_sys::InvalidOid, "levqor.audit_log and its id sequence exist");
+    TARGET.with(|c| c.set(Some(Target { rel, seq })));
+    (rel, seq)
+}
+
+/// levqor.audit_chain, for the sealer (once per batch: no cache).
+pub fn chain_target() -> pg_sys::Oid {
+    let rel = unsafe {
+        pg_sys::get_relname_relid(c"audit_chain".as_ptr(), pg_sys::get_namespace_oid(c"levqor".as_ptr(), false))
+    };
+    assert!(rel != pg_sys::InvalidOid, "levqor.audit_chain exists");
+    rel
+}
+
+/// The next entry id, taken after the transaction's id: the sealer relies
+/// on that order (see levqor.seal_audit in sql/audit.sql).
+pub fn next_id() -> i64 {
+    unsafe {
+        pg_sys::GetTopTransactionId();
+        let seq = target().1;
+        call1(pg_sys::nextval_oid, pg_sys::Datum::from(seq)).value() as i64
+    }
 }
 
 /// The client's address as the column default inet_client_addr() gives it.
@@ -202,7 +214,7 @@ pub struct Entry<'a> {
 /// Returns false, writing nothing, for an update that changed the primary
 /// key: the SQL path records that as the old row and the new row, unpaired,
 /// and so must this.
-pub unsafe fn insert(target: (pg_sys::Oid, pg_sys::Oid), e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
+pub unsafe fn insert(e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
     let old = e.old.map(|d| row_jsonb(d));
     let new = e.new.map(|d| row_jsonb(d));
     let any = new.or(old).expect("an entry has a row");
@@ -222,7 +234,7 @@ pub unsafe fn insert(target: (pg_sys::Oid, pg_sys::Oid), e: &Entry<'_>, desc: pg
         _ => None,
     };
 
-    let rel = pg_sys::table_open(target.0, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+    let rel = pg_sys::table_open(target().0, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
     let log_desc = (*rel).rd_att;
     let natts = (*log_desc).natts as usize;
     let mut values = vec![pg_sys::Datum::from(0); natts];
@@ -234,7 +246,7 @@ pub unsafe fn insert(target: (pg_sys::Oid, pg_sys::Oid), e: &Entry<'_>, desc: pg
         }
         let name = CStr::from_ptr(att.attname.data.as_ptr()).to_bytes();
         let v: Option<pg_sys::Datum> = match name {
-            b"id" => Some(call1(pg_sys::nextval_oid, pg_sys::Datum::from(target.1))),
+            b"id" => Some(pg_sys::Datum::from(next_id())),
             b"tenant_id" => tenant_of(any, e.tenant_column),
             b"at" => Some(pg_sys::Datum::from(pg_sys::GetCurrentStatementStartTimestamp())),
             b"xid" => Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
@@ -250,30 +262,41 @@ pub unsafe fn insert(target: (pg_sys::Oid, pg_sys::Oid), e: &Entry<'_>, desc: pg
             b"old_row" => old,
             b"new_row" => new,
             b"changed" => changed.clone().and_then(|c| c.into_datum()),
-            _ => None, // event, detail and the chain fields start NULL
+            _ => None, // event and detail: an event's, not a row's
         };
         if let Some(v) = v {
             values[i] = v;
             nulls[i] = false;
         }
     }
-    let tuple = pg_sys::heap_form_tuple(log_desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+    append_open(rel, std::iter::once((values, nulls)));
+    pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+    true
+}
 
+/// Insert rows into an open table with the table AM and its indexes (unique
+/// ones checked), as COPY does: no executor, no SPI. No triggers, no
+/// constraints other than the indexes': for levqor's own append-only tables.
+pub unsafe fn append_open(rel: pg_sys::Relation, rows: impl Iterator<Item = (Vec<pg_sys::Datum>, Vec<bool>)>) {
+    let desc = (*rel).rd_att;
     let estate = pg_sys::CreateExecutorState();
     let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();
     (*rri).type_ = pg_sys::NodeTag::T_ResultRelInfo;
     pg_sys::InitResultRelInfo(rri, rel, 1, std::ptr::null_mut(), 0);
     pg_sys::ExecOpenIndices(rri, false);
-    let slot = pg_sys::ExecInitExtraTupleSlot(estate, log_desc, &pg_sys::TTSOpsHeapTuple);
-    pg_sys::ExecStoreHeapTuple(tuple, slot, false);
-    pg_sys::simple_table_tuple_insert(rel, slot);
-    let recheck = pg_sys::ExecInsertIndexTuples(rri, slot, estate, false, false, std::ptr::null_mut(), std::ptr::null_mut());
-    if !recheck.is_null() {
-        pg_sys::list_free(recheck);
+    let slot = pg_sys::ExecInitExtraTupleSlot(estate, desc, &pg_sys::TTSOpsHeapTuple);
+    for (mut values, mut nulls) in rows {
+        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::ExecStoreHeapTuple(tuple, slot, true);
+        pg_sys::simple_table_tuple_insert(rel, slot);
+        let recheck =
+            pg_sys::ExecInsertIndexTuples(rri, slot, estate, false, false, std::ptr::null_mut(), std::ptr::null_mut());
+        if !recheck.is_null() {
+            pg_sys::list_free(recheck);
+        }
+        pg_sys::ExecClearTuple(slot);
     }
     pg_sys::ExecCloseIndices(rri);
     pg_sys::ExecResetTupleTable((*estate).es_tupleTable, false);
     pg_sys::FreeExecutorState(estate);
-    pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
-    true
 }

@@ -71,7 +71,7 @@ if [ "$have" -lt "$ENTRIES" ]; then
   psql -d bench -c "INSERT INTO t_levqor (body, n) SELECT 'verify row ' || g, g FROM generate_series(1, $ENTRIES - $have) g" >/dev/null
 fi
 # The worker may hold the sealing lock; wait until everything is sealed.
-until [ "$(psql -d bench -c "SELECT count(*) FROM levqor.audit_log WHERE seq IS NULL")" = 0 ]; do
+until [ "$(psql -d bench -c "SELECT count(*) FROM levqor.audit_trail WHERE seq IS NULL")" = 0 ]; do
   psql -d bench -c "SELECT levqor.seal_audit(100000000)" >/dev/null; sleep 1
 done
 verify=$(psql -d bench -c "SELECT extract(epoch FROM clock_timestamp())" -c "SELECT checked FROM levqor.verify_audit()" \

@@ -147,7 +147,7 @@ fn verify_audit_catches_edits_deletions_insertions_and_reordering() {
     seal(&mut su);
     assert_eq!(verify(&mut su, &a).0, true);
     let ids: Vec<i64> = su
-        .query("SELECT id FROM levqor.audit_log WHERE tenant_id = $1 ORDER BY seq", &[&a.id])
+        .query("SELECT id FROM levqor.audit_chain WHERE chain = $1 ORDER BY seq", &[&a.id])
         .unwrap()
         .iter()
         .map(|r| r.get(0))
@@ -156,11 +156,18 @@ fn verify_audit_catches_edits_deletions_insertions_and_reordering() {
     let tamper = |su: &mut Client, sql: &str| {
         su.batch_execute(&format!("BEGIN; SET LOCAL session_replication_role = replica; {sql}; COMMIT;")).unwrap();
     };
-    let snapshot = "CREATE TEMP TABLE IF NOT EXISTS saved AS SELECT * FROM levqor.audit_log WITH NO DATA;
-                    TRUNCATE saved; INSERT INTO saved SELECT * FROM levqor.audit_log";
-    su.batch_execute(snapshot).unwrap();
+    su.batch_execute(
+        "CREATE TEMP TABLE saved AS SELECT * FROM levqor.audit_log;
+         CREATE TEMP TABLE saved_chain AS SELECT * FROM levqor.audit_chain",
+    )
+    .unwrap();
     let restore = |su: &mut Client| {
-        tamper(su, "DELETE FROM levqor.audit_log; INSERT INTO levqor.audit_log OVERRIDING SYSTEM VALUE SELECT * FROM saved");
+        tamper(
+            su,
+            "DELETE FROM levqor.audit_log; INSERT INTO levqor.audit_log SELECT * FROM saved;
+             DELETE FROM levqor.audit_chain; INSERT INTO levqor.audit_chain SELECT * FROM saved_chain",
+        );
+        assert_eq!(verify(su, &a).0, true, "restored");
     };
 
     // an edited entry
@@ -169,43 +176,81 @@ fn verify_audit_catches_edits_deletions_insertions_and_reordering() {
     assert_eq!((ok, bad), (false, Some(ids[2])), "{why:?}");
     assert!(why.unwrap().contains("changed"));
     restore(&mut su);
-    assert_eq!(verify(&mut su, &a).0, true);
 
-    // a deleted entry in the middle
+    // a deleted entry in the middle, its chain position left
     tamper(&mut su, &format!("DELETE FROM levqor.audit_log WHERE id = {}", ids[3]));
+    let (ok, _, bad, why) = verify(&mut su, &a);
+    assert_eq!((ok, bad), (false, Some(ids[3])), "{why:?}");
+    assert!(why.unwrap().contains("deleted from the log"));
+    restore(&mut su);
+
+    // ... and with its chain position gone too
+    tamper(
+        &mut su,
+        &format!("DELETE FROM levqor.audit_log WHERE id = {x}; DELETE FROM levqor.audit_chain WHERE id = {x}", x = ids[3]),
+    );
     let (ok, _, bad, why) = verify(&mut su, &a);
     assert_eq!((ok, bad), (false, Some(ids[4])), "{why:?}");
     assert!(why.unwrap().contains("missing"));
     restore(&mut su);
 
-    // the newest entries deleted (the tail)
-    tamper(&mut su, &format!("DELETE FROM levqor.audit_log WHERE id >= {}", ids[5]));
+    // the newest entries deleted (the tail), entries and positions
+    tamper(
+        &mut su,
+        &format!("DELETE FROM levqor.audit_log WHERE id >= {x}; DELETE FROM levqor.audit_chain WHERE id >= {x}", x = ids[5]),
+    );
     let (ok, _, _, why) = verify(&mut su, &a);
     assert!(!ok && why.as_deref().unwrap_or("").contains("removed from its end"), "{why:?}");
     restore(&mut su);
 
-    // a forged entry inserted into the chain (later entries shifted to make room)
+    // a forged entry inserted into the chain (later positions shifted to make room)
     tamper(
         &mut su,
         &format!(
-            "UPDATE levqor.audit_log SET seq = seq + 1000 WHERE tenant_id = '{id}' AND seq >= 3;
-             UPDATE levqor.audit_log SET seq = seq - 999 WHERE tenant_id = '{id}' AND seq >= 1003;
-             INSERT INTO levqor.audit_log (tenant_id, kind, event, seq, prev_hash, hash)
-             SELECT '{id}', 'event', 'forged', 3, hash, sha256(hash) FROM levqor.audit_log WHERE tenant_id = '{id}' AND seq = 2",
+            "UPDATE levqor.audit_chain SET seq = seq + 1000 WHERE chain = '{id}' AND seq >= 3;
+             UPDATE levqor.audit_chain SET seq = seq - 999 WHERE chain = '{id}' AND seq >= 1003;
+             INSERT INTO levqor.audit_log (tenant_id, kind, event) VALUES ('{id}', 'event', 'forged');
+             INSERT INTO levqor.audit_chain (chain, seq, id, hash, sealed_at)
+             SELECT '{id}', 3, currval('levqor.audit_log_id_seq'), sha256(hash), now()
+               FROM levqor.audit_chain WHERE chain = '{id}' AND seq = 2",
             id = a.id
         ),
     );
-    let (ok, _, bad, _) = verify(&mut su, &a);
-    assert!(!ok && bad.is_some());
+    let (ok, _, bad, why) = verify(&mut su, &a);
+    assert!(!ok && bad.is_some_and(|b| !ids.contains(&b)), "the forged entry is the bad one: {bad:?} {why:?}");
+    restore(&mut su);
+
+    // A rolled-back write leaves its entry id unused; once the sealer's
+    // watermark is past it, an entry forged into that gap (into the log
+    // alone) is one no pass will ever chain, and verify says so.
+    let gap: i64 = {
+        let mut tx = su.transaction().unwrap();
+        tx.execute("SELECT levqor.set_tenant($1)", &[&a.slug]).unwrap();
+        tx.execute("INSERT INTO items (body) VALUES ('rolled back')", &[]).unwrap();
+        let gap = tx.query_one("SELECT currval('levqor.audit_log_id_seq')", &[]).unwrap().get(0);
+        tx.rollback().unwrap();
+        gap
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while su.query_one("SELECT through FROM levqor.audit_seal_state", &[]).unwrap().get::<_, i64>(0) < gap {
+        assert!(std::time::Instant::now() < deadline, "the sealer's watermark passes a rolled-back id");
+        seal(&mut su);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(verify(&mut su, &a).0, true, "a rolled-back entry is no gap in the chain");
+    tamper(&mut su, &format!("INSERT INTO levqor.audit_log (id, tenant_id, kind, event) VALUES ({gap}, '{}', 'event', 'forged')", a.id));
+    let (ok, _, bad, why) = verify(&mut su, &a);
+    assert_eq!((ok, bad), (false, Some(gap)), "{why:?}");
+    assert!(why.unwrap().contains("in no chain"));
     restore(&mut su);
 
     // two entries swapped
     tamper(
         &mut su,
         &format!(
-            "UPDATE levqor.audit_log SET seq = CASE id WHEN {x} THEN -1 ELSE seq END WHERE id = {x};
-             UPDATE levqor.audit_log SET seq = (SELECT seq FROM saved WHERE id = {x}) WHERE id = {y};
-             UPDATE levqor.audit_log SET seq = (SELECT seq FROM saved WHERE id = {y}) WHERE id = {x}",
+            "UPDATE levqor.audit_chain SET id = -1 WHERE id = {x};
+             UPDATE levqor.audit_chain SET id = {x} WHERE id = {y};
+             UPDATE levqor.audit_chain SET id = {y} WHERE id = -1",
             x = ids[1],
             y = ids[4]
         ),
@@ -218,7 +263,7 @@ fn verify_audit_catches_edits_deletions_insertions_and_reordering() {
     // audit_head is the last hash of the chain
     let head: String = su.query_one("SELECT hash FROM levqor.audit_head($1)", &[&a.slug]).unwrap().get(0);
     let last: String = su
-        .query_one("SELECT encode(hash, 'hex') FROM levqor.audit_log WHERE tenant_id = $1 ORDER BY seq DESC LIMIT 1", &[&a.id])
+        .query_one("SELECT encode(hash, 'hex') FROM levqor.audit_chain WHERE chain = $1 ORDER BY seq DESC LIMIT 1", &[&a.id])
         .unwrap()
         .get(0);
     assert_eq!(head, last);
@@ -241,12 +286,81 @@ fn a_long_open_transaction_does_not_block_its_tenants_other_writers() {
     assert_eq!(seal(&mut su), 1);
     assert_eq!(verify(&mut su, &a), (true, 4, None, None));
     let order: Vec<String> = su
-        .query("SELECT coalesce(new_row->>'body', event) FROM levqor.audit_log WHERE tenant_id = $1 ORDER BY seq", &[&a.id])
+        .query("SELECT coalesce(new_row->>'body', event) FROM levqor.audit_trail WHERE tenant_id = $1 ORDER BY seq", &[&a.id])
         .unwrap()
         .iter()
         .map(|r| r.get(0))
         .collect();
     assert_eq!(order, ["tenant_created", "fast-1", "fast-2", "slow"], "sealed in commit-visible order");
+}
+
+#[test]
+fn sealing_while_writers_commit_and_roll_back_chains_every_committed_entry_once() {
+    let (db, mut su) = fresh_db("audit_race");
+    let a = create_tenant_on(&mut su, "aud-race");
+    let b = create_tenant_on(&mut su, "aud-race-b");
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (db, t) = (db.clone(), if w % 2 == 0 { a.clone() } else { b.clone() });
+            std::thread::spawn(move || {
+                let mut c = connect_to(port(), APP, &db);
+                let mut committed = 0;
+                for i in 0..150 {
+                    let mut tx = c.transaction().unwrap();
+                    tx.execute("SELECT levqor.authenticate($1)", &[&t.key]).unwrap();
+                    tx.execute("INSERT INTO items (body) VALUES ($1)", &[&format!("w{w}-{i}")]).unwrap();
+                    if i % 3 == 0 {
+                        // a second statement, and a pause inside the transaction
+                        tx.execute("UPDATE items SET body = body || '!' WHERE body = $1", &[&format!("w{w}-{i}")]).unwrap();
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                    if i % 7 == 0 {
+                        tx.rollback().unwrap();
+                    } else {
+                        tx.commit().unwrap();
+                        committed += 1 + usize::from(i % 3 == 0);
+                    }
+                }
+                committed
+            })
+        })
+        .collect();
+    let sealer = {
+        let (db, done) = (db.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut su = connect_to(port(), "postgres", &db);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                su.query_one("SELECT levqor.seal_audit(7)", &[]).unwrap();
+            }
+        })
+    };
+    let written: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sealer.join().unwrap();
+    while seal(&mut su) > 0 {}
+    let r = su
+        .query_one(
+            "SELECT (SELECT count(*) FROM levqor.audit_log WHERE kind = 'row'),
+                    (SELECT count(*) FROM levqor.audit_trail WHERE seq IS NULL),
+                    (SELECT count(*) FROM levqor.audit_chain c JOIN levqor.audit_log l USING (id) WHERE l.kind = 'row')",
+            &[],
+        )
+        .unwrap();
+    let (rows, unsealed, chained): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+    assert_eq!(rows as usize, written, "one entry per committed change, none of the rolled-back ones");
+    assert_eq!((unsealed, chained), (0, rows), "every committed entry is in a chain, once");
+    for t in [&a, &b] {
+        let (ok, checked, _, why) = verify(&mut su, t);
+        assert!(ok, "{why:?}");
+        assert_eq!(checked as usize, 1 + written_of(&mut su, t), "the tenant_created event and its rows");
+    }
+}
+
+fn written_of(su: &mut Client, t: &Tenant) -> usize {
+    su.query_one("SELECT count(*) FROM levqor.audit_log WHERE kind = 'row' AND tenant_id = $1", &[&t.id])
+        .unwrap()
+        .get::<_, i64>(0) as usize
 }
 
 #[test]
@@ -270,7 +384,7 @@ fn a_worker_in_each_listed_database_seals_and_flushes_by_itself() {
         loop {
             let r = su
                 .query_one(
-                    "SELECT (SELECT count(*) FROM levqor.audit_log WHERE seq IS NULL),
+                    "SELECT (SELECT count(*) FROM levqor.audit_trail WHERE seq IS NULL),
                             (SELECT coalesce(sum(quantity), 0)::int8 FROM levqor.usage_ledger WHERE tenant_id = $1)",
                     &[&a.id],
                 )
@@ -380,7 +494,7 @@ fn retention_keeps_the_chain_verifiable_and_unrecorded_deletions_still_fail() {
     let removed: i64 = su.query_one("SELECT levqor.purge_audit_before($1)", &[&cutoff]).unwrap().get(0);
     assert!(removed >= 3, "tenant created + 2 old rows (+ platform entries): {removed}");
     let left: Vec<String> = su
-        .query("SELECT coalesce(new_row->>'body', event) FROM levqor.audit_log WHERE tenant_id = $1 ORDER BY seq", &[&a.id])
+        .query("SELECT coalesce(new_row->>'body', event) FROM levqor.audit_trail WHERE tenant_id = $1 ORDER BY seq", &[&a.id])
         .unwrap()
         .iter()
         .map(|r| r.get(0))

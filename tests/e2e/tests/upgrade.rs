@@ -81,7 +81,14 @@ fn update_from(from: &str) {
     .unwrap();
     let a = create_tenant_on(&mut old, "upg-a");
     let b = create_tenant_on(&mut old, "upg-b");
+    if from != "0.1.0" {
+        // An audit trail, sealed by the old release (chain fields in the entries).
+        old.batch_execute("SELECT levqor.enable_audit('orders')").unwrap();
+    }
     old.execute("INSERT INTO orders (item, tenant_id) VALUES ('a-order', $1), ('b-order', $2)", &[&a.id, &b.id]).unwrap();
+    if from != "0.1.0" {
+        old.batch_execute("SELECT levqor.seal_audit()").unwrap();
+    }
     let version: String = old.query_one("SELECT extversion FROM pg_extension WHERE extname = 'levqor'", &[]).unwrap().get(0);
     assert_eq!(version, from);
 
@@ -111,6 +118,25 @@ fn update_from(from: &str) {
     assert_eq!(sqlstate(tx.execute("INSERT INTO orders (item) VALUES ('x')", &[])), "25006");
     drop(tx);
     assert!(old.query("SELECT * FROM levqor.isolation_report()", &[]).unwrap().is_empty());
+
+    // The audit chains came through: what the old release sealed still
+    // verifies, and new entries (new ids, past the old ones) seal after it.
+    let trail = |c: &mut Client| -> (i64, i64) {
+        let r = c.query_one("SELECT count(*), max(id) FROM levqor.audit_log WHERE tenant_id = $1", &[&a.id]).unwrap();
+        (r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(0))
+    };
+    let (_, last_old) = trail(&mut old);
+    let chained: i64 = old.query_one("SELECT count(*) FROM levqor.audit_chain WHERE chain = $1", &[&a.id]).unwrap().get(0);
+    assert!(from == "0.1.0" || chained >= 2, "tenant_created and the order, sealed by {from}: {chained}");
+    let checked: i64 = old.query_one("SELECT checked FROM levqor.verify_audit($1) WHERE ok", &[&a.slug]).unwrap().get(0);
+    assert_eq!(checked, chained, "every entry the old release sealed verifies");
+    old.batch_execute("SELECT levqor.enable_audit('orders')").unwrap();
+    as_tenant(&mut c, &a, |tx| tx.execute("INSERT INTO orders (item) VALUES ('after-upgrade')", &[]).unwrap());
+    old.batch_execute("SELECT levqor.seal_audit()").unwrap();
+    let (after, last_new) = trail(&mut old);
+    assert!(last_new > last_old, "new entries take new ids: {last_old} -> {last_new}");
+    let r = old.query_one("SELECT ok, checked, reason FROM levqor.verify_audit($1)", &[&a.slug]).unwrap();
+    assert_eq!((r.get::<_, bool>(0), r.get::<_, i64>(1)), (true, after), "{:?}", r.get::<_, Option<String>>(2));
 
     // The catalog is exactly that of a fresh install.
     let (_new_db, mut new) = new_database("upgrade_new");

@@ -1,0 +1,264 @@
+//! One sealing batch, for `levqor.seal_audit()` (sql/audit.sql keeps the
+//! watermark; this does the per-entry work).
+//!
+//! The sealer runs beside the writers, on the same cores, so its cost per
+//! entry is part of what auditing costs. Here an entry is read once, its
+//! canonical form is written straight from the tuple (the bytes
+//! `levqor._audit_canonical` produces, which `verify_audit` recomputes in SQL:
+//! every verification cross-checks this code), hashed, and its chain position
+//! appended with the table AM, as the writers append entries.
+
+use std::collections::HashMap;
+use std::ffi::{CStr, CString};
+use std::fmt::Write;
+
+use pgrx::pg_sys;
+use pgrx::prelude::*;
+use sha2::{Digest, Sha256};
+
+
+/// The columns of levqor.audit_log the canonical form covers, in its order.
+const CANONICAL: [&str; 18] = [
+    "id",
+    "tenant_id",
+    "at",
+    "xid",
+    "db_role",
+    "user_id",
+    "member_role",
+    "application_name",
+    "client_addr",
+    "kind",
+    "table_name",
+    "operation",
+    "pk",
+    "old_row",
+    "new_row",
+    "changed",
+    "event",
+    "detail",
+];
+
+/// A string as PostgreSQL's JSON output escapes it (escape_json).
+fn json_string(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+unsafe fn text_of(d: pg_sys::Datum) -> String {
+    let t = pg_sys::text_to_cstring(d.cast_mut_ptr());
+    CStr::from_ptr(t).to_string_lossy().into_owned()
+}
+
+unsafe fn output_of(f: unsafe fn(pg_sys::FunctionCallInfo) -> pg_sys::Datum, d: pg_sys::Datum) -> String {
+    let out = pgrx::direct_function_call_as_datum(f, &[Some(d)]).expect("an output function returns a value");
+    CStr::from_ptr(out.cast_mut_ptr()).to_string_lossy().into_owned()
+}
+
+/// to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US').
+unsafe fn timestamp_utc(ts: pg_sys::TimestampTz) -> Option<String> {
+    if ts == i64::MIN || ts == i64::MAX {
+        return None; // -infinity / infinity: to_char gives NULL
+    }
+    let mut tm: pg_sys::pg_tm = std::mem::zeroed();
+    let mut fsec: pg_sys::fsec_t = 0;
+    if pg_sys::timestamp2tm(ts, std::ptr::null_mut(), &mut tm, &mut fsec, std::ptr::null_mut(), std::ptr::null_mut()) != 0 {
+        return None;
+    }
+    let year = if tm.tm_year <= 0 { 1 - tm.tm_year } else { tm.tm_year };
+    Some(format!(
+        "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}",
+        tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, fsec
+    ))
+}
+
+/// The canonical form of one entry at chain position `seq`: the text of
+/// jsonb_build_array(…) over the fields, as `levqor._audit_canonical`.
+unsafe fn canonical(values: &[pg_sys::Datum], nulls: &[bool], cols: &[usize; 18], seq: i64) -> Vec<u8> {
+    let mut out = String::with_capacity(512);
+    out.push('[');
+    for (k, &col) in cols.iter().enumerate() {
+        if k > 0 {
+            out.push_str(", ");
+        }
+        if nulls[col] {
+            out.push_str("null");
+            continue;
+        }
+        let d = values[col];
+        match CANONICAL[k] {
+            "id" => {
+                let _ = write!(out, "{}", d.value() as i64);
+            }
+            "tenant_id" | "user_id" => {
+                let u = pgrx::Uuid::from_datum(d, false).expect("a uuid");
+                json_string(&mut out, &u.to_string());
+            }
+            "at" => match timestamp_utc(d.value() as i64) {
+                Some(t) => json_string(&mut out, &t),
+                None => out.push_str("null"),
+            },
+            "xid" => {
+                let _ = write!(out, "\"{}\"", d.value() as u64);
+            }
+            "db_role" => {
+                let name = CStr::from_ptr(d.cast_mut_ptr::<std::ffi::c_char>()).to_string_lossy();
+                json_string(&mut out, &name);
+            }
+            "client_addr" => {
+                let host = pgrx::direct_function_call_as_datum(pg_sys::network_host, &[Some(d)]).expect("host()");
+                json_string(&mut out, &text_of(host));
+            }
+            "pk" | "old_row" | "new_row" | "detail" => out.push_str(&output_of(pg_sys::jsonb_out, d)),
+            "changed" => {
+                let names = Vec::<Option<String>>::from_datum(d, false).unwrap_or_default();
+                out.push('[');
+                for (i, n) in names.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(", ");
+                    }
+                    match n {
+                        Some(n) => json_string(&mut out, n),
+                        None => out.push_str("null"),
+                    }
+                }
+                out.push(']');
+            }
+            _ => json_string(&mut out, &text_of(d)),
+        }
+    }
+    let _ = write!(out, ", {seq}]");
+    out.into_bytes()
+}
+
+/// Seal, in id order, up to `max_entries` committed entries with ids above
+/// `after` that no chain holds yet. Returns how many, and the last id.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _seal_batch(
+    after: i64,
+    max_entries: i32,
+) -> TableIterator<'static, (name!(sealed, i32), name!(last_id, Option<i64>))> {
+    let (n, last) = Spi::connect_mut(|client| unsafe { seal_batch(client, after, max_entries) });
+    TableIterator::once((n, last))
+}
+
+unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entries: i32) -> (i32, Option<i64>) {
+    // Literal bounds: planned for the few recent ids it reads.
+    let sql = CString::new(format!(
+        "SELECT a.* FROM levqor.audit_log a
+          WHERE a.id > {after}
+            AND NOT EXISTS (SELECT FROM levqor.audit_chain c WHERE c.id = a.id AND c.id > {after})
+          ORDER BY a.id LIMIT {}",
+        max_entries.max(0)
+    ))
+    .expect("no NUL");
+    if pg_sys::SPI_execute(sql.as_ptr(), false, 0) != pg_sys::SPI_OK_SELECT as i32 {
+        pgrx::error!("levqor: reading the unsealed audit entries failed");
+    }
+    let table = pg_sys::SPI_tuptable;
+    let count = pg_sys::SPI_processed as usize;
+    if count == 0 {
+        return (0, None);
+    }
+    let desc = (*table).tupdesc;
+    let natts = (*desc).natts as usize;
+    let name_of = |i: usize| {
+        let att = &*(*desc).attrs.as_ptr().add(i);
+        CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned()
+    };
+    let names: Vec<String> = (0..natts).map(name_of).collect();
+    let col = |name: &str| names.iter().position(|n| n == name).expect("levqor.audit_log has its columns");
+    let cols: [usize; 18] = std::array::from_fn(|k| col(CANONICAL[k]));
+
+    // Entries, read before the next query replaces SPI_tuptable.
+    let mut entries: Vec<(i64, pgrx::Uuid, Vec<pg_sys::Datum>, Vec<bool>)> = Vec::with_capacity(count);
+    for i in 0..count {
+        // A copy in this connection's memory: the next query may free the table.
+        let tuple = pg_sys::heap_copytuple(*(*table).vals.add(i));
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![false; natts];
+        pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let id = values[cols[0]].value() as i64;
+        let chain =
+            if nulls[cols[1]] { pgrx::Uuid::from_bytes([0; 16]) } else { pgrx::Uuid::from_datum(values[cols[1]], false).expect("a uuid") };
+        entries.push((id, chain, values, nulls));
+    }
+
+    // Each chain continues from its head.
+    let mut chains: Vec<pgrx::Uuid> = entries.iter().map(|e| e.1).collect();
+    chains.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    chains.dedup();
+    let mut heads: HashMap<[u8; 16], (i64, Vec<u8>)> = HashMap::new();
+    for row in client
+        .select("SELECT chain, seq, hash FROM levqor.audit_heads WHERE chain = ANY ($1)", None, &[chains.clone().into()])
+        .expect("levqor: read the chain heads")
+    {
+        let chain: pgrx::Uuid = row.get(1).ok().flatten().expect("a chain");
+        let seq: i64 = row.get(2).ok().flatten().expect("a position");
+        let hash: Vec<u8> = row.get(3).ok().flatten().expect("a hash");
+        heads.insert(*chain.as_bytes(), (seq, hash));
+    }
+
+    let sealed_at = pg_sys::GetCurrentTimestamp();
+    let mut rows = Vec::with_capacity(entries.len());
+    for (id, chain, values, nulls) in &entries {
+        let head = heads.entry(*chain.as_bytes()).or_insert_with(|| (0, vec![0u8; 32]));
+        let seq = head.0 + 1;
+        let mut h = Sha256::new();
+        h.update(&head.1);
+        h.update(canonical(values, nulls, &cols, seq));
+        let hash = h.finalize().to_vec();
+        *head = (seq, hash.clone());
+        rows.push((*chain, seq, *id, hash));
+    }
+
+    // The positions, then the heads.
+    let rel = pg_sys::table_open(crate::audit_direct::chain_target(), pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+    let datums = rows.iter().map(|(chain, seq, id, hash)| {
+        (
+            vec![
+                chain.into_datum().expect("a uuid"),
+                seq.into_datum().expect("an int8"),
+                id.into_datum().expect("an int8"),
+                hash.as_slice().into_datum().expect("a bytea"),
+                pg_sys::Datum::from(sealed_at),
+            ],
+            vec![false; 5],
+        )
+    });
+    crate::audit_direct::append_open(rel, datums);
+    pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
+
+    let (mut hc, mut hs, mut hh) = (Vec::new(), Vec::new(), Vec::new());
+    for c in &chains {
+        let (seq, hash) = heads.remove(c.as_bytes()).expect("each chain has a head now");
+        hc.push(*c);
+        hs.push(seq);
+        hh.push(hash);
+    }
+    client
+        .update(
+            "INSERT INTO levqor.audit_heads AS hd (chain, seq, hash)
+             SELECT * FROM unnest($1::uuid[], $2::int8[], $3::bytea[])
+             ON CONFLICT (chain) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash, updated_at = now()",
+            None,
+            &[hc.into(), hs.into(), hh.into()],
+        )
+        .expect("levqor: move the chain heads");
+    (rows.len() as i32, entries.last().map(|e| e.0))
+}
