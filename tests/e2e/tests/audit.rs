@@ -113,10 +113,37 @@ fn tenants_read_only_their_own_trail_and_nobody_edits_it() {
     assert_eq!(c.query("SELECT * FROM levqor.audit_log", &[]).unwrap().len(), 0, "no context, nothing");
     let all: i64 = connect_to(port(), ADMIN, &db).query_one("SELECT count(*) FROM levqor.audit_log", &[]).unwrap().get(0);
     assert!(all >= 4, "levqor_admin reads every tenant's trail");
+    // The chain positions, and the trail view over both, follow the same rule.
+    seal(&mut su);
+    let chains = |c: &mut Client, key: &str| -> Vec<(String, Option<i64>)> {
+        let mut tx = c.transaction().unwrap();
+        tx.execute("SELECT levqor.authenticate($1)", &[&key]).unwrap();
+        let v = tx
+            .query(
+                "SELECT DISTINCT c.chain::text, NULL::int8 FROM levqor.audit_chain c
+                 UNION ALL SELECT coalesce(new_row->>'body', event), seq FROM levqor.audit_trail",
+                &[],
+            )
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        tx.commit().unwrap();
+        v
+    };
+    let mine = chains(&mut c, &auditor);
+    assert!(mine.contains(&(a.id.to_string(), None)) && !mine.contains(&(b.id.to_string(), None)), "{mine:?}");
+    assert!(mine.iter().any(|(body, seq)| body == "a-secret" && seq.is_some()), "{mine:?}");
+    assert!(!mine.iter().any(|(body, _)| body.contains("b-secret")), "{mine:?}");
+    assert_eq!(chains(&mut c, &viewer), Vec::new(), "viewers see no positions either");
+    assert_eq!(c.query("SELECT * FROM levqor.audit_chain", &[]).unwrap().len(), 0, "no context, nothing");
 
     for who in [APP, ADMIN] {
         let mut x = connect_to(port(), who, &db);
         for sql in [
+            "UPDATE levqor.audit_chain SET seq = seq + 1",
+            "DELETE FROM levqor.audit_chain",
+            "INSERT INTO levqor.audit_chain SELECT * FROM levqor.audit_chain",
             "UPDATE levqor.audit_log SET detail = '{}'",
             "DELETE FROM levqor.audit_log",
             "TRUNCATE levqor.audit_log",
@@ -129,6 +156,9 @@ fn tenants_read_only_their_own_trail_and_nobody_edits_it() {
     // Even a superuser is stopped by the triggers (and caught by verify_audit if they bypass them).
     assert_eq!(sqlstate(su.batch_execute("UPDATE levqor.audit_log SET detail = '{}'")), "42501");
     assert_eq!(sqlstate(su.batch_execute("TRUNCATE levqor.audit_log")), "42501");
+    assert_eq!(sqlstate(su.batch_execute("UPDATE levqor.audit_chain SET seq = seq")), "42501");
+    assert_eq!(sqlstate(su.batch_execute("DELETE FROM levqor.audit_chain")), "42501");
+    assert_eq!(sqlstate(su.batch_execute("TRUNCATE levqor.audit_chain")), "42501");
     // The owner of an audited table cannot switch auditing off.
     assert_eq!(sqlstate(su.batch_execute("DROP TRIGGER levqor_audit_insert ON items")), "42501");
     assert_eq!(sqlstate(su.batch_execute("ALTER TABLE items DISABLE TRIGGER levqor_audit_update")), "42501");
@@ -662,4 +692,35 @@ fn one_row_and_many_row_statements_write_the_same_entries() {
         .unwrap()
         .get(0);
     assert_eq!(changed, ["n", "s"]);
+}
+
+#[test]
+fn entries_with_hostile_text_seal_in_rust_and_verify_in_sql_alike() {
+    // The sealer writes each entry's canonical form in Rust; verify_audit
+    // recomputes it in SQL. Text that JSON must escape has to come out the same.
+    let (db, mut su) = fresh_db("audit_hostile");
+    let a = create_tenant_on(&mut su, "aud-h");
+    let mut c = connect_to(port(), APP, &db);
+    c.batch_execute("SET application_name = 'app \"quoted\" \\ back\tslash'").unwrap();
+    let nasty = [
+        "\"quotes\" and \\backslashes\\",
+        "control \u{1} \u{8} \u{c} \u{1f} chars\r\n\ttabbed",
+        "unicode: é ß 漢字 😀 \u{2028} \u{7f}",
+        "{\"looks\": [\"like\", \"json\"]}",
+        "",
+    ];
+    insert_rows(&mut c, &a, "items", &nasty);
+    as_tenant(&mut c, &a, |tx| {
+        tx.execute("UPDATE items SET body = body || ' \\u0000 \u{1}'", &[]).unwrap();
+        tx.execute("DELETE FROM items WHERE body LIKE 'unicode%'", &[]).unwrap();
+    });
+    while seal(&mut su) > 0 {}
+    let (ok, checked, bad, why) = verify(&mut su, &a);
+    assert!(ok, "entry {bad:?}: {why:?}");
+    assert_eq!(checked, 1 + 5 + 5 + 1, "tenant created, 5 inserts, 5 updates (one statement), 1 delete");
+    let app: String = su
+        .query_one("SELECT DISTINCT application_name FROM levqor.audit_log WHERE kind = 'row' AND tenant_id = $1", &[&a.id])
+        .unwrap()
+        .get(0);
+    assert_eq!(app, "app \"quoted\" \\ back?slash", "as PostgreSQL keeps it (non-printable characters become ?)");
 }
