@@ -44,21 +44,15 @@ pub fn target() -> (pg_sys::Oid, pg_sys::Oid) {
     if let Some(t) = TARGET.with(Cell::get) {
         return (t.rel, t.seq);
     }
-    let (rel, seq) = unsafe {
-        let ns = pg_sys::get_namespace_oid(c"levqor".as_ptr(), false);
-        (pg_sys::get_relname_relid(c"audit_log".as_ptr(), ns), pg_sys::get_relname_relid(c"audit_log_id_seq".as_ptr(), ns))
-    };
-    assert!(rel != pg_sys::InvalidOid && seq != pg_sys::InvalidOid, "levqor.audit_log and its id sequence exist");
+    let (rel, seq) = (levqor_relation(c"audit_log"), levqor_relation(c"audit_log_id_seq"));
     TARGET.with(|c| c.set(Some(Target { rel, seq })));
     (rel, seq)
 }
 
-/// levqor.audit_chain, for the sealer (once per batch: no cache).
-pub fn chain_target() -> pg_sys::Oid {
-    let rel = unsafe {
-        pg_sys::get_relname_relid(c"audit_chain".as_ptr(), pg_sys::get_namespace_oid(c"levqor".as_ptr(), false))
-    };
-    assert!(rel != pg_sys::InvalidOid, "levqor.audit_chain exists");
+/// A relation of levqor's schema, by name (a syscache lookup, no SPI).
+pub fn levqor_relation(name: &CStr) -> pg_sys::Oid {
+    let rel = unsafe { pg_sys::get_relname_relid(name.as_ptr(), pg_sys::get_namespace_oid(c"levqor".as_ptr(), false)) };
+    assert!(rel != pg_sys::InvalidOid, "levqor.{} exists", name.to_string_lossy());
     rel
 }
 
@@ -113,7 +107,7 @@ pub unsafe fn single_row(
     }
 }
 
-type PgFn = unsafe fn(pg_sys::FunctionCallInfo) -> pg_sys::Datum;
+pub(crate) type PgFn = unsafe fn(pg_sys::FunctionCallInfo) -> pg_sys::Datum;
 
 /// A built-in function called directly; None when it returns SQL NULL.
 unsafe fn call(f: PgFn, args: &[pg_sys::Datum]) -> Option<pg_sys::Datum> {
@@ -121,7 +115,7 @@ unsafe fn call(f: PgFn, args: &[pg_sys::Datum]) -> Option<pg_sys::Datum> {
     pgrx::direct_function_call_as_datum(f, &args)
 }
 
-unsafe fn call1(f: PgFn, a: pg_sys::Datum) -> pg_sys::Datum {
+pub(crate) unsafe fn call1(f: PgFn, a: pg_sys::Datum) -> pg_sys::Datum {
     call(f, &[a]).expect("a strict built-in returns a value")
 }
 

@@ -16,6 +16,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use sha2::{Digest, Sha256};
 
+use crate::audit_direct::{call1, PgFn};
 
 /// The columns of levqor.audit_log the canonical form covers, in its order.
 const CANONICAL: [&str; 18] = [
@@ -65,9 +66,8 @@ unsafe fn text_of(d: pg_sys::Datum) -> String {
     CStr::from_ptr(t).to_string_lossy().into_owned()
 }
 
-unsafe fn output_of(f: unsafe fn(pg_sys::FunctionCallInfo) -> pg_sys::Datum, d: pg_sys::Datum) -> String {
-    let out = pgrx::direct_function_call_as_datum(f, &[Some(d)]).expect("an output function returns a value");
-    CStr::from_ptr(out.cast_mut_ptr()).to_string_lossy().into_owned()
+unsafe fn output_of(f: PgFn, d: pg_sys::Datum) -> String {
+    CStr::from_ptr(call1(f, d).cast_mut_ptr()).to_string_lossy().into_owned()
 }
 
 /// to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US').
@@ -120,10 +120,7 @@ unsafe fn canonical(values: &[pg_sys::Datum], nulls: &[bool], cols: &[usize; 18]
                 let name = CStr::from_ptr(d.cast_mut_ptr::<std::ffi::c_char>()).to_string_lossy();
                 json_string(&mut out, &name);
             }
-            "client_addr" => {
-                let host = pgrx::direct_function_call_as_datum(pg_sys::network_host, &[Some(d)]).expect("host()");
-                json_string(&mut out, &text_of(host));
-            }
+            "client_addr" => json_string(&mut out, &text_of(call1(pg_sys::network_host, d))),
             "pk" | "old_row" | "new_row" | "detail" => out.push_str(&output_of(pg_sys::jsonb_out, d)),
             "changed" => {
                 let names = Vec::<Option<String>>::from_datum(d, false).unwrap_or_default();
@@ -228,7 +225,7 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
     }
 
     // The positions, then the heads.
-    let rel = pg_sys::table_open(crate::audit_direct::chain_target(), pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+    let rel = pg_sys::table_open(crate::audit_direct::levqor_relation(c"audit_chain"), pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
     let datums = rows.iter().map(|(chain, seq, id, hash)| {
         (
             vec![
