@@ -77,19 +77,29 @@ def between(text, start, end):
 
 
 out.append("""
--- 3b. The audit chain moves beside the entries (levqor.audit_chain, written
---     once per sealing batch) and entries are never updated again; entry ids
+-- 3b. The audit chain moves beside the entries (levqor.audit_chain, runs of
+--     positions written once per sealing batch) and entries are never updated again; entry ids
 --     come from levqor._audit_id() (the writer's transaction id first), over
 --     a sequence that continues where the identity stopped.
 """ + between(audit, "-- The chains: position seq", "-- The head of each chain")
     + between(audit, "-- Where the sealer starts looking.", "SELECT pg_catalog.pg_extension_config_dump('levqor.audit_log', '');")
-    + """INSERT INTO levqor.audit_chain (chain, seq, id, hash, sealed_at)
-SELECT coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid), a.seq, a.id, a.hash, a.sealed_at
-  FROM levqor.audit_log a WHERE a.seq IS NOT NULL;
+    + """-- Sealed positions, into runs: consecutive positions with ascending ids,
+-- at most 128 to a run (as the sealer writes them).
+INSERT INTO levqor.audit_chain (chain, first_seq, last_id, ids, hashes, sealed_at)
+SELECT q.chain, min(q.seq), max(q.id), array_agg(q.id ORDER BY q.seq), string_agg(q.hash, ''::bytea ORDER BY q.seq), max(q.sealed_at)
+  FROM (SELECT r.*, (row_number() OVER (PARTITION BY r.chain, r.run ORDER BY r.seq) - 1) / 128 AS part
+          FROM (SELECT p.*, sum(p.brk) OVER (PARTITION BY p.chain ORDER BY p.seq) AS run
+                  FROM (SELECT coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) AS chain,
+                               a.seq, a.id, a.hash, a.sealed_at,
+                               CASE WHEN a.id > lag(a.id) OVER w AND a.seq = lag(a.seq) OVER w + 1 THEN 0 ELSE 1 END AS brk
+                          FROM levqor.audit_log a WHERE a.seq IS NOT NULL
+                        WINDOW w AS (PARTITION BY coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) ORDER BY a.seq)) p) r) q
+ GROUP BY q.chain, q.run, q.part;
 SELECT pg_catalog.pg_extension_config_dump('levqor.audit_chain', '');
 INSERT INTO levqor._disabling (tbl) VALUES ('levqor.audit_log'::regclass);
 DROP TRIGGER levqor_audit_immutable ON levqor.audit_log;
-ALTER TABLE levqor.audit_log DROP COLUMN seq, DROP COLUMN prev_hash, DROP COLUMN hash, DROP COLUMN sealed_at;
+ALTER TABLE levqor.audit_log DROP COLUMN seq, DROP COLUMN prev_hash, DROP COLUMN hash, DROP COLUMN sealed_at,
+    ALTER COLUMN db_role TYPE text;
 DELETE FROM levqor._disabling WHERE tbl = 'levqor.audit_log'::regclass;
 SELECT set_config('levqor_audit.last_id', coalesce(pg_sequence_last_value('levqor.audit_log_id_seq'), 0)::text, true);
 -- The identity's sequence goes with it; PostgreSQL leaves it among the

@@ -17,7 +17,7 @@ CREATE TABLE levqor.audit_log (
     tenant_id        uuid,                      -- NULL: platform-level entries
     at               timestamptz NOT NULL DEFAULT statement_timestamp(),
     xid              xid8 NOT NULL DEFAULT pg_current_xact_id(),
-    db_role          name NOT NULL DEFAULT current_user,
+    db_role          text NOT NULL DEFAULT current_user,
     user_id          uuid DEFAULT levqor.current_user_id(),
     member_role      text DEFAULT levqor.current_member_role(),
     application_name text DEFAULT current_setting('application_name'),
@@ -36,17 +36,27 @@ CREATE SEQUENCE levqor.audit_log_id_seq OWNED BY levqor.audit_log.id;
 CREATE INDEX audit_log_tenant_idx ON levqor.audit_log (tenant_id, id);
 
 -- The chains: position seq of chain `chain` (a tenant, or the nil uuid for
--- the platform) holds entry `id`, and hash = sha256(hash at seq - 1 ||
--- canonical(entry, seq)).
+-- the platform) holds an entry, and its hash = sha256(hash at seq - 1 ||
+-- canonical(entry, seq)). Stored in runs: a row holds consecutive positions
+-- first_seq, first_seq + 1, … of one chain, the ids of their entries
+-- (ascending) and their hashes (32 bytes each, in the same order). A sealing
+-- pass writes a run per chain per 128 entries, not a row and two index
+-- entries per entry. Runs stay in line (PLAIN: at most 128 positions, about
+-- 5 kB) so that finding one entry's position reads one page.
 CREATE TABLE levqor.audit_chain (
     chain     uuid NOT NULL,
-    seq       bigint NOT NULL,
-    id        bigint NOT NULL,
-    hash      bytea NOT NULL,
+    first_seq bigint NOT NULL,
+    last_id   bigint NOT NULL,         -- ids[cardinality(ids)], for lookups by id
+    ids       bigint[] NOT NULL,
+    hashes    bytea NOT NULL,
     sealed_at timestamptz NOT NULL,
-    PRIMARY KEY (chain, seq)
+    PRIMARY KEY (chain, first_seq)
 );
-CREATE UNIQUE INDEX audit_chain_id_idx ON levqor.audit_chain (id);
+ALTER TABLE levqor.audit_chain ALTER COLUMN ids SET STORAGE PLAIN, ALTER COLUMN hashes SET STORAGE PLAIN;
+-- An entry's run: the first of its chain with last_id >= its id that holds it.
+CREATE INDEX audit_chain_id_idx ON levqor.audit_chain (chain, last_id);
+-- The runs a sealing pass must not seal again: those above the watermark.
+CREATE INDEX audit_chain_recent_idx ON levqor.audit_chain (last_id);
 
 -- The head of each chain: its length and last hash.
 CREATE TABLE levqor.audit_heads (
@@ -90,10 +100,17 @@ CREATE POLICY audit_chain_read ON levqor.audit_chain FOR SELECT TO PUBLIC
     USING (chain = levqor.current_tenant() AND levqor.current_member_role() IN ('auditor', 'admin', 'owner'));
 
 -- Entries with their place in the chain (NULL while unsealed), as the
--- reader's own row level security lets them see both.
+-- reader's own row level security lets them see both. width_bucket is a
+-- binary search of the run's ascending ids.
 CREATE VIEW levqor.audit_trail WITH (security_invoker = true) AS
-    SELECT a.*, c.seq, c.hash, c.sealed_at
-      FROM levqor.audit_log a LEFT JOIN levqor.audit_chain c ON c.id = a.id;
+    SELECT a.*, p.seq, p.hash, p.sealed_at
+      FROM levqor.audit_log a
+      LEFT JOIN LATERAL (
+          SELECT c.first_seq + k - 1 AS seq, substr(c.hashes, k * 32 - 31, 32) AS hash, c.sealed_at
+            FROM levqor.audit_chain c, width_bucket(a.id, c.ids) k
+           WHERE c.chain = coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid)
+             AND c.last_id >= a.id AND c.ids[k] = a.id
+           ORDER BY c.last_id LIMIT 1) p ON true;
 
 -- The canonical serialization an entry's hash covers: a JSON array in a fixed
 -- order (jsonb text output is deterministic), including its chain position.
@@ -162,55 +179,89 @@ CREATE FUNCTION levqor.verify_audit(tenant text DEFAULT NULL)
 RETURNS TABLE (ok boolean, checked bigint, first_bad_id bigint, reason text)
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    ch     uuid := CASE WHEN tenant IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid
-                        ELSE levqor._tenant_id(tenant) END;
-    r      record;
-    prev   bytea;
-    n      bigint;
-    head   record;
-    stray  bigint;
+    ch      uuid := CASE WHEN tenant IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid
+                         ELSE levqor._tenant_id(tenant) END;
+    run     record;
+    r       record;
+    len     int;
+    prev    bytea;
+    prev_id bigint;
+    n       bigint;
+    head    record;
+    upto    bigint := (SELECT s.through FROM levqor.audit_seal_state s);
+    held    bigint := 0;   -- positions holding entries with ids up to the watermark
+    logged  bigint;        -- entries of this chain with ids up to the watermark
+    stray   bigint;
 BEGIN
     checked := 0;
     SELECT hd.seq, hd.hash, hd.floor_seq, hd.floor_hash INTO head FROM levqor.audit_heads hd WHERE hd.chain = ch;
     n := coalesce(head.floor_seq, 0);
     prev := coalesce(head.floor_hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
-    FOR r IN SELECT c.seq, c.id, c.hash, a AS e, a.id IS NOT NULL AS present
-               FROM levqor.audit_chain c LEFT JOIN levqor.audit_log a ON a.id = c.id
-              WHERE c.chain = ch ORDER BY c.seq LOOP
-        n := n + 1;
-        IF r.seq <> n THEN
-            RETURN QUERY SELECT false, checked, r.id, format('entry %s of the chain is missing (found %s next)', n, r.seq);
+    FOR run IN SELECT c.first_seq, c.last_id, c.ids, c.hashes FROM levqor.audit_chain c
+                WHERE c.chain = ch ORDER BY c.first_seq LOOP
+        len := coalesce(cardinality(run.ids), 0);
+        IF run.first_seq <> n + 1 THEN
+            RETURN QUERY SELECT false, checked, run.ids[1], format('entry %s of the chain is missing (found %s next)', n + 1, run.first_seq);
             RETURN;
         END IF;
-        IF NOT r.present THEN
-            RETURN QUERY SELECT false, checked, r.id, format('entry %s of the chain (id %s) was deleted from the log', n, r.id);
+        IF len = 0 OR octet_length(run.hashes) <> 32 * len OR run.last_id IS DISTINCT FROM run.ids[len] THEN
+            RETURN QUERY SELECT false, checked, run.ids[1],
+                format('the run of entries %s to %s is damaged: its ids, hashes and last id disagree', n + 1, n + greatest(len, 1));
             RETURN;
         END IF;
-        IF r.hash IS DISTINCT FROM sha256(prev || levqor._audit_canonical(r.e, r.seq)) THEN
-            RETURN QUERY SELECT false, checked, r.id, format('entry %s was changed after it was sealed', n);
-            RETURN;
-        END IF;
-        prev := r.hash;
-        checked := checked + 1;
+        prev_id := NULL;
+        FOR r IN SELECT k.id, k.o, a AS e, a.id IS NOT NULL AS present, a.tenant_id
+                   FROM unnest(run.ids) WITH ORDINALITY AS k(id, o) LEFT JOIN levqor.audit_log a ON a.id = k.id
+                  ORDER BY k.o LOOP
+            n := n + 1;
+            IF r.id IS NULL OR r.id <= prev_id THEN
+                RETURN QUERY SELECT false, checked, r.id, format('entry %s of the chain is out of order in its run', n);
+                RETURN;
+            END IF;
+            IF NOT r.present THEN
+                RETURN QUERY SELECT false, checked, r.id, format('entry %s of the chain (id %s) was deleted from the log', n, r.id);
+                RETURN;
+            END IF;
+            IF substr(run.hashes, r.o::int * 32 - 31, 32) IS DISTINCT FROM sha256(prev || levqor._audit_canonical(r.e, n)) THEN
+                RETURN QUERY SELECT false, checked, r.id,
+                    format('entry %s does not match its sealed hash: it was changed after it was sealed, or entries before it were removed or moved', n);
+                RETURN;
+            END IF;
+            IF coalesce(r.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) <> ch THEN
+                RETURN QUERY SELECT false, checked, r.id, format('entry %s of the chain (id %s) belongs to another chain', n, r.id);
+                RETURN;
+            END IF;
+            prev := substr(run.hashes, r.o::int * 32 - 31, 32);
+            prev_id := r.id;
+            checked := checked + 1;
+            IF r.id <= upto THEN
+                held := held + 1;
+            END IF;
+        END LOOP;
     END LOOP;
     IF coalesce(head.seq, 0) <> n OR (n > 0 AND head.hash IS DISTINCT FROM prev) THEN
         RETURN QUERY SELECT false, checked, NULL::bigint,
             format('the chain ends at entry %s but its recorded head is entry %s: entries were removed from its end', n, coalesce(head.seq, 0));
         RETURN;
     END IF;
-    -- An entry of this chain below the sealer's watermark that no position
-    -- holds was put into the log behind the sealer's back.
+    -- Below the sealer's watermark every entry of this chain holds one
+    -- position. One that holds none was put into the log behind the sealer's
+    -- back; counted first, searched for only when the counts differ.
     IF tenant IS NULL THEN
-        SELECT a.id INTO stray FROM levqor.audit_log a
-         WHERE a.tenant_id IS NULL AND a.id <= (SELECT s.through FROM levqor.audit_seal_state s)
-           AND NOT EXISTS (SELECT FROM levqor.audit_chain c WHERE c.id = a.id) ORDER BY a.id LIMIT 1;
+        SELECT count(*) INTO logged FROM levqor.audit_log a WHERE a.tenant_id IS NULL AND a.id <= upto;
     ELSE
-        SELECT a.id INTO stray FROM levqor.audit_log a
-         WHERE a.tenant_id = ch AND a.id <= (SELECT s.through FROM levqor.audit_seal_state s)
-           AND NOT EXISTS (SELECT FROM levqor.audit_chain c WHERE c.id = a.id) ORDER BY a.id LIMIT 1;
+        SELECT count(*) INTO logged FROM levqor.audit_log a WHERE a.tenant_id = ch AND a.id <= upto;
     END IF;
-    IF stray IS NOT NULL THEN
+    IF logged > held THEN
+        SELECT a.id INTO stray FROM levqor.audit_log a
+         WHERE coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) = ch AND a.id <= upto
+           AND NOT EXISTS (SELECT FROM levqor.audit_chain c
+                            WHERE c.chain = ch AND c.last_id >= a.id AND c.ids[width_bucket(a.id, c.ids)] = a.id)
+         ORDER BY a.id LIMIT 1;
         RETURN QUERY SELECT false, checked, stray, format('entry id %s is in the log but in no chain: it was inserted behind the sealer', stray);
+        RETURN;
+    ELSIF logged < held THEN
+        RETURN QUERY SELECT false, checked, NULL::bigint, 'an entry holds more than one position of the chain'::text;
         RETURN;
     END IF;
     RETURN QUERY SELECT true, checked, NULL::bigint, NULL::text;
@@ -261,26 +312,29 @@ DECLARE
 BEGIN
     PERFORM levqor._require_superuser('levqor.purge_audit_before()');
     SET LOCAL levqor_audit.retention = 'on';
-    -- Per chain, only a prefix can go (positions whose entries are older
-    -- than the cutoff, up to the first one that is not): the floor records
-    -- where the chain now starts.
+    -- Per chain, only a prefix of whole runs can go (runs all of whose
+    -- entries are older than the cutoff, up to the first one that is not):
+    -- the floor records where the chain now starts.
     WITH kept AS (
-        SELECT k.chain, min(k.seq) AS first
-          FROM levqor.audit_chain k JOIN levqor.audit_log b ON b.id = k.id
-         WHERE b.at >= cutoff GROUP BY k.chain
+        SELECT k.chain, min(k.first_seq) AS first
+          FROM levqor.audit_chain k
+         WHERE EXISTS (SELECT FROM unnest(k.ids) AS x(id) JOIN levqor.audit_log b ON b.id = x.id WHERE b.at >= cutoff)
+         GROUP BY k.chain
     ), doomed AS (
-        SELECT c.chain, c.seq, c.hash, c.id
+        SELECT c.chain, c.first_seq, c.ids, c.hashes
           FROM levqor.audit_chain c LEFT JOIN kept USING (chain)
-         WHERE c.seq < coalesce(kept.first, 9223372036854775807)
+         WHERE c.first_seq < coalesce(kept.first, 9223372036854775807)
     ), floors AS (
-        SELECT DISTINCT ON (d.chain) d.chain, d.seq, d.hash FROM doomed d ORDER BY d.chain, d.seq DESC
+        SELECT DISTINCT ON (d.chain) d.chain, d.first_seq + cardinality(d.ids) - 1 AS seq,
+               substr(d.hashes, octet_length(d.hashes) - 31, 32) AS hash
+          FROM doomed d ORDER BY d.chain, d.first_seq DESC
     ), moved AS (
         UPDATE levqor.audit_heads hd SET floor_seq = f.seq, floor_hash = f.hash
           FROM floors f WHERE hd.chain = f.chain
     ), unchained AS (
-        DELETE FROM levqor.audit_chain c USING doomed d WHERE c.chain = d.chain AND c.seq = d.seq
+        DELETE FROM levqor.audit_chain c USING doomed d WHERE c.chain = d.chain AND c.first_seq = d.first_seq
     )
-    DELETE FROM levqor.audit_log a USING doomed d WHERE a.id = d.id;
+    DELETE FROM levqor.audit_log a USING doomed d, unnest(d.ids) AS x(id) WHERE a.id = x.id;
     GET DIAGNOSTICS n = ROW_COUNT;
     PERFORM levqor._log_event(NULL, 'audit_retention', jsonb_build_object('before', cutoff, 'deleted', n));
     RETURN n;

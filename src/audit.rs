@@ -47,6 +47,8 @@ const TABLE_SQL: &str = "
 struct TablePlan {
     plan: OwnedPreparedStatement,
     pk: Vec<String>,
+    /// The columns not in the primary key.
+    non_key: Vec<String>,
     tenant_column: Option<String>,
     name: String,
 }
@@ -99,6 +101,15 @@ fn statement_sql(op: &str, pk: &[String]) -> String {
     )
 }
 
+/// The names of a table's columns (not dropped ones).
+unsafe fn column_names(desc: pg_sys::TupleDesc) -> Vec<String> {
+    (0..(*desc).natts as usize)
+        .map(|i| &*(*desc).attrs.as_ptr().add(i))
+        .filter(|att| !att.attisdropped)
+        .map(|att| CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned())
+        .collect()
+}
+
 /// Forget plans when a table changes shape (called from the relcache callback).
 pub fn forget(relid: pg_sys::Oid) {
     crate::audit_direct::forget(relid);
@@ -142,7 +153,34 @@ fn _audit_row<'a>(
         (true, _) => (as_datum(data.tg_trigtuple), None),
     };
     let key: PlanKey = (relid, op, set_based);
+    // One row, of a table whose metadata this backend has: written directly,
+    // without so much as an SPI connection (src/audit_direct.rs).
+    let direct = |p: &TablePlan, addr: Option<&str>| -> bool {
+        let Some((old, new)) = (unsafe { crate::audit_direct::single_row(data, op) }) else {
+            return false;
+        };
+        let entry = crate::audit_direct::Entry {
+            old,
+            new,
+            op,
+            table: &p.name,
+            role: &role,
+            pk: &p.pk,
+            non_key: &p.non_key,
+            tenant_column: p.tenant_column.as_deref(),
+            client_addr: addr,
+        };
+        unsafe { crate::audit_direct::insert(&entry, tupdesc) }
+    };
     as_catalog_owner(|| {
+        if set_based {
+            let cached = PLANS.with(|plans| plans.borrow().get(&key).cloned());
+            if let (Some(p), Some(addr)) = (cached, crate::audit_direct::cached_client_addr()) {
+                if direct(&p, addr.as_deref()) {
+                    return;
+                }
+            }
+        }
         Spi::connect_mut(|client| {
             if set_based {
                 // Makes levqor_old / levqor_new visible to this SPI connection.
@@ -179,28 +217,16 @@ fn _audit_row<'a>(
                     }
                     .expect("audit: prepare")
                     .keep();
-                    let p = Rc::new(TablePlan { plan, pk, tenant_column, name });
+                    let non_key = unsafe { column_names(tupdesc) }.into_iter().filter(|c| !pk.contains(c)).collect();
+                    let p = Rc::new(TablePlan { plan, pk, non_key, tenant_column, name });
                     PLANS.with(|plans| plans.borrow_mut().insert(key, p.clone()));
                     p
                 }
             };
             if set_based {
-                // One row: write the entry directly (src/audit_direct.rs).
-                if let Some((old, new)) = unsafe { crate::audit_direct::single_row(data, op) } {
-                    let addr = crate::audit_direct::client_addr(client);
-                    let entry = crate::audit_direct::Entry {
-                        old,
-                        new,
-                        op,
-                        table: &p.name,
-                        role: &role,
-                        pk: &p.pk,
-                        tenant_column: p.tenant_column.as_deref(),
-                        client_addr: addr.as_deref(),
-                    };
-                    if unsafe { crate::audit_direct::insert(&entry, tupdesc) } {
-                        return;
-                    }
+                let addr = crate::audit_direct::client_addr(client);
+                if direct(&p, addr.as_deref()) {
+                    return;
                 }
                 let args =
                     [role.as_str().into(), p.name.as_str().into(), p.tenant_column.clone().into(), p.pk.clone().into()];

@@ -5,7 +5,7 @@
 //! audited insert itself, so for a statement whose transition tables hold
 //! one row this forms the entry here and inserts it with the table access
 //! method and the index AM, as COPY does. The entry is the one the SQL path
-//! writes: the same JSON (row_to_json, then jsonb), the same defaults.
+//! writes: the same JSON (to_jsonb), the same defaults.
 //! Bulk statements keep the set-based SQL path (src/audit.rs).
 
 use std::cell::Cell;
@@ -66,6 +66,11 @@ pub fn next_id() -> i64 {
     }
 }
 
+/// The client's address, once client_addr() has learnt it.
+pub fn cached_client_addr() -> Option<Option<String>> {
+    CLIENT_ADDR.with(|c| c.borrow().clone())
+}
+
 /// The client's address as the column default inet_client_addr() gives it.
 pub fn client_addr(client: &pgrx::spi::SpiClient<'_>) -> Option<String> {
     if let Some(a) = CLIENT_ADDR.with(|c| c.borrow().clone()) {
@@ -119,12 +124,25 @@ pub(crate) unsafe fn call1(f: PgFn, a: pg_sys::Datum) -> pg_sys::Datum {
     call(f, &[a]).expect("a strict built-in returns a value")
 }
 
-/// to_jsonb(row), as the SQL path computes it: row_to_json formats every
-/// value as to_jsonb does; jsonb_in normalizes it.
-unsafe fn row_jsonb(row: pg_sys::Datum) -> pg_sys::Datum {
-    let json = call1(pg_sys::row_to_json, row);
-    let text = pg_sys::text_to_cstring(json.cast_mut_ptr());
-    call1(pg_sys::jsonb_in, pg_sys::Datum::from(text))
+/// to_jsonb(row), as the SQL path computes it. to_jsonb learns its
+/// argument's type from the call expression, so it gets one: a call on a
+/// NULL constant of the row type.
+unsafe fn row_jsonb(row: pg_sys::Datum, rowtype: pg_sys::Oid) -> pg_sys::Datum {
+    let to_jsonb = pg_sys::Oid::from(pg_sys::F_TO_JSONB);
+    let mut flinfo: pg_sys::FmgrInfo = std::mem::zeroed();
+    pg_sys::fmgr_info(to_jsonb, &mut flinfo);
+    let arg = pg_sys::makeNullConst(rowtype, -1, pg_sys::InvalidOid);
+    let args = pg_sys::lappend(std::ptr::null_mut(), arg.cast());
+    let expr = pg_sys::makeFuncExpr(
+        to_jsonb,
+        pg_sys::JSONBOID,
+        args,
+        pg_sys::InvalidOid,
+        pg_sys::InvalidOid,
+        pg_sys::CoercionForm::COERCE_EXPLICIT_CALL,
+    );
+    flinfo.fn_expr = expr.cast();
+    pg_sys::FunctionCall1Coll(&mut flinfo, pg_sys::InvalidOid, row)
 }
 
 fn cstr(s: &str) -> CString {
@@ -137,26 +155,14 @@ unsafe fn field(row: pg_sys::Datum, key: &str) -> Option<pg_sys::Datum> {
     call(pg_sys::jsonb_object_field, &[row, k])
 }
 
-/// The entry's `pk`: an object of the primary key's columns, or NULL for a
-/// table without one (as jsonb_object_agg over no keys gives).
-unsafe fn pk_jsonb(row: pg_sys::Datum, pk: &[String]) -> Option<pg_sys::Datum> {
+/// The entry's `pk`: an object of the primary key's columns (the row
+/// without its other columns), or NULL for a table without one (as
+/// jsonb_object_agg over no keys gives).
+unsafe fn pk_jsonb(row: pg_sys::Datum, pk: &[String], non_key: pg_sys::Datum) -> Option<pg_sys::Datum> {
     if pk.is_empty() {
         return None;
     }
-    let mut text = String::from("{");
-    for (i, k) in pk.iter().enumerate() {
-        if i > 0 {
-            text.push_str(", ");
-        }
-        text.push_str(&serde_json::to_string(k).expect("a string serializes"));
-        text.push_str(": ");
-        match field(row, k) {
-            Some(v) => text.push_str(&CStr::from_ptr(call1(pg_sys::jsonb_out, v).cast_mut_ptr()).to_string_lossy()),
-            None => text.push_str("null"),
-        }
-    }
-    text.push('}');
-    Some(call1(pg_sys::jsonb_in, pg_sys::Datum::from(cstr(&text).into_raw())))
+    call(pg_sys::jsonb_delete_array, &[row, non_key])
 }
 
 /// The columns whose values differ, in byte order of their names (as the
@@ -200,6 +206,8 @@ pub struct Entry<'a> {
     pub table: &'a str,
     pub role: &'a str,
     pub pk: &'a [String],
+    /// The other columns' names.
+    pub non_key: &'a [String],
     pub tenant_column: Option<&'a str>,
     pub client_addr: Option<&'a str>,
 }
@@ -209,12 +217,13 @@ pub struct Entry<'a> {
 /// key: the SQL path records that as the old row and the new row, unpaired,
 /// and so must this.
 pub unsafe fn insert(e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
-    let old = e.old.map(|d| row_jsonb(d));
-    let new = e.new.map(|d| row_jsonb(d));
+    let old = e.old.map(|d| row_jsonb(d, (*desc).tdtypeid));
+    let new = e.new.map(|d| row_jsonb(d, (*desc).tdtypeid));
     let any = new.or(old).expect("an entry has a row");
-    let pk = pk_jsonb(any, e.pk);
+    let non_key = e.non_key.to_vec().into_datum().expect("a text[]");
+    let pk = pk_jsonb(any, e.pk, non_key);
     if let (Some(o), Some(_), Some(key)) = (old, new, pk) {
-        let old_key = pk_jsonb(o, e.pk).expect("same key columns");
+        let old_key = pk_jsonb(o, e.pk, non_key).expect("same key columns");
         if !call(pg_sys::jsonb_eq, &[key, old_key]).is_some_and(|d| d.value() != 0) {
             return false;
         }
@@ -244,7 +253,7 @@ pub unsafe fn insert(e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
             b"tenant_id" => tenant_of(any, e.tenant_column),
             b"at" => Some(pg_sys::Datum::from(pg_sys::GetCurrentStatementStartTimestamp())),
             b"xid" => Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
-            b"db_role" => Some(call1(pg_sys::namein, pg_sys::Datum::from(cstr(e.role).into_raw()))),
+            b"db_role" => e.role.into_datum(),
             b"user_id" => ctx.and_then(|c| c.user).and_then(|u| context::from_uuid(u).into_datum()),
             b"member_role" => ctx.and_then(|c| c.role).and_then(|r| r.as_str().into_datum()),
             b"application_name" => app_name.as_str().into_datum(),

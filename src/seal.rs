@@ -5,8 +5,9 @@
 //! entry is part of what auditing costs. Here an entry is read once, its
 //! canonical form is written straight from the tuple (the bytes
 //! `levqor._audit_canonical` produces, which `verify_audit` recomputes in SQL:
-//! every verification cross-checks this code), hashed, and its chain position
-//! appended with the table AM, as the writers append entries.
+//! every verification cross-checks this code), hashed, and its chain
+//! positions appended in runs (one row per chain per 128 entries) with the
+//! table AM, as the writers append entries.
 
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
@@ -116,10 +117,6 @@ unsafe fn canonical(values: &[pg_sys::Datum], nulls: &[bool], cols: &[usize; 18]
             "xid" => {
                 let _ = write!(out, "\"{}\"", d.value() as u64);
             }
-            "db_role" => {
-                let name = CStr::from_ptr(d.cast_mut_ptr::<std::ffi::c_char>()).to_string_lossy();
-                json_string(&mut out, &name);
-            }
             "client_addr" => json_string(&mut out, &text_of(call1(pg_sys::network_host, d))),
             "pk" | "old_row" | "new_row" | "detail" => out.push_str(&output_of(pg_sys::jsonb_out, d)),
             "changed" => {
@@ -154,14 +151,28 @@ fn _seal_batch(
     TableIterator::once((n, last))
 }
 
+/// Positions one row of levqor.audit_chain holds at most (a run).
+const RUN: usize = 128;
+
 unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entries: i32) -> (i32, Option<i64>) {
-    // Literal bounds: planned for the few recent ids it reads.
+    let max_entries = max_entries.max(0) as usize;
+    // Entries above the watermark that a pass already sealed (about one
+    // pass's worth: the watermark follows a pass behind).
+    let sealed: std::collections::HashSet<i64> = client
+        .select(
+            "SELECT x.id FROM levqor.audit_chain c, unnest(c.ids) AS x(id) WHERE c.last_id > $1 AND x.id > $1",
+            None,
+            &[after.into()],
+        )
+        .expect("levqor: read the recent chain positions")
+        .filter_map(|r| r.get::<i64>(1).ok().flatten())
+        .collect();
+    // The oldest entries above the watermark: enough of them to hold
+    // max_entries unsealed ones. Literal bounds: planned for the few recent
+    // ids it reads.
     let sql = CString::new(format!(
-        "SELECT a.* FROM levqor.audit_log a
-          WHERE a.id > {after}
-            AND NOT EXISTS (SELECT FROM levqor.audit_chain c WHERE c.id = a.id AND c.id > {after})
-          ORDER BY a.id LIMIT {}",
-        max_entries.max(0)
+        "SELECT a.* FROM levqor.audit_log a WHERE a.id > {after} ORDER BY a.id LIMIT {}",
+        max_entries + sealed.len()
     ))
     .expect("no NUL");
     if pg_sys::SPI_execute(sql.as_ptr(), false, 0) != pg_sys::SPI_OK_SELECT as i32 {
@@ -181,19 +192,31 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
     let names: Vec<String> = (0..natts).map(name_of).collect();
     let col = |name: &str| names.iter().position(|n| n == name).expect("levqor.audit_log has its columns");
     let cols: [usize; 18] = std::array::from_fn(|k| col(CANONICAL[k]));
+    let id_col = cols[0];
 
     // Entries, read before the next query replaces SPI_tuptable.
-    let mut entries: Vec<(i64, pgrx::Uuid, Vec<pg_sys::Datum>, Vec<bool>)> = Vec::with_capacity(count);
+    let mut entries: Vec<(i64, pgrx::Uuid, Vec<pg_sys::Datum>, Vec<bool>)> = Vec::with_capacity(count.min(max_entries));
     for i in 0..count {
+        if entries.len() == max_entries {
+            break;
+        }
+        let tuple = *(*table).vals.add(i);
+        let mut is_null = false;
+        let id = pg_sys::heap_getattr(tuple, id_col as i32 + 1, desc, &mut is_null).value() as i64;
+        if sealed.contains(&id) {
+            continue;
+        }
         // A copy in this connection's memory: the next query may free the table.
-        let tuple = pg_sys::heap_copytuple(*(*table).vals.add(i));
+        let tuple = pg_sys::heap_copytuple(tuple);
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![false; natts];
         pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        let id = values[cols[0]].value() as i64;
         let chain =
             if nulls[cols[1]] { pgrx::Uuid::from_bytes([0; 16]) } else { pgrx::Uuid::from_datum(values[cols[1]], false).expect("a uuid") };
         entries.push((id, chain, values, nulls));
+    }
+    if entries.is_empty() {
+        return (0, None);
     }
 
     // Each chain continues from its head.
@@ -211,8 +234,9 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
         heads.insert(*chain.as_bytes(), (seq, hash));
     }
 
+    // Hashed in id order; each chain's positions then go into runs.
     let sealed_at = pg_sys::GetCurrentTimestamp();
-    let mut rows = Vec::with_capacity(entries.len());
+    let mut runs: HashMap<[u8; 16], Vec<(i64, i64, Vec<u8>)>> = HashMap::new();
     for (id, chain, values, nulls) in &entries {
         let head = heads.entry(*chain.as_bytes()).or_insert_with(|| (0, vec![0u8; 32]));
         let seq = head.0 + 1;
@@ -221,24 +245,33 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
         h.update(canonical(values, nulls, &cols, seq));
         let hash = h.finalize().to_vec();
         *head = (seq, hash.clone());
-        rows.push((*chain, seq, *id, hash));
+        runs.entry(*chain.as_bytes()).or_default().push((seq, *id, hash));
     }
 
-    // The positions, then the heads.
     let rel = pg_sys::table_open(crate::audit_direct::levqor_relation(c"audit_chain"), pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-    let datums = rows.iter().map(|(chain, seq, id, hash)| {
-        (
-            vec![
-                chain.into_datum().expect("a uuid"),
-                seq.into_datum().expect("an int8"),
-                id.into_datum().expect("an int8"),
-                hash.as_slice().into_datum().expect("a bytea"),
-                pg_sys::Datum::from(sealed_at),
-            ],
-            vec![false; 5],
-        )
+    let rows = chains.iter().flat_map(|chain| {
+        let positions = runs.remove(chain.as_bytes()).unwrap_or_default();
+        let chain = *chain;
+        positions
+            .chunks(RUN)
+            .map(|run| {
+                let ids: Vec<i64> = run.iter().map(|p| p.1).collect();
+                let hashes: Vec<u8> = run.iter().flat_map(|p| p.2.iter().copied()).collect();
+                (
+                    vec![
+                        chain.into_datum().expect("a uuid"),
+                        run[0].0.into_datum().expect("an int8"),
+                        run[run.len() - 1].1.into_datum().expect("an int8"),
+                        ids.into_datum().expect("an int8[]"),
+                        hashes.as_slice().into_datum().expect("a bytea"),
+                        pg_sys::Datum::from(sealed_at),
+                    ],
+                    vec![false; 6],
+                )
+            })
+            .collect::<Vec<_>>()
     });
-    crate::audit_direct::append_open(rel, datums);
+    crate::audit_direct::append_open(rel, rows);
     pg_sys::table_close(rel, pg_sys::NoLock as pg_sys::LOCKMODE);
 
     let (mut hc, mut hs, mut hh) = (Vec::new(), Vec::new(), Vec::new());
@@ -257,5 +290,5 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
             &[hc.into(), hs.into(), hh.into()],
         )
         .expect("levqor: move the chain heads");
-    (rows.len() as i32, entries.last().map(|e| e.0))
+    (entries.len() as i32, entries.last().map(|e| e.0))
 }

@@ -141,7 +141,7 @@ fn tenants_read_only_their_own_trail_and_nobody_edits_it() {
     for who in [APP, ADMIN] {
         let mut x = connect_to(port(), who, &db);
         for sql in [
-            "UPDATE levqor.audit_chain SET seq = seq + 1",
+            "UPDATE levqor.audit_chain SET first_seq = first_seq + 1",
             "DELETE FROM levqor.audit_chain",
             "INSERT INTO levqor.audit_chain SELECT * FROM levqor.audit_chain",
             "UPDATE levqor.audit_log SET detail = '{}'",
@@ -156,7 +156,7 @@ fn tenants_read_only_their_own_trail_and_nobody_edits_it() {
     // Even a superuser is stopped by the triggers (and caught by verify_audit if they bypass them).
     assert_eq!(sqlstate(su.batch_execute("UPDATE levqor.audit_log SET detail = '{}'")), "42501");
     assert_eq!(sqlstate(su.batch_execute("TRUNCATE levqor.audit_log")), "42501");
-    assert_eq!(sqlstate(su.batch_execute("UPDATE levqor.audit_chain SET seq = seq")), "42501");
+    assert_eq!(sqlstate(su.batch_execute("UPDATE levqor.audit_chain SET first_seq = first_seq")), "42501");
     assert_eq!(sqlstate(su.batch_execute("DELETE FROM levqor.audit_chain")), "42501");
     assert_eq!(sqlstate(su.batch_execute("TRUNCATE levqor.audit_chain")), "42501");
     // The owner of an audited table cannot switch auditing off.
@@ -177,7 +177,7 @@ fn verify_audit_catches_edits_deletions_insertions_and_reordering() {
     seal(&mut su);
     assert_eq!(verify(&mut su, &a).0, true);
     let ids: Vec<i64> = su
-        .query("SELECT id FROM levqor.audit_chain WHERE chain = $1 ORDER BY seq", &[&a.id])
+        .query("SELECT id FROM levqor.audit_trail WHERE tenant_id = $1 AND seq IS NOT NULL ORDER BY seq", &[&a.id])
         .unwrap()
         .iter()
         .map(|r| r.get(0))
@@ -217,17 +217,43 @@ fn verify_audit_catches_edits_deletions_insertions_and_reordering() {
     // ... and with its chain position gone too
     tamper(
         &mut su,
-        &format!("DELETE FROM levqor.audit_log WHERE id = {x}; DELETE FROM levqor.audit_chain WHERE id = {x}", x = ids[3]),
+        &format!(
+            "DELETE FROM levqor.audit_log WHERE id = {x};
+             UPDATE levqor.audit_chain SET ids = array_remove(ids, {x}::int8),
+                    hashes = overlay(hashes placing ''::bytea from array_position(ids, {x}::int8) * 32 - 31 for 32)
+              WHERE {x} = ANY (ids)",
+            x = ids[3]
+        ),
     );
     let (ok, _, bad, why) = verify(&mut su, &a);
     assert_eq!((ok, bad), (false, Some(ids[4])), "{why:?}");
+    assert!(why.unwrap().contains("removed or moved"));
+    restore(&mut su);
+
+    // ... or a whole run of positions gone
+    tamper(&mut su, &format!("UPDATE levqor.audit_chain SET first_seq = first_seq + 1 WHERE chain = '{}'", a.id));
+    let (ok, _, bad, why) = verify(&mut su, &a);
+    assert_eq!((ok, bad), (false, Some(ids[0])), "{why:?}");
     assert!(why.unwrap().contains("missing"));
+    restore(&mut su);
+
+    // a run whose parts disagree (its last id no longer its last entry's)
+    tamper(&mut su, &format!("UPDATE levqor.audit_chain SET last_id = last_id + 1 WHERE chain = '{}'", a.id));
+    let (ok, _, _, why) = verify(&mut su, &a);
+    assert!(!ok && why.as_deref().unwrap_or("").contains("damaged"), "{why:?}");
     restore(&mut su);
 
     // the newest entries deleted (the tail), entries and positions
     tamper(
         &mut su,
-        &format!("DELETE FROM levqor.audit_log WHERE id >= {x}; DELETE FROM levqor.audit_chain WHERE id >= {x}", x = ids[5]),
+        &format!(
+            "DELETE FROM levqor.audit_log WHERE id >= {x};
+             UPDATE levqor.audit_chain SET ids = ids[1:array_position(ids, {x}::int8) - 1],
+                    hashes = substr(hashes, 1, (array_position(ids, {x}::int8) - 1) * 32),
+                    last_id = ids[array_position(ids, {x}::int8) - 1]
+              WHERE {x} = ANY (ids)",
+            x = ids[5]
+        ),
     );
     let (ok, _, _, why) = verify(&mut su, &a);
     assert!(!ok && why.as_deref().unwrap_or("").contains("removed from its end"), "{why:?}");
@@ -237,12 +263,10 @@ fn verify_audit_catches_edits_deletions_insertions_and_reordering() {
     tamper(
         &mut su,
         &format!(
-            "UPDATE levqor.audit_chain SET seq = seq + 1000 WHERE chain = '{id}' AND seq >= 3;
-             UPDATE levqor.audit_chain SET seq = seq - 999 WHERE chain = '{id}' AND seq >= 1003;
-             INSERT INTO levqor.audit_log (tenant_id, kind, event) VALUES ('{id}', 'event', 'forged');
-             INSERT INTO levqor.audit_chain (chain, seq, id, hash, sealed_at)
-             SELECT '{id}', 3, currval('levqor.audit_log_id_seq'), sha256(hash), now()
-               FROM levqor.audit_chain WHERE chain = '{id}' AND seq = 2",
+            "INSERT INTO levqor.audit_log (tenant_id, kind, event) VALUES ('{id}', 'event', 'forged');
+             UPDATE levqor.audit_chain SET ids = ids[1:2] || currval('levqor.audit_log_id_seq') || ids[3:],
+                    hashes = substr(hashes, 1, 64) || sha256(substr(hashes, 33, 32)) || substr(hashes, 65)
+              WHERE chain = '{id}' AND first_seq = 1",
             id = a.id
         ),
     );
@@ -278,9 +302,8 @@ fn verify_audit_catches_edits_deletions_insertions_and_reordering() {
     tamper(
         &mut su,
         &format!(
-            "UPDATE levqor.audit_chain SET id = -1 WHERE id = {x};
-             UPDATE levqor.audit_chain SET id = {x} WHERE id = {y};
-             UPDATE levqor.audit_chain SET id = {y} WHERE id = -1",
+            "UPDATE levqor.audit_chain SET ids = array_replace(array_replace(array_replace(ids, {x}::int8, -1), {y}::int8, {x}::int8), -1, {y}::int8)
+              WHERE {x} = ANY (ids)",
             x = ids[1],
             y = ids[4]
         ),
@@ -293,7 +316,7 @@ fn verify_audit_catches_edits_deletions_insertions_and_reordering() {
     // audit_head is the last hash of the chain
     let head: String = su.query_one("SELECT hash FROM levqor.audit_head($1)", &[&a.slug]).unwrap().get(0);
     let last: String = su
-        .query_one("SELECT encode(hash, 'hex') FROM levqor.audit_chain WHERE chain = $1 ORDER BY seq DESC LIMIT 1", &[&a.id])
+        .query_one("SELECT encode(hash, 'hex') FROM levqor.audit_trail WHERE tenant_id = $1 ORDER BY seq DESC NULLS LAST LIMIT 1", &[&a.id])
         .unwrap()
         .get(0);
     assert_eq!(head, last);
@@ -373,7 +396,7 @@ fn sealing_while_writers_commit_and_roll_back_chains_every_committed_entry_once(
         .query_one(
             "SELECT (SELECT count(*) FROM levqor.audit_log WHERE kind = 'row'),
                     (SELECT count(*) FROM levqor.audit_trail WHERE seq IS NULL),
-                    (SELECT count(*) FROM levqor.audit_chain c JOIN levqor.audit_log l USING (id) WHERE l.kind = 'row')",
+                    (SELECT count(*) FROM levqor.audit_chain c, unnest(c.ids) AS x(id) JOIN levqor.audit_log l USING (id) WHERE l.kind = 'row')",
             &[],
         )
         .unwrap();
@@ -582,6 +605,25 @@ fn bulk_statements_tables_without_a_key_and_awkward_column_names_are_audited_exa
         5,
         "without a primary key, updates are audited row by row"
     );
+    // Over a thousand entries of one chain seal into runs of at most 128
+    // positions; the trail finds every entry's own position.
+    while count("SELECT levqor.seal_audit(500)::int8") > 0 {}
+    let entries = count("SELECT count(*) FROM levqor.audit_log WHERE tenant_id IS NULL");
+    assert!(entries > 1100, "{entries}");
+    assert_eq!(count("SELECT max(cardinality(ids))::int8 FROM levqor.audit_chain"), 128);
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM levqor.audit_trail t
+              WHERE t.tenant_id IS NULL AND t.hash = (SELECT substr(c.hashes, k.o::int * 32 - 31, 32)
+                                   FROM levqor.audit_chain c, unnest(c.ids) WITH ORDINALITY AS k(id, o)
+                                  WHERE k.id = t.id AND c.first_seq + k.o - 1 = t.seq)"
+        ),
+        entries,
+        "each entry, with its own position and hash"
+    );
+    assert_eq!(count("SELECT count(DISTINCT seq) FROM levqor.audit_trail WHERE tenant_id IS NULL"), entries);
+    let r = su.query_one("SELECT ok, checked, reason FROM levqor.verify_audit()", &[]).unwrap();
+    assert_eq!((r.get::<_, bool>(0), r.get::<_, i64>(1)), (true, entries), "{:?}", r.get::<_, Option<String>>(2));
 }
 
 /// Cache invalidations arrive inside whatever query runs, the audit

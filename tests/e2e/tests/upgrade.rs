@@ -126,7 +126,7 @@ fn update_from(from: &str) {
         (r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(0))
     };
     let (_, last_old) = trail(&mut old);
-    let chained: i64 = old.query_one("SELECT count(*) FROM levqor.audit_chain WHERE chain = $1", &[&a.id]).unwrap().get(0);
+    let chained: i64 = old.query_one("SELECT count(*) FROM levqor.audit_trail WHERE tenant_id = $1 AND seq IS NOT NULL", &[&a.id]).unwrap().get(0);
     assert!(from == "0.1.0" || chained >= 2, "tenant_created and the order, sealed by {from}: {chained}");
     let checked: i64 = old.query_one("SELECT checked FROM levqor.verify_audit($1) WHERE ok", &[&a.slug]).unwrap().get(0);
     assert_eq!(checked, chained, "every entry the old release sealed verifies");
