@@ -17,7 +17,7 @@ use pgrx::pg_sys;
 use pgrx::prelude::*;
 use sha2::{Digest, Sha256};
 
-use crate::audit_direct::{call1, PgFn};
+use crate::audit_direct::call1;
 
 /// The columns of levqor.audit_log the canonical form covers, in its order.
 const CANONICAL: [&str; 18] = [
@@ -67,9 +67,106 @@ unsafe fn text_of(d: pg_sys::Datum) -> String {
     CStr::from_ptr(t).to_string_lossy().into_owned()
 }
 
-unsafe fn output_of(f: PgFn, d: pg_sys::Datum) -> String {
-    CStr::from_ptr(call1(f, d).cast_mut_ptr()).to_string_lossy().into_owned()
+/// A text value as a JSON string, read in place.
+unsafe fn text_json(out: &mut String, d: pg_sys::Datum) {
+    let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
+    json_string(out, &String::from_utf8_lossy(pgrx::varlena::varlena_to_byte_slice(v)));
 }
+
+/// jsonb's text output (jsonb_out), written straight from its binary form
+/// (src/include/utils/jsonb.h): a container is a header word (count and
+/// kind), one JEntry word per child (all keys before all values in an
+/// object), then the children's data. A JEntry holds a child's type and its
+/// length, or, every 32nd child, its end offset. Numbers and containers
+/// start at the next 4-byte boundary.
+mod jsonb_text {
+    use super::json_string;
+    use pgrx::pg_sys;
+    use std::ffi::CStr;
+
+    const COUNT: u32 = 0x0FFF_FFFF;
+    const SCALAR: u32 = 0x1000_0000;
+    const OBJECT: u32 = 0x2000_0000;
+    const OFFLEN: u32 = 0x0FFF_FFFF;
+    const TYPE: u32 = 0x7000_0000;
+    const HAS_OFF: u32 = 0x8000_0000;
+    const STRING: u32 = 0x0000_0000;
+    const NUMERIC: u32 = 0x1000_0000;
+    const FALSE: u32 = 0x2000_0000;
+    const TRUE: u32 = 0x3000_0000;
+    const NULL: u32 = 0x4000_0000;
+    const CONTAINER: u32 = 0x5000_0000;
+
+    unsafe fn word(p: *const u8) -> u32 {
+        std::ptr::read_unaligned(p.cast::<u32>())
+    }
+
+    /// A jsonb datum's text, as jsonb_out gives it.
+    pub unsafe fn write(out: &mut String, d: pg_sys::Datum) {
+        // 4-byte header, in line: the root container follows it.
+        let v = pg_sys::pg_detoast_datum(d.cast_mut_ptr()).cast::<u8>();
+        container(out, v.add(4));
+    }
+
+    unsafe fn container(out: &mut String, c: *const u8) {
+        let header = word(c);
+        let count = (header & COUNT) as usize;
+        let object = header & OBJECT != 0;
+        let entries = if object { 2 * count } else { count };
+        let children = c.add(4);
+        let data = children.add(4 * entries);
+        // Start offset and length of each child.
+        let mut spans = Vec::with_capacity(entries);
+        let mut start = 0usize;
+        for i in 0..entries {
+            let e = word(children.add(4 * i));
+            let field = (e & OFFLEN) as usize;
+            let end = if e & HAS_OFF != 0 { field } else { start + field };
+            spans.push((e & TYPE, start, end - start));
+            start = end;
+        }
+        let value = |out: &mut String, i: usize| {
+            let (kind, off, len) = spans[i];
+            let aligned = data.add((off + 3) & !3);
+            match kind {
+                STRING => json_string(out, &String::from_utf8_lossy(std::slice::from_raw_parts(data.add(off), len))),
+                NUMERIC => {
+                    let text = super::call1(pg_sys::numeric_out, pg_sys::Datum::from(aligned));
+                    out.push_str(&CStr::from_ptr(text.cast_mut_ptr()).to_string_lossy());
+                }
+                FALSE => out.push_str("false"),
+                TRUE => out.push_str("true"),
+                NULL => out.push_str("null"),
+                CONTAINER => container(out, aligned),
+                _ => pgrx::error!("levqor: a jsonb value of unknown kind {kind:#x}"),
+            }
+        };
+        if header & SCALAR != 0 {
+            value(out, 0);
+        } else if object {
+            out.push('{');
+            for i in 0..count {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                value(out, i);
+                out.push_str(": ");
+                value(out, count + i);
+            }
+            out.push('}');
+        } else {
+            out.push('[');
+            for i in 0..count {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                value(out, i);
+            }
+            out.push(']');
+        }
+    }
+}
+
 
 /// to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US').
 unsafe fn timestamp_utc(ts: pg_sys::TimestampTz) -> Option<String> {
@@ -118,7 +215,7 @@ unsafe fn canonical(values: &[pg_sys::Datum], nulls: &[bool], cols: &[usize; 18]
                 let _ = write!(out, "\"{}\"", d.value() as u64);
             }
             "client_addr" => json_string(&mut out, &text_of(call1(pg_sys::network_host, d))),
-            "pk" | "old_row" | "new_row" | "detail" => out.push_str(&output_of(pg_sys::jsonb_out, d)),
+            "pk" | "old_row" | "new_row" | "detail" => jsonb_text::write(&mut out, d),
             "changed" => {
                 let names = Vec::<Option<String>>::from_datum(d, false).unwrap_or_default();
                 out.push('[');
@@ -133,7 +230,7 @@ unsafe fn canonical(values: &[pg_sys::Datum], nulls: &[bool], cols: &[usize; 18]
                 }
                 out.push(']');
             }
-            _ => json_string(&mut out, &text_of(d)),
+            _ => text_json(&mut out, d),
         }
     }
     let _ = write!(out, ", {seq}]");

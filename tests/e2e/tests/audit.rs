@@ -766,3 +766,31 @@ fn entries_with_hostile_text_seal_in_rust_and_verify_in_sql_alike() {
         .get(0);
     assert_eq!(app, "app \"quoted\" \\ back?slash", "as PostgreSQL keeps it (non-printable characters become ?)");
 }
+
+#[test]
+fn every_shape_of_json_seals_in_rust_and_verifies_in_sql_alike() {
+    // The sealer reads jsonb's binary form itself (src/seal.rs); verify_audit
+    // uses jsonb's own text output. Objects past 32 keys (where offsets are
+    // stored instead of lengths), nesting, numbers, scalars and empties.
+    let (_db, mut su) = fresh_db("audit_json");
+    su.batch_execute(
+        "CREATE TABLE docs (id int PRIMARY KEY, j jsonb, n numeric);
+         SELECT levqor.enable_audit('docs');
+         INSERT INTO docs VALUES
+           (1, (SELECT jsonb_object_agg('key' || g, CASE g % 5 WHEN 0 THEN to_jsonb(g) WHEN 1 THEN to_jsonb('v' || repeat('x', g))
+                                                           WHEN 2 THEN 'null' WHEN 3 THEN to_jsonb(g % 2 = 0) ELSE jsonb_build_array(g, '{}'::jsonb, '[]'::jsonb) END)
+                  FROM generate_series(1, 70) g), 0),
+           (2, '[0, -1.5e-10, 1e100, 123456789012345678901234567890.5, -0, 3.000]', -12.5),
+           (3, '{\"a\": {\"b\": {\"c\": [[[\"deep\", {\"\": \"empty key\"}]]]}}, \"esc\": \"\\\"q\\\" \\\\ \\n \\u0001 é 😀\"}', 1e-20),
+           (4, '\"a raw string\"', NULL), (5, '42', NULL), (6, 'null', NULL), (7, 'true', NULL), (8, '{}', NULL), (9, '[]', NULL),
+           (10, (SELECT jsonb_agg(g) FROM generate_series(1, 100) g), NULL);
+         UPDATE docs SET j = j || '{\"added\": [1, 2]}'::jsonb WHERE jsonb_typeof(j) = 'object';
+         DELETE FROM docs WHERE id IN (2, 10);",
+    )
+    .unwrap();
+    while su.query_one("SELECT levqor.seal_audit()", &[]).unwrap().get::<_, i32>(0) > 0 {}
+    let r = su.query_one("SELECT ok, checked, first_bad_id, reason FROM levqor.verify_audit()", &[]).unwrap();
+    let (ok, checked): (bool, i64) = (r.get(0), r.get(1));
+    assert!(ok, "entry {:?}: {:?}", r.get::<_, Option<i64>>(2), r.get::<_, Option<String>>(3));
+    assert!(checked >= 10 + 3 + 2, "{checked}");
+}
