@@ -47,8 +47,9 @@ const TABLE_SQL: &str = "
 struct TablePlan {
     plan: OwnedPreparedStatement,
     pk: Vec<String>,
-    /// The columns not in the primary key.
-    non_key: Vec<String>,
+    /// The columns not in the primary key, as a text[] in TopMemoryContext
+    /// (made once: it is an argument of every one-row entry).
+    non_key: pg_sys::Datum,
     tenant_column: Option<String>,
     name: String,
 }
@@ -99,6 +100,12 @@ fn statement_sql(op: &str, pk: &[String]) -> String {
                 END
            FROM ({source}) r"
     )
+}
+
+impl Drop for TablePlan {
+    fn drop(&mut self) {
+        unsafe { pg_sys::pfree(self.non_key.cast_mut_ptr()) };
+    }
 }
 
 /// The names of a table's columns (not dropped ones).
@@ -166,7 +173,7 @@ fn _audit_row<'a>(
             table: &p.name,
             role: &role,
             pk: &p.pk,
-            non_key: &p.non_key,
+            non_key: p.non_key,
             tenant_column: p.tenant_column.as_deref(),
             client_addr: addr,
         };
@@ -217,7 +224,11 @@ fn _audit_row<'a>(
                     }
                     .expect("audit: prepare")
                     .keep();
-                    let non_key = unsafe { column_names(tupdesc) }.into_iter().filter(|c| !pk.contains(c)).collect();
+                    let non_key: Vec<String> =
+                        unsafe { column_names(tupdesc) }.into_iter().filter(|c| !pk.contains(c)).collect();
+                    let non_key = unsafe {
+                        pgrx::PgMemoryContexts::TopMemoryContext.switch_to(|_| non_key.into_datum().expect("a text[]"))
+                    };
                     let p = Rc::new(TablePlan { plan, pk, non_key, tenant_column, name });
                     PLANS.with(|plans| plans.borrow_mut().insert(key, p.clone()));
                     p

@@ -207,7 +207,7 @@ pub struct Entry<'a> {
     pub role: &'a str,
     pub pk: &'a [String],
     /// The other columns' names.
-    pub non_key: &'a [String],
+    pub non_key: pg_sys::Datum,
     pub tenant_column: Option<&'a str>,
     pub client_addr: Option<&'a str>,
 }
@@ -220,10 +220,9 @@ pub unsafe fn insert(e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
     let old = e.old.map(|d| row_jsonb(d, (*desc).tdtypeid));
     let new = e.new.map(|d| row_jsonb(d, (*desc).tdtypeid));
     let any = new.or(old).expect("an entry has a row");
-    let non_key = e.non_key.to_vec().into_datum().expect("a text[]");
-    let pk = pk_jsonb(any, e.pk, non_key);
+    let pk = pk_jsonb(any, e.pk, e.non_key);
     if let (Some(o), Some(_), Some(key)) = (old, new, pk) {
-        let old_key = pk_jsonb(o, e.pk, non_key).expect("same key columns");
+        let old_key = pk_jsonb(o, e.pk, e.non_key).expect("same key columns");
         if !call(pg_sys::jsonb_eq, &[key, old_key]).is_some_and(|d| d.value() != 0) {
             return false;
         }
