@@ -88,6 +88,17 @@ fn update_from(from: &str) {
     old.execute("INSERT INTO orders (item, tenant_id) VALUES ('a-order', $1), ('b-order', $2)", &[&a.id, &b.id]).unwrap();
     if from != "0.1.0" {
         old.batch_execute("SELECT levqor.seal_audit()").unwrap();
+        // More than a run's worth (128) of one chain, and an entry sealed
+        // after a newer one (its transaction committed later): the update
+        // must cut the old chain into runs of ascending ids.
+        let mut straggler = connect_to(port(), "postgres", &old_db);
+        let mut tx = straggler.transaction().unwrap();
+        tx.execute("INSERT INTO orders (item, tenant_id) VALUES ('late', $1)", &[&a.id]).unwrap();
+        old.execute("INSERT INTO orders (item, tenant_id) SELECT 'bulk ' || g, $1 FROM generate_series(1, 300) g", &[&a.id])
+            .unwrap();
+        old.batch_execute("SELECT levqor.seal_audit()").unwrap();
+        tx.commit().unwrap();
+        old.batch_execute("SELECT levqor.seal_audit()").unwrap();
     }
     let version: String = old.query_one("SELECT extversion FROM pg_extension WHERE extname = 'levqor'", &[]).unwrap().get(0);
     assert_eq!(version, from);
@@ -98,7 +109,8 @@ fn update_from(from: &str) {
 
     // Data, keys and protection came through.
     let mut c = connect_to(port(), APP, &old_db);
-    assert_eq!(as_tenant(&mut c, &a, |tx| tx.query("SELECT item FROM orders", &[]).unwrap().len()), 1);
+    let a_orders = if from == "0.1.0" { 1 } else { 1 + 301 };
+    assert_eq!(as_tenant(&mut c, &a, |tx| tx.query("SELECT item FROM orders", &[]).unwrap().len()), a_orders);
     assert_eq!(c.query("SELECT item FROM orders", &[]).unwrap().len(), 0);
     assert_eq!(sqlstate(old.batch_execute("ALTER TABLE orders NO FORCE ROW LEVEL SECURITY")), "42501");
     // What 0.3.0 added works on the old tenants: quotas count and refuse.
@@ -127,7 +139,22 @@ fn update_from(from: &str) {
     };
     let (_, last_old) = trail(&mut old);
     let chained: i64 = old.query_one("SELECT count(*) FROM levqor.audit_trail WHERE tenant_id = $1 AND seq IS NOT NULL", &[&a.id]).unwrap().get(0);
-    assert!(from == "0.1.0" || chained >= 2, "tenant_created and the order, sealed by {from}: {chained}");
+    assert!(from == "0.1.0" || chained >= 303, "tenant_created and the orders, sealed by {from}: {chained}");
+    if from != "0.1.0" {
+        let r = old
+            .query_one("SELECT count(*), max(cardinality(ids))::int8 FROM levqor.audit_chain WHERE chain = $1", &[&a.id])
+            .unwrap();
+        assert!(r.get::<_, i64>(0) >= 4 && r.get::<_, i64>(1) == 128, "runs: {:?}", (r.get::<_, i64>(0), r.get::<_, i64>(1)));
+        let late: i64 = old
+            .query_one(
+                "SELECT t.seq - (SELECT max(seq) FROM levqor.audit_trail WHERE tenant_id = $1 AND new_row->>'item' LIKE 'bulk%')
+                   FROM levqor.audit_trail t WHERE t.tenant_id = $1 AND t.new_row->>'item' = 'late'",
+                &[&a.id],
+            )
+            .unwrap()
+            .get(0);
+        assert_eq!(late, 1, "the late entry keeps its place after the bulk ones");
+    }
     let checked: i64 = old.query_one("SELECT checked FROM levqor.verify_audit($1) WHERE ok", &[&a.slug]).unwrap().get(0);
     assert_eq!(checked, chained, "every entry the old release sealed verifies");
     old.batch_execute("SELECT levqor.enable_audit('orders')").unwrap();
