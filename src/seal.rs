@@ -41,23 +41,46 @@ const CANONICAL: [&str; 18] = [
     "detail",
 ];
 
-/// A string as PostgreSQL's JSON output escapes it (escape_json).
+/// A string as PostgreSQL's JSON output escapes it (escape_json). Every
+/// character it escapes is ASCII, so runs of others are copied whole.
 fn json_string(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '\u{8}' => out.push_str("\\b"),
-            '\u{c}' => out.push_str("\\f"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    let bytes = s.as_bytes();
+    let mut from = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped = match b {
+            0x08 => "\\b",
+            0x0c => "\\f",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b if b < 0x20 => "",
+            _ => continue,
+        };
+        out.push_str(&s[from..i]);
+        if escaped.is_empty() {
+            let _ = write!(out, "\\u{:04x}", b);
+        } else {
+            out.push_str(escaped);
         }
+        from = i + 1;
+    }
+    out.push_str(&s[from..]);
+    out.push('"');
+}
+
+/// A uuid as its JSON string (lower-case hex, hyphenated, as uuid_out).
+fn uuid_string(out: &mut String, u: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.push('"');
+    for (i, b) in u.iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out.push('-');
+        }
+        out.push(HEX[(b >> 4) as usize] as char);
+        out.push(HEX[(b & 15) as usize] as char);
     }
     out.push('"');
 }
@@ -168,27 +191,32 @@ mod jsonb_text {
 }
 
 
-/// to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US').
-unsafe fn timestamp_utc(ts: pg_sys::TimestampTz) -> Option<String> {
-    if ts == i64::MIN || ts == i64::MAX {
-        return None; // -infinity / infinity: to_char gives NULL
-    }
+/// to_char(at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US') as a JSON
+/// string, or null where to_char gives NULL.
+unsafe fn timestamp_utc(out: &mut String, ts: pg_sys::TimestampTz) {
     let mut tm: pg_sys::pg_tm = std::mem::zeroed();
     let mut fsec: pg_sys::fsec_t = 0;
-    if pg_sys::timestamp2tm(ts, std::ptr::null_mut(), &mut tm, &mut fsec, std::ptr::null_mut(), std::ptr::null_mut()) != 0 {
-        return None;
+    if ts == i64::MIN
+        || ts == i64::MAX // -infinity / infinity
+        || pg_sys::timestamp2tm(ts, std::ptr::null_mut(), &mut tm, &mut fsec, std::ptr::null_mut(), std::ptr::null_mut()) != 0
+    {
+        out.push_str("null");
+        return;
     }
     let year = if tm.tm_year <= 0 { 1 - tm.tm_year } else { tm.tm_year };
-    Some(format!(
-        "{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}",
+    let _ = write!(
+        out,
+        "\"{year:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}\"",
         tm.tm_mon, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, fsec
-    ))
+    );
 }
 
-/// The canonical form of one entry at chain position `seq`: the text of
-/// jsonb_build_array(…) over the fields, as `levqor._audit_canonical`.
-unsafe fn canonical(values: &[pg_sys::Datum], nulls: &[bool], cols: &[usize; 18], seq: i64) -> Vec<u8> {
-    let mut out = String::with_capacity(512);
+/// The canonical form of one entry at chain position `seq`, into `out`:
+/// the text of jsonb_build_array(…) over the fields, as
+/// `levqor._audit_canonical`.
+unsafe fn canonical(out: &mut String, values: &[pg_sys::Datum], nulls: &[bool], cols: &[usize; 18], seq: i64) {
+    let out = &mut *out;
+    out.clear();
     out.push('[');
     for (k, &col) in cols.iter().enumerate() {
         if k > 0 {
@@ -199,24 +227,20 @@ unsafe fn canonical(values: &[pg_sys::Datum], nulls: &[bool], cols: &[usize; 18]
             continue;
         }
         let d = values[col];
-        match CANONICAL[k] {
-            "id" => {
+        // By position in CANONICAL (a match on indices: names cost a string
+        // comparison each).
+        match k {
+            0 => {
                 let _ = write!(out, "{}", d.value() as i64);
             }
-            "tenant_id" | "user_id" => {
-                let u = pgrx::Uuid::from_datum(d, false).expect("a uuid");
-                json_string(&mut out, &u.to_string());
-            }
-            "at" => match timestamp_utc(d.value() as i64) {
-                Some(t) => json_string(&mut out, &t),
-                None => out.push_str("null"),
-            },
-            "xid" => {
+            1 | 5 => uuid_string(out, std::slice::from_raw_parts(d.cast_mut_ptr::<u8>(), 16)),
+            2 => timestamp_utc(out, d.value() as i64),
+            3 => {
                 let _ = write!(out, "\"{}\"", d.value() as u64);
             }
-            "client_addr" => json_string(&mut out, &text_of(call1(pg_sys::network_host, d))),
-            "pk" | "old_row" | "new_row" | "detail" => jsonb_text::write(&mut out, d),
-            "changed" => {
+            8 => json_string(out, &text_of(call1(pg_sys::network_host, d))),
+            12 | 13 | 14 | 17 => jsonb_text::write(out, d),
+            15 => {
                 let names = Vec::<Option<String>>::from_datum(d, false).unwrap_or_default();
                 out.push('[');
                 for (i, n) in names.iter().enumerate() {
@@ -224,17 +248,16 @@ unsafe fn canonical(values: &[pg_sys::Datum], nulls: &[bool], cols: &[usize; 18]
                         out.push_str(", ");
                     }
                     match n {
-                        Some(n) => json_string(&mut out, n),
+                        Some(n) => json_string(out, n),
                         None => out.push_str("null"),
                     }
                 }
                 out.push(']');
             }
-            _ => text_json(&mut out, d),
+            _ => text_json(out, d),
         }
     }
     let _ = write!(out, ", {seq}]");
-    out.into_bytes()
 }
 
 /// Seal, in id order, up to `max_entries` committed entries with ids above
@@ -334,12 +357,14 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
     // Hashed in id order; each chain's positions then go into runs.
     let sealed_at = pg_sys::GetCurrentTimestamp();
     let mut runs: HashMap<[u8; 16], Vec<(i64, i64, Vec<u8>)>> = HashMap::new();
+    let mut text = String::with_capacity(1024);
     for (id, chain, values, nulls) in &entries {
         let head = heads.entry(*chain.as_bytes()).or_insert_with(|| (0, vec![0u8; 32]));
         let seq = head.0 + 1;
         let mut h = Sha256::new();
         h.update(&head.1);
-        h.update(canonical(values, nulls, &cols, seq));
+        canonical(&mut text, values, nulls, &cols, seq);
+        h.update(text.as_bytes());
         let hash = h.finalize().to_vec();
         *head = (seq, hash.clone());
         runs.entry(*chain.as_bytes()).or_default().push((seq, *id, hash));
