@@ -255,8 +255,9 @@ BEGIN
     IF logged > held THEN
         SELECT a.id INTO stray FROM levqor.audit_log a
          WHERE coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) = ch AND a.id <= upto
-           AND NOT EXISTS (SELECT FROM levqor.audit_chain c
-                            WHERE c.chain = ch AND c.last_id >= a.id AND c.ids[width_bucket(a.id, c.ids)] = a.id)
+           AND (SELECT true FROM levqor.audit_chain c
+                 WHERE c.chain = ch AND c.last_id >= a.id AND c.ids[width_bucket(a.id, c.ids)] = a.id
+                 ORDER BY c.last_id LIMIT 1) IS NULL
          ORDER BY a.id LIMIT 1;
         RETURN QUERY SELECT false, checked, stray, format('entry id %s is in the log but in no chain: it was inserted behind the sealer', stray);
         RETURN;

@@ -84,6 +84,24 @@ pub fn client_addr(client: &pgrx::spi::SpiClient<'_>) -> Option<String> {
     a
 }
 
+thread_local! {
+    /// The client's address as an inet datum in TopMemoryContext, made once.
+    static CLIENT_INET: Cell<Option<Option<pg_sys::Datum>>> = const { Cell::new(None) };
+}
+
+/// The client's address (`client_addr`'s text) as an inet datum.
+unsafe fn client_inet(addr: Option<&str>) -> Option<pg_sys::Datum> {
+    if let Some(d) = CLIENT_INET.with(Cell::get) {
+        return d;
+    }
+    let d = addr.map(|a| {
+        pgrx::PgMemoryContexts::TopMemoryContext
+            .switch_to(|_| call1(pg_sys::inet_in, pg_sys::Datum::from(cstr(a).as_ptr())))
+    });
+    CLIENT_INET.with(|c| c.set(Some(d)));
+    d
+}
+
 /// The one row of a transition table, as a composite datum.
 unsafe fn only_row(store: *mut pg_sys::Tuplestorestate, desc: pg_sys::TupleDesc) -> Option<pg_sys::Datum> {
     if store.is_null() || pg_sys::tuplestore_tuple_count(store) != 1 {
@@ -228,9 +246,8 @@ pub unsafe fn insert(e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
         }
     }
     let ctx = context::current();
-    let app_name = CStr::from_ptr(pg_sys::GetConfigOption(c"application_name".as_ptr(), false, false))
-        .to_string_lossy()
-        .into_owned();
+    // The setting's own variable: what current_setting('application_name') reads.
+    let app_name = if pg_sys::application_name.is_null() { c"".as_ptr() } else { pg_sys::application_name };
     let changed = match (old, new) {
         (Some(o), Some(n)) if e.op == "UPDATE" => Some(changed(o, n, desc)),
         _ => None,
@@ -255,8 +272,8 @@ pub unsafe fn insert(e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
             b"db_role" => e.role.into_datum(),
             b"user_id" => ctx.and_then(|c| c.user).and_then(|u| context::from_uuid(u).into_datum()),
             b"member_role" => ctx.and_then(|c| c.role).and_then(|r| r.as_str().into_datum()),
-            b"application_name" => app_name.as_str().into_datum(),
-            b"client_addr" => e.client_addr.map(|a| call1(pg_sys::inet_in, pg_sys::Datum::from(cstr(a).into_raw()))),
+            b"application_name" => Some(pg_sys::Datum::from(pg_sys::cstring_to_text(app_name))),
+            b"client_addr" => client_inet(e.client_addr),
             b"kind" => "row".into_datum(),
             b"table_name" => e.table.into_datum(),
             b"operation" => e.op.into_datum(),

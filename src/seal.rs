@@ -276,23 +276,21 @@ const RUN: usize = 128;
 
 unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entries: i32) -> (i32, Option<i64>) {
     let max_entries = max_entries.max(0) as usize;
-    // Entries above the watermark that a pass already sealed (about one
-    // pass's worth: the watermark follows a pass behind).
-    let sealed: std::collections::HashSet<i64> = client
-        .select(
-            "SELECT x.id FROM levqor.audit_chain c, unnest(c.ids) AS x(id) WHERE c.last_id > $1 AND x.id > $1",
-            None,
-            &[after.into()],
-        )
-        .expect("levqor: read the recent chain positions")
-        .filter_map(|r| r.get::<i64>(1).ok().flatten())
-        .collect();
-    // The oldest entries above the watermark: enough of them to hold
-    // max_entries unsealed ones. Literal bounds: planned for the few recent
+    // The oldest entries above the watermark that no run holds (those a
+    // pass already sealed are about one pass's worth: the watermark follows
+    // a pass behind). Each is looked up in the runs from its id up, the first
+    // nearly always being the one: a scalar subquery, so that the planner
+    // keeps it a per-entry index probe (as an anti-join it may hash every
+    // run and test each pair). Literal bounds: planned for the few recent
     // ids it reads.
     let sql = CString::new(format!(
-        "SELECT a.* FROM levqor.audit_log a WHERE a.id > {after} ORDER BY a.id LIMIT {}",
-        max_entries + sealed.len()
+        "SELECT a.* FROM levqor.audit_log a
+          WHERE a.id > {after}
+            AND (SELECT true FROM levqor.audit_chain c
+                  WHERE c.chain = coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid)
+                    AND c.last_id >= a.id AND c.ids[width_bucket(a.id, c.ids)] = a.id
+                  ORDER BY c.last_id LIMIT 1) IS NULL
+          ORDER BY a.id LIMIT {max_entries}"
     ))
     .expect("no NUL");
     if pg_sys::SPI_execute(sql.as_ptr(), false, 0) != pg_sys::SPI_OK_SELECT as i32 {
@@ -312,31 +310,19 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
     let names: Vec<String> = (0..natts).map(name_of).collect();
     let col = |name: &str| names.iter().position(|n| n == name).expect("levqor.audit_log has its columns");
     let cols: [usize; 18] = std::array::from_fn(|k| col(CANONICAL[k]));
-    let id_col = cols[0];
 
     // Entries, read before the next query replaces SPI_tuptable.
-    let mut entries: Vec<(i64, pgrx::Uuid, Vec<pg_sys::Datum>, Vec<bool>)> = Vec::with_capacity(count.min(max_entries));
+    let mut entries: Vec<(i64, pgrx::Uuid, Vec<pg_sys::Datum>, Vec<bool>)> = Vec::with_capacity(count);
     for i in 0..count {
-        if entries.len() == max_entries {
-            break;
-        }
-        let tuple = *(*table).vals.add(i);
-        let mut is_null = false;
-        let id = pg_sys::heap_getattr(tuple, id_col as i32 + 1, desc, &mut is_null).value() as i64;
-        if sealed.contains(&id) {
-            continue;
-        }
         // A copy in this connection's memory: the next query may free the table.
-        let tuple = pg_sys::heap_copytuple(tuple);
+        let tuple = pg_sys::heap_copytuple(*(*table).vals.add(i));
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![false; natts];
         pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        let id = values[cols[0]].value() as i64;
         let chain =
             if nulls[cols[1]] { pgrx::Uuid::from_bytes([0; 16]) } else { pgrx::Uuid::from_datum(values[cols[1]], false).expect("a uuid") };
         entries.push((id, chain, values, nulls));
-    }
-    if entries.is_empty() {
-        return (0, None);
     }
 
     // Each chain continues from its head.
