@@ -148,10 +148,6 @@ BEGIN
     IF max_entries < 1 OR NOT pg_try_advisory_xact_lock(hashtext('levqor.seal_audit')) THEN
         RETURN 0;
     END IF;
-    -- In this order: an id taken up to now_id was taken by a transaction
-    -- whose id is below now_xid.
-    now_id := coalesce(pg_sequence_last_value('levqor.audit_log_id_seq'), 0);
-    now_xid := levqor._next_xid();
     SELECT s.through, s.horizon_id, s.horizon_xid INTO st FROM levqor.audit_seal_state s;
     settled := st.horizon_xid IS NOT NULL
                AND st.horizon_xid <= pg_snapshot_xmin(pg_current_snapshot())::text::bigint;
@@ -159,6 +155,11 @@ BEGIN
     -- transactions found ended above. The batch (read, hashed, appended to
     -- levqor.audit_chain, heads moved) is src/seal.rs.
     SELECT b.sealed, b.last_id INTO n, last_id FROM levqor._seal_batch(st.through, max_entries) b;
+    -- The next horizon, read after the batch so that the next pass can move
+    -- the watermark past what this one sealed. In this order: an id taken up
+    -- to now_id was taken by a transaction whose id is below now_xid.
+    now_id := coalesce(pg_sequence_last_value('levqor.audit_log_id_seq'), 0);
+    now_xid := levqor._next_xid();
     -- Move the watermark: up to the horizon once it is settled, but not past
     -- what this pass sealed if it stopped at max_entries.
     upto := st.through;

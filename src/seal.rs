@@ -276,23 +276,53 @@ const RUN: usize = 128;
 
 unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entries: i32) -> (i32, Option<i64>) {
     let max_entries = max_entries.max(0) as usize;
-    // The oldest entries above the watermark that no run holds (those a
-    // pass already sealed are about one pass's worth: the watermark follows
-    // a pass behind). Each is looked up in the runs from its id up, the first
-    // nearly always being the one: a scalar subquery, so that the planner
-    // keeps it a per-entry index probe (as an anti-join it may hash every
-    // run and test each pair). Literal bounds: planned for the few recent
-    // ids it reads.
-    let sql = CString::new(format!(
-        "SELECT a.* FROM levqor.audit_log a
-          WHERE a.id > {after}
-            AND (SELECT true FROM levqor.audit_chain c
-                  WHERE c.chain = coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid)
-                    AND c.last_id >= a.id AND c.ids[width_bucket(a.id, c.ids)] = a.id
-                  ORDER BY c.last_id LIMIT 1) IS NULL
-          ORDER BY a.id LIMIT {max_entries}"
-    ))
-    .expect("no NUL");
+    // The oldest entries above the watermark that no run holds. Those a
+    // pass already sealed above the watermark are normally a pass or two's
+    // worth (the watermark follows behind): read as a set, and skipped as
+    // the entries are read. A transaction left open holds the watermark, and
+    // that set grows with everything sealed since; past ten batches' worth,
+    // each entry is instead looked up in the runs from its id up (a scalar
+    // subquery, so that the planner keeps it a per-entry index probe: as an
+    // anti-join it may hash every run and test each pair).
+    let recent: i64 = client
+        .select("SELECT coalesce(sum(cardinality(c.ids)), 0)::int8 FROM levqor.audit_chain c WHERE c.last_id > $1", None, &[
+            after.into(),
+        ])
+        .expect("levqor: count the recent chain positions")
+        .first()
+        .get(1)
+        .ok()
+        .flatten()
+        .unwrap_or(0);
+    let in_memory = recent as usize <= 10 * max_entries.max(1);
+    let sealed: std::collections::HashSet<i64> = if in_memory {
+        client
+            .select(
+                "SELECT x.id FROM levqor.audit_chain c, unnest(c.ids) AS x(id) WHERE c.last_id > $1 AND x.id > $1",
+                None,
+                &[after.into()],
+            )
+            .expect("levqor: read the recent chain positions")
+            .filter_map(|r| r.get::<i64>(1).ok().flatten())
+            .collect()
+    } else {
+        Default::default()
+    };
+    // Literal bounds: planned for the few recent ids it reads.
+    let sql = if in_memory {
+        format!("SELECT a.* FROM levqor.audit_log a WHERE a.id > {after} ORDER BY a.id LIMIT {}", max_entries + sealed.len())
+    } else {
+        format!(
+            "SELECT a.* FROM levqor.audit_log a
+              WHERE a.id > {after}
+                AND (SELECT true FROM levqor.audit_chain c
+                      WHERE c.chain = coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid)
+                        AND c.last_id >= a.id AND c.ids[width_bucket(a.id, c.ids)] = a.id
+                      ORDER BY c.last_id LIMIT 1) IS NULL
+              ORDER BY a.id LIMIT {max_entries}"
+        )
+    };
+    let sql = CString::new(sql).expect("no NUL");
     if pg_sys::SPI_execute(sql.as_ptr(), false, 0) != pg_sys::SPI_OK_SELECT as i32 {
         pgrx::error!("levqor: reading the unsealed audit entries failed");
     }
@@ -312,17 +342,29 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
     let cols: [usize; 18] = std::array::from_fn(|k| col(CANONICAL[k]));
 
     // Entries, read before the next query replaces SPI_tuptable.
-    let mut entries: Vec<(i64, pgrx::Uuid, Vec<pg_sys::Datum>, Vec<bool>)> = Vec::with_capacity(count);
+    let mut entries: Vec<(i64, pgrx::Uuid, Vec<pg_sys::Datum>, Vec<bool>)> = Vec::with_capacity(count.min(max_entries));
     for i in 0..count {
+        if entries.len() == max_entries {
+            break;
+        }
+        let tuple = *(*table).vals.add(i);
+        let mut is_null = false;
+        let id = pg_sys::heap_getattr(tuple, cols[0] as i32 + 1, desc, &mut is_null).value() as i64;
+        if sealed.contains(&id) {
+            continue;
+        }
         // A copy in this connection's memory: the next query may free the table.
-        let tuple = pg_sys::heap_copytuple(*(*table).vals.add(i));
+        let tuple = pg_sys::heap_copytuple(tuple);
         let mut values = vec![pg_sys::Datum::from(0); natts];
         let mut nulls = vec![false; natts];
         pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        let id = values[cols[0]].value() as i64;
         let chain =
             if nulls[cols[1]] { pgrx::Uuid::from_bytes([0; 16]) } else { pgrx::Uuid::from_datum(values[cols[1]], false).expect("a uuid") };
         entries.push((id, chain, values, nulls));
+    }
+
+    if entries.is_empty() {
+        return (0, None);
     }
 
     // Each chain continues from its head.
