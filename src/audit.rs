@@ -161,7 +161,8 @@ fn _audit_row<'a>(
     };
     let key: PlanKey = (relid, op, set_based);
     // One row, of a table whose metadata this backend has: written directly,
-    // without so much as an SPI connection (src/audit_direct.rs).
+    // without so much as an SPI connection or a change of user
+    // (src/audit_direct.rs).
     let direct = |p: &TablePlan, addr: Option<&str>| -> bool {
         let Some((old, new)) = (unsafe { crate::audit_direct::single_row(data, op) }) else {
             return false;
@@ -179,15 +180,15 @@ fn _audit_row<'a>(
         };
         unsafe { crate::audit_direct::insert(&entry, tupdesc) }
     };
-    as_catalog_owner(|| {
-        if set_based {
-            let cached = PLANS.with(|plans| plans.borrow().get(&key).cloned());
-            if let (Some(p), Some(addr)) = (cached, crate::audit_direct::cached_client_addr()) {
-                if direct(&p, addr.as_deref()) {
-                    return;
-                }
+    if set_based {
+        let cached = PLANS.with(|plans| plans.borrow().get(&key).cloned());
+        if let (Some(p), Some(addr)) = (cached, crate::audit_direct::cached_client_addr()) {
+            if direct(&p, addr.as_deref()) {
+                return Ok(None);
             }
         }
+    }
+    as_catalog_owner(|| {
         Spi::connect_mut(|client| {
             if set_based {
                 // Makes levqor_old / levqor_new visible to this SPI connection.
