@@ -163,7 +163,7 @@ fn _audit_row<'a>(
     // One row, of a table whose metadata this backend has: written directly,
     // without so much as an SPI connection or a change of user
     // (src/audit_direct.rs).
-    let direct = |p: &TablePlan, addr: Option<&str>| -> bool {
+    let direct = |p: &TablePlan| -> bool {
         let Some((old, new)) = (unsafe { crate::audit_direct::single_row(data, op) }) else {
             return false;
         };
@@ -176,14 +176,13 @@ fn _audit_row<'a>(
             pk: &p.pk,
             non_key: p.non_key,
             tenant_column: p.tenant_column.as_deref(),
-            client_addr: addr,
         };
         unsafe { crate::audit_direct::insert(&entry, tupdesc) }
     };
     if set_based {
         let cached = PLANS.with(|plans| plans.borrow().get(&key).cloned());
-        if let (Some(p), Some(addr)) = (cached, crate::audit_direct::cached_client_addr()) {
-            if direct(&p, addr.as_deref()) {
+        if let Some(p) = cached.filter(|_| crate::audit_direct::client_addr_known()) {
+            if direct(&p) {
                 return Ok(None);
             }
         }
@@ -236,8 +235,8 @@ fn _audit_row<'a>(
                 }
             };
             if set_based {
-                let addr = crate::audit_direct::client_addr(client);
-                if direct(&p, addr.as_deref()) {
+                crate::audit_direct::client_addr(client);
+                if direct(&p) {
                     return;
                 }
                 let args =
@@ -268,7 +267,7 @@ fn _audit_row<'a>(
 /// next entry id.
 #[pg_extern(volatile, parallel_unsafe)]
 fn _audit_id() -> i64 {
-    crate::audit_direct::next_id()
+    crate::audit_direct::next_id(true)
 }
 
 /// The next transaction id to be assigned, for the sealer's watermark (it

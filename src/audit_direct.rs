@@ -25,8 +25,8 @@ struct Target {
 
 thread_local! {
     static TARGET: Cell<Option<Target>> = const { Cell::new(None) };
-    /// inet_client_addr() as text: constant for the life of a backend.
-    static CLIENT_ADDR: std::cell::RefCell<Option<Option<String>>> = const { std::cell::RefCell::new(None) };
+    /// inet_client_addr(), learnt by client_addr().
+    static CLIENT_INET: Cell<Option<Option<pg_sys::Datum>>> = const { Cell::new(None) };
 }
 
 /// Forget the target when the audit log changes (relcache callback).
@@ -56,65 +56,44 @@ pub fn levqor_relation(name: &CStr) -> pg_sys::Oid {
     rel
 }
 
-/// The next entry id, taken after the transaction's id: the sealer relies
-/// on that order (see levqor.seal_audit in sql/audit.sql).
-pub fn next_id() -> i64 {
-    unsafe {
-        pg_sys::GetTopTransactionId();
-        let seq = target().1;
-        call1(pg_sys::nextval_oid, pg_sys::Datum::from(seq)).value() as i64
-    }
-}
-
 unsafe extern "C-unwind" {
     // commands/sequence.h (not in pgrx's bindings).
     fn nextval_internal(relid: pg_sys::Oid, check_permissions: bool) -> i64;
 }
 
-/// next_id() without the sequence's permission check: the direct path runs
-/// as the writer, who has no privileges on levqor's sequence (by design).
-fn next_id_unchecked() -> i64 {
+/// The next entry id, taken after the transaction's id: the sealer relies
+/// on that order (see levqor.seal_audit in sql/audit.sql). The trigger's
+/// direct path takes it unchecked: it runs as the writer, who has no
+/// privileges on levqor's sequence (by design).
+pub fn next_id(check_permissions: bool) -> i64 {
     unsafe {
         pg_sys::GetTopTransactionId();
         let seq = target().1;
-        pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(seq, false))
+        pg_sys::ffi::pg_guard_ffi_boundary(|| nextval_internal(seq, check_permissions))
     }
 }
 
-/// The client's address, once client_addr() has learnt it.
-pub fn cached_client_addr() -> Option<Option<String>> {
-    CLIENT_ADDR.with(|c| c.borrow().clone())
+/// Whether client_addr() has learnt the client's address.
+pub fn client_addr_known() -> bool {
+    CLIENT_INET.with(Cell::get).is_some()
 }
 
-/// The client's address as the column default inet_client_addr() gives it.
-pub fn client_addr(client: &pgrx::spi::SpiClient<'_>) -> Option<String> {
-    if let Some(a) = CLIENT_ADDR.with(|c| c.borrow().clone()) {
-        return a;
+/// Learn the client's address as the column default inet_client_addr()
+/// gives it, once per backend (it is constant), as an inet datum in
+/// TopMemoryContext.
+pub fn client_addr(client: &pgrx::spi::SpiClient<'_>) {
+    if client_addr_known() {
+        return;
     }
-    let a = client
+    let text = client
         .select("SELECT inet_client_addr()::text", Some(1), &[])
         .ok()
         .and_then(|t| t.first().get::<String>(1).ok().flatten());
-    CLIENT_ADDR.with(|c| *c.borrow_mut() = Some(a.clone()));
-    a
-}
-
-thread_local! {
-    /// The client's address as an inet datum in TopMemoryContext, made once.
-    static CLIENT_INET: Cell<Option<Option<pg_sys::Datum>>> = const { Cell::new(None) };
-}
-
-/// The client's address (`client_addr`'s text) as an inet datum.
-unsafe fn client_inet(addr: Option<&str>) -> Option<pg_sys::Datum> {
-    if let Some(d) = CLIENT_INET.with(Cell::get) {
-        return d;
-    }
-    let d = addr.map(|a| {
+    let inet = text.map(|a| unsafe {
         pgrx::PgMemoryContexts::TopMemoryContext
-            .switch_to(|_| call1(pg_sys::inet_in, pg_sys::Datum::from(cstr(a).as_ptr())))
+            .switch_to(|_| call1(pg_sys::inet_in, pg_sys::Datum::from(cstr(&a).as_ptr())))
     });
-    CLIENT_INET.with(|c| c.set(Some(d)));
-    d
+    CLIENT_INET.with(|c| c.set(Some(inet)));
 }
 
 /// The one row of a transition table, as a composite datum.
@@ -242,11 +221,11 @@ pub struct Entry<'a> {
     /// The other columns' names.
     pub non_key: pg_sys::Datum,
     pub tenant_column: Option<&'a str>,
-    pub client_addr: Option<&'a str>,
 }
 
-/// Form and insert one audit entry. Needs no privilege: nothing here checks
-/// one (the table and index AMs do not, and the id is taken unchecked).
+/// Form and insert one audit entry, once client_addr() has run. Needs no
+/// privilege: nothing here checks one (the table and index AMs do not, and
+/// the id is taken unchecked).
 /// Returns false, writing nothing, for an update that changed the primary
 /// key: the SQL path records that as the old row and the new row, unpaired,
 /// and so must this.
@@ -281,7 +260,7 @@ pub unsafe fn insert(e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
         }
         let name = CStr::from_ptr(att.attname.data.as_ptr()).to_bytes();
         let v: Option<pg_sys::Datum> = match name {
-            b"id" => Some(pg_sys::Datum::from(next_id_unchecked())),
+            b"id" => Some(pg_sys::Datum::from(next_id(false))),
             b"tenant_id" => tenant_of(any, e.tenant_column),
             b"at" => Some(pg_sys::Datum::from(pg_sys::GetCurrentStatementStartTimestamp())),
             b"xid" => Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
@@ -289,7 +268,7 @@ pub unsafe fn insert(e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
             b"user_id" => ctx.and_then(|c| c.user).and_then(|u| context::from_uuid(u).into_datum()),
             b"member_role" => ctx.and_then(|c| c.role).and_then(|r| r.as_str().into_datum()),
             b"application_name" => Some(pg_sys::Datum::from(pg_sys::cstring_to_text(app_name))),
-            b"client_addr" => client_inet(e.client_addr),
+            b"client_addr" => CLIENT_INET.with(Cell::get).flatten(),
             b"kind" => "row".into_datum(),
             b"table_name" => e.table.into_datum(),
             b"operation" => e.op.into_datum(),
