@@ -215,7 +215,6 @@ unsafe fn timestamp_utc(out: &mut String, ts: pg_sys::TimestampTz) {
 /// the text of jsonb_build_array(…) over the fields, as
 /// `levqor._audit_canonical`.
 unsafe fn canonical(out: &mut String, values: &[pg_sys::Datum], nulls: &[bool], cols: &[usize; 18], seq: i64) {
-    let out = &mut *out;
     out.clear();
     out.push('[');
     for (k, &col) in cols.iter().enumerate() {
@@ -277,37 +276,27 @@ const RUN: usize = 128;
 unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entries: i32) -> (i32, Option<i64>) {
     let max_entries = max_entries.max(0) as usize;
     // The oldest entries above the watermark that no run holds. Those a
-    // pass already sealed above the watermark are normally a pass or two's
+    // pass already sealed above the watermark are normally about one pass's
     // worth (the watermark follows behind): read as a set, and skipped as
     // the entries are read. A transaction left open holds the watermark, and
     // that set grows with everything sealed since; past ten batches' worth,
     // each entry is instead looked up in the runs from its id up (a scalar
     // subquery, so that the planner keeps it a per-entry index probe: as an
     // anti-join it may hash every run and test each pair).
-    let recent: i64 = client
-        .select("SELECT coalesce(sum(cardinality(c.ids)), 0)::int8 FROM levqor.audit_chain c WHERE c.last_id > $1", None, &[
-            after.into(),
-        ])
-        .expect("levqor: count the recent chain positions")
-        .first()
-        .get(1)
-        .ok()
-        .flatten()
-        .unwrap_or(0);
-    let in_memory = recent as usize <= 10 * max_entries.max(1);
-    let sealed: std::collections::HashSet<i64> = if in_memory {
-        client
-            .select(
-                "SELECT x.id FROM levqor.audit_chain c, unnest(c.ids) AS x(id) WHERE c.last_id > $1 AND x.id > $1",
-                None,
-                &[after.into()],
-            )
-            .expect("levqor: read the recent chain positions")
-            .filter_map(|r| r.get::<i64>(1).ok().flatten())
-            .collect()
-    } else {
-        Default::default()
-    };
+    let cap = 10 * max_entries.max(1);
+    let mut sealed: std::collections::HashSet<i64> = client
+        .select(
+            "SELECT x.id FROM levqor.audit_chain c, unnest(c.ids) AS x(id) WHERE c.last_id > $1 AND x.id > $1 LIMIT $2",
+            None,
+            &[after.into(), (cap as i64 + 1).into()],
+        )
+        .expect("levqor: read the recent chain positions")
+        .filter_map(|r| r.get::<i64>(1).ok().flatten())
+        .collect();
+    let in_memory = sealed.len() <= cap;
+    if !in_memory {
+        sealed.clear();
+    }
     // Literal bounds: planned for the few recent ids it reads.
     let sql = if in_memory {
         format!("SELECT a.* FROM levqor.audit_log a WHERE a.id > {after} ORDER BY a.id LIMIT {}", max_entries + sealed.len())
