@@ -84,10 +84,10 @@ out.append("""
 """ + between(audit, "-- The chains: position seq", "-- The head of each chain")
     + between(audit, "-- Where the sealer starts looking.", "SELECT pg_catalog.pg_extension_config_dump('levqor.audit_log', '');")
     + """-- Sealed positions, into runs: consecutive positions with ascending ids,
--- at most 128 to a run (as the sealer writes them).
+-- at most 96 to a run (as the sealer writes them).
 INSERT INTO levqor.audit_chain (chain, first_seq, last_id, ids, hashes, sealed_at)
 SELECT q.chain, min(q.seq), max(q.id), array_agg(q.id ORDER BY q.seq), string_agg(q.hash, ''::bytea ORDER BY q.seq), max(q.sealed_at)
-  FROM (SELECT r.*, (row_number() OVER (PARTITION BY r.chain, r.run ORDER BY r.seq) - 1) / 128 AS part
+  FROM (SELECT r.*, (row_number() OVER (PARTITION BY r.chain, r.run ORDER BY r.seq) - 1) / 96 AS part
           FROM (SELECT p.*, sum(p.brk) OVER (PARTITION BY p.chain ORDER BY p.seq) AS run
                   FROM (SELECT coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) AS chain,
                                a.seq, a.id, a.hash, a.sealed_at,

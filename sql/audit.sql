@@ -40,9 +40,9 @@ CREATE INDEX audit_log_tenant_idx ON levqor.audit_log (tenant_id, id);
 -- canonical(entry, seq)). Stored in runs: a row holds consecutive positions
 -- first_seq, first_seq + 1, … of one chain, the ids of their entries
 -- (ascending) and their hashes (32 bytes each, in the same order). A sealing
--- pass writes a run per chain per 128 entries, not a row and two index
--- entries per entry. Runs stay in line (PLAIN: at most 128 positions, about
--- 5 kB) so that finding one entry's position reads one page.
+-- pass writes a run per chain per 96 entries, not a row and two index
+-- entries per entry. Runs stay in line (PLAIN: at most 96 positions, under
+-- 4 kB, two to a page) so that finding one entry's position reads one page.
 CREATE TABLE levqor.audit_chain (
     chain     uuid NOT NULL,
     first_seq bigint NOT NULL,

@@ -135,9 +135,9 @@ AS 'MODULE_PATHNAME', 'flush_usage_wrapper';
 -- canonical(entry, seq)). Stored in runs: a row holds consecutive positions
 -- first_seq, first_seq + 1, … of one chain, the ids of their entries
 -- (ascending) and their hashes (32 bytes each, in the same order). A sealing
--- pass writes a run per chain per 128 entries, not a row and two index
--- entries per entry. Runs stay in line (PLAIN: at most 128 positions, about
--- 5 kB) so that finding one entry's position reads one page.
+-- pass writes a run per chain per 96 entries, not a row and two index
+-- entries per entry. Runs stay in line (PLAIN: at most 96 positions, under
+-- 4 kB, two to a page) so that finding one entry's position reads one page.
 CREATE TABLE levqor.audit_chain (
     chain     uuid NOT NULL,
     first_seq bigint NOT NULL,
@@ -167,10 +167,10 @@ CREATE TABLE levqor.audit_seal_state (
 );
 INSERT INTO levqor.audit_seal_state DEFAULT VALUES;
 -- Sealed positions, into runs: consecutive positions with ascending ids,
--- at most 128 to a run (as the sealer writes them).
+-- at most 96 to a run (as the sealer writes them).
 INSERT INTO levqor.audit_chain (chain, first_seq, last_id, ids, hashes, sealed_at)
 SELECT q.chain, min(q.seq), max(q.id), array_agg(q.id ORDER BY q.seq), string_agg(q.hash, ''::bytea ORDER BY q.seq), max(q.sealed_at)
-  FROM (SELECT r.*, (row_number() OVER (PARTITION BY r.chain, r.run ORDER BY r.seq) - 1) / 128 AS part
+  FROM (SELECT r.*, (row_number() OVER (PARTITION BY r.chain, r.run ORDER BY r.seq) - 1) / 96 AS part
           FROM (SELECT p.*, sum(p.brk) OVER (PARTITION BY p.chain ORDER BY p.seq) AS run
                   FROM (SELECT coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid) AS chain,
                                a.seq, a.id, a.hash, a.sealed_at,

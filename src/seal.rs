@@ -6,7 +6,7 @@
 //! canonical form is written straight from the tuple (the bytes
 //! `levqor._audit_canonical` produces, which `verify_audit` recomputes in SQL:
 //! every verification cross-checks this code), hashed, and its chain
-//! positions appended in runs (one row per chain per 128 entries) with the
+//! positions appended in runs (one row per chain per 96 entries) with the
 //! table AM, as the writers append entries.
 
 use std::collections::HashMap;
@@ -270,8 +270,9 @@ fn _seal_batch(
     TableIterator::once((n, last))
 }
 
-/// Positions one row of levqor.audit_chain holds at most (a run).
-const RUN: usize = 128;
+/// Positions one row of levqor.audit_chain holds at most (a run): 96 keeps
+/// a run under 4 kB, two to a page.
+const RUN: usize = 96;
 
 unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entries: i32) -> (i32, Option<i64>) {
     let max_entries = max_entries.max(0) as usize;

@@ -605,12 +605,12 @@ fn bulk_statements_tables_without_a_key_and_awkward_column_names_are_audited_exa
         5,
         "without a primary key, updates are audited row by row"
     );
-    // Over a thousand entries of one chain seal into runs of at most 128
+    // Over a thousand entries of one chain seal into runs of at most 96
     // positions; the trail finds every entry's own position.
     while count("SELECT levqor.seal_audit(500)::int8") > 0 {}
     let entries = count("SELECT count(*) FROM levqor.audit_log WHERE tenant_id IS NULL");
     assert!(entries > 1100, "{entries}");
-    assert_eq!(count("SELECT max(cardinality(ids))::int8 FROM levqor.audit_chain"), 128);
+    assert_eq!(count("SELECT max(cardinality(ids))::int8 FROM levqor.audit_chain"), 96);
     assert_eq!(
         count(
             "SELECT count(*) FROM levqor.audit_trail t

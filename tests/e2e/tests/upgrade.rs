@@ -88,7 +88,7 @@ fn update_from(from: &str) {
     old.execute("INSERT INTO orders (item, tenant_id) VALUES ('a-order', $1), ('b-order', $2)", &[&a.id, &b.id]).unwrap();
     if from != "0.1.0" {
         old.batch_execute("SELECT levqor.seal_audit()").unwrap();
-        // More than a run's worth (128) of one chain, and an entry sealed
+        // More than a run's worth (96) of one chain, and an entry sealed
         // after a newer one (its transaction committed later): the update
         // must cut the old chain into runs of ascending ids.
         let mut straggler = connect_to(port(), "postgres", &old_db);
@@ -144,7 +144,7 @@ fn update_from(from: &str) {
         let r = old
             .query_one("SELECT count(*), max(cardinality(ids))::int8 FROM levqor.audit_chain WHERE chain = $1", &[&a.id])
             .unwrap();
-        assert!(r.get::<_, i64>(0) >= 4 && r.get::<_, i64>(1) == 128, "runs: {:?}", (r.get::<_, i64>(0), r.get::<_, i64>(1)));
+        assert!(r.get::<_, i64>(0) >= 4 && r.get::<_, i64>(1) == 96, "runs: {:?}", (r.get::<_, i64>(0), r.get::<_, i64>(1)));
         let late: i64 = old
             .query_one(
                 "SELECT t.seq - (SELECT max(seq) FROM levqor.audit_trail WHERE tenant_id = $1 AND new_row->>'item' LIKE 'bulk%')
