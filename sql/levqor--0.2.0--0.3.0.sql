@@ -26,7 +26,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
 $fn$;
 
 -- 3. New functions in the library.
--- src/audit.rs:268
+-- src/audit.rs:272
 -- levqor::audit::_audit_id
 CREATE  FUNCTION "_audit_id"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE
@@ -56,14 +56,14 @@ CREATE FUNCTION "_limit_rows"()
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', '_limit_rows_wrapper';
 
--- src/audit.rs:276
+-- src/audit.rs:280
 -- levqor::audit::_next_xid
 CREATE  FUNCTION "_next_xid"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_next_xid_wrapper';
 
--- src/seal.rs:264
+-- src/seal.rs:259
 -- levqor::seal::_seal_batch
 CREATE  FUNCTION "_seal_batch"(
 	"after" bigint, /* i64 */

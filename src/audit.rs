@@ -179,12 +179,16 @@ fn _audit_row<'a>(
         };
         unsafe { crate::audit_direct::insert(&entry, tupdesc) }
     };
+    // Whether that was tried already (a many-row statement, or an update of
+    // the key, then takes the SQL path without forming its entry twice).
+    let mut tried = false;
     if set_based {
         let cached = PLANS.with(|plans| plans.borrow().get(&key).cloned());
         if let Some(p) = cached.filter(|_| crate::audit_direct::client_addr_known()) {
             if direct(&p) {
                 return Ok(None);
             }
+            tried = true;
         }
     }
     as_catalog_owner(|| {
@@ -236,7 +240,7 @@ fn _audit_row<'a>(
             };
             if set_based {
                 crate::audit_direct::client_addr(client);
-                if direct(&p) {
+                if !tried && direct(&p) {
                     return;
                 }
                 let args =

@@ -85,11 +85,6 @@ fn uuid_string(out: &mut String, u: &[u8]) {
     out.push('"');
 }
 
-unsafe fn text_of(d: pg_sys::Datum) -> String {
-    let t = pg_sys::text_to_cstring(d.cast_mut_ptr());
-    CStr::from_ptr(t).to_string_lossy().into_owned()
-}
-
 /// A text value as a JSON string, read in place.
 unsafe fn text_json(out: &mut String, d: pg_sys::Datum) {
     let v = pg_sys::pg_detoast_datum_packed(d.cast_mut_ptr());
@@ -237,7 +232,7 @@ unsafe fn canonical(out: &mut String, values: &[pg_sys::Datum], nulls: &[bool], 
             3 => {
                 let _ = write!(out, "\"{}\"", d.value() as u64);
             }
-            8 => json_string(out, &text_of(call1(pg_sys::network_host, d))),
+            8 => text_json(out, call1(pg_sys::network_host, d)),
             12 | 13 | 14 | 17 => jsonb_text::write(out, d),
             15 => {
                 let names = Vec::<Option<String>>::from_datum(d, false).unwrap_or_default();
