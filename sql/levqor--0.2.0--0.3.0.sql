@@ -63,7 +63,7 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_next_xid_wrapper';
 
--- src/seal.rs:259
+-- src/seal.rs:405
 -- levqor::seal::_seal_batch
 CREATE  FUNCTION "_seal_batch"(
 	"after" bigint, /* i64 */
