@@ -292,6 +292,86 @@ pub unsafe fn insert(e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
 /// ones checked), as COPY does: no executor, no SPI. No triggers, no
 /// constraints other than the indexes': for levqor's own append-only tables.
 pub unsafe fn append_open(rel: pg_sys::Relation, rows: impl Iterator<Item = (Vec<pg_sys::Datum>, Vec<bool>)>) {
+    match plain_indexes(rel) {
+        Some(indexes) => append_plain(rel, &indexes, rows),
+        None => append_with_executor(rel, rows),
+    }
+}
+
+/// The table's indexes with what inserting into each needs, when every one
+/// is over plain columns, immediate and without exclusion constraints (as
+/// levqor creates them). Otherwise None, having opened nothing: an index a
+/// DBA added with expressions, a predicate or deferred uniqueness takes the
+/// executor's way, which handles all of those.
+unsafe fn plain_indexes(rel: pg_sys::Relation) -> Option<Vec<(pg_sys::Relation, *mut pg_sys::IndexInfo)>> {
+    let list = pg_sys::RelationGetIndexList(rel);
+    let mut out = Vec::new();
+    let mut plain = true;
+    if !list.is_null() {
+        for i in 0..(*list).length {
+            let oid = pg_sys::list_nth_oid(list, i);
+            let index = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+            let info = pg_sys::BuildIndexInfo(index);
+            let form = &*(*index).rd_index;
+            if !(*info).ii_Expressions.is_null()
+                || !(*info).ii_Predicate.is_null()
+                || !(*info).ii_ExclusionOps.is_null()
+                || (form.indisunique && !form.indimmediate)
+            {
+                plain = false;
+            }
+            out.push((index, info));
+        }
+        pg_sys::list_free(list);
+    }
+    if plain {
+        return Some(out);
+    }
+    for (index, _) in out {
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
+    None
+}
+
+/// The heap tuple, then an entry in each index that is ready for inserts
+/// (what ExecInsertIndexTuples does for plain indexes), keys taken from the
+/// row's own values.
+unsafe fn append_plain(
+    rel: pg_sys::Relation,
+    indexes: &[(pg_sys::Relation, *mut pg_sys::IndexInfo)],
+    rows: impl Iterator<Item = (Vec<pg_sys::Datum>, Vec<bool>)>,
+) {
+    let desc = (*rel).rd_att;
+    let mut keys = [pg_sys::Datum::from(0); pg_sys::INDEX_MAX_KEYS as usize];
+    let mut key_nulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
+    for (mut values, mut nulls) in rows {
+        let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+        pg_sys::simple_heap_insert(rel, tuple);
+        for &(index, info) in indexes {
+            if !(*info).ii_ReadyForInserts {
+                continue;
+            }
+            for k in 0..(*info).ii_NumIndexAttrs as usize {
+                let column = (*info).ii_IndexAttrNumbers[k] as usize - 1;
+                keys[k] = values[column];
+                key_nulls[k] = nulls[column];
+            }
+            let check = if (*(*index).rd_index).indisunique {
+                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_YES
+            } else {
+                pg_sys::IndexUniqueCheck::UNIQUE_CHECK_NO
+            };
+            pg_sys::index_insert(index, keys.as_mut_ptr(), key_nulls.as_mut_ptr(), &mut (*tuple).t_self, rel, check, false, info);
+        }
+        pg_sys::heap_freetuple(tuple);
+    }
+    for &(index, _) in indexes {
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+    }
+}
+
+/// The executor's way: a result relation, its indexes and a slot.
+unsafe fn append_with_executor(rel: pg_sys::Relation, rows: impl Iterator<Item = (Vec<pg_sys::Datum>, Vec<bool>)>) {
     let desc = (*rel).rd_att;
     let estate = pg_sys::CreateExecutorState();
     let rri = pg_sys::palloc0(std::mem::size_of::<pg_sys::ResultRelInfo>()).cast::<pg_sys::ResultRelInfo>();

@@ -821,3 +821,52 @@ fn a_database_in_latin1_seals_and_verifies() {
     let body: String = su.query_one("SELECT new_row->>'body' FROM levqor.audit_log WHERE operation = 'UPDATE'", &[]).unwrap().get(0);
     assert_eq!(body, "café ß ü ÿ");
 }
+
+#[test]
+fn entries_reach_every_index_of_the_log_even_ones_a_dba_added() {
+    // Entries and chain runs go in with the index AM directly while every
+    // index is over plain columns, and through the executor when one is not.
+    // amcheck's heapallindexed checks that each row is in each index.
+    let (db, mut su) = fresh_db("audit_ix");
+    su.batch_execute("CREATE EXTENSION IF NOT EXISTS amcheck").unwrap();
+    let a = create_tenant_on(&mut su, "aud-ix");
+    let mut c = connect_to(port(), APP, &db);
+    let check = |su: &mut Client| {
+        for r in su
+            .query(
+                "SELECT i.indexrelid::regclass::text FROM pg_index i
+                  WHERE i.indrelid IN ('levqor.audit_log'::regclass, 'levqor.audit_chain'::regclass)",
+                &[],
+            )
+            .unwrap()
+        {
+            let index: String = r.get(0);
+            su.execute("SELECT bt_index_check($1::text::regclass, true)", &[&index]).unwrap_or_else(|e| panic!("{index}: {e}"));
+        }
+    };
+    for i in 0..5 {
+        insert_rows(&mut c, &a, "items", &[&format!("plain {i}")]);
+    }
+    while seal(&mut su) > 0 {}
+    check(&mut su);
+
+    su.batch_execute(
+        "CREATE INDEX audit_log_lower_table ON levqor.audit_log ((lower(table_name))) WHERE kind = 'row';
+         CREATE INDEX audit_chain_partial ON levqor.audit_chain (sealed_at) WHERE first_seq > 0;",
+    )
+    .unwrap();
+    for i in 0..5 {
+        insert_rows(&mut c, &a, "items", &[&format!("with an expression index {i}")]);
+    }
+    while seal(&mut su) > 0 {}
+    check(&mut su);
+    let by_index: i64 = su
+        .query_one("SELECT count(*) FROM levqor.audit_log WHERE lower(table_name) = 'public.items' AND kind = 'row'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(by_index, 10);
+    let (ok, checked, bad, why) = verify(&mut su, &a);
+    assert!(ok, "entry {bad:?}: {why:?}");
+    assert_eq!(checked, 11, "tenant created and 10 inserts");
+    su.batch_execute("DROP INDEX levqor.audit_log_lower_table, levqor.audit_chain_partial").unwrap();
+}
