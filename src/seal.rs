@@ -400,6 +400,78 @@ unsafe fn canonical(out: &mut Vec<u8>, values: &[pg_sys::Datum], nulls: &[bool],
     }
 }
 
+/// Where each CANONICAL column is in levqor.audit_log's rows.
+unsafe fn columns(desc: pg_sys::TupleDesc) -> [usize; 18] {
+    let natts = (*desc).natts as usize;
+    let names: Vec<&[u8]> =
+        (0..natts).map(|i| CStr::from_ptr((*(*desc).attrs.as_ptr().add(i)).attname.data.as_ptr()).to_bytes()).collect();
+    std::array::from_fn(|k| {
+        names.iter().position(|n| *n == CANONICAL[k].as_bytes()).expect("levqor.audit_log has its columns")
+    })
+}
+
+/// The entries a batch seals: each one's id, chain and canonical form up to
+/// its position, as UTF-8 (convert_to in the SQL form). The forms are kept
+/// end to end in `text`, each entry's ending where the next begins.
+struct Reader {
+    max: usize,
+    utf8: bool,
+    entries: Vec<(i64, [u8; 16], usize)>,
+    text: Vec<u8>,
+    one: Vec<u8>,
+    hosts: HostCache,
+    /// What reading a value allocates (a compressed row's copy, host()'s
+    /// text) lives for that entry only.
+    scratch: pgrx::PgMemoryContexts,
+}
+
+impl Reader {
+    unsafe fn new(max: usize) -> Self {
+        Reader {
+            max,
+            utf8: pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32,
+            entries: Vec::with_capacity(max.min(100_000)),
+            text: Vec::with_capacity(max.min(100_000) * 512),
+            one: Vec::with_capacity(1024),
+            hosts: HostCache::default(),
+            scratch: pgrx::PgMemoryContexts::new("levqor seal entry"),
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.entries.len() >= self.max
+    }
+
+    /// One entry, read while its tuple lives.
+    unsafe fn take(&mut self, values: &[pg_sys::Datum], nulls: &[bool], cols: &[usize; 18]) {
+        if self.full() {
+            return;
+        }
+        let id = values[cols[0]].value() as i64;
+        let mut chain = [0u8; 16];
+        if !nulls[cols[1]] {
+            chain.copy_from_slice(std::slice::from_raw_parts(values[cols[1]].cast_mut_ptr::<u8>(), 16));
+        }
+        let Reader { utf8, text, one, hosts, scratch, .. } = self;
+        scratch.switch_to(|_| {
+            if *utf8 {
+                canonical(text, values, nulls, cols, hosts);
+            } else {
+                one.clear();
+                canonical(one, values, nulls, cols, hosts);
+                let converted = pg_sys::pg_server_to_any(one.as_ptr().cast(), one.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
+                if converted.cast::<u8>().cast_const() == one.as_ptr() {
+                    text.extend_from_slice(one);
+                } else {
+                    text.extend_from_slice(CStr::from_ptr(converted).to_bytes());
+                }
+            }
+        });
+        scratch.reset();
+        self.entries.push((id, chain, self.text.len()));
+    }
+}
+
 /// Seal, in id order, up to `max_entries` committed entries with ids above
 /// `after` that no chain holds yet. Returns how many, and the last id.
 #[pg_extern(volatile, parallel_unsafe)]
@@ -439,11 +511,45 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
     if !in_memory {
         sealed.clear();
     }
-    // Literal bounds: planned for the few recent ids it reads.
-    let sql = if in_memory {
-        format!("SELECT a.* FROM levqor.audit_log a WHERE a.id > {after} ORDER BY a.id LIMIT {}", max_entries + sealed.len())
+    let mut reader = Reader::new(max_entries);
+    if in_memory {
+        // The entries above the watermark, in id order, straight from the
+        // primary key: each is read in its pinned buffer, skipping those
+        // already sealed.
+        let log = pg_sys::table_open(crate::audit_direct::target().0, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let pk = pg_sys::RelationGetPrimaryKeyIndex(log);
+        if pk == pg_sys::InvalidOid {
+            pgrx::error!("levqor.audit_log has no primary key");
+        }
+        let index = pg_sys::index_open(pk, pg_sys::AccessShareLock as pg_sys::LOCKMODE);
+        let desc = (*log).rd_att;
+        let natts = (*desc).natts as usize;
+        let cols = columns(desc);
+        let mut key: pg_sys::ScanKeyData = std::mem::zeroed();
+        pg_sys::ScanKeyInit(
+            &mut key,
+            1,
+            pg_sys::BTGreaterStrategyNumber as pg_sys::StrategyNumber,
+            pg_sys::Oid::from(pg_sys::F_INT8GT),
+            pg_sys::Datum::from(after),
+        );
+        let scan = pg_sys::index_beginscan(log, index, pg_sys::GetActiveSnapshot(), 1, 0);
+        pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
+        let slot = pg_sys::table_slot_create(log, std::ptr::null_mut());
+        while !reader.full() && pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+            pg_sys::slot_getallattrs(slot);
+            let values = std::slice::from_raw_parts((*slot).tts_values, natts);
+            let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
+            if !sealed.contains(&(values[cols[0]].value() as i64)) {
+                reader.take(values, nulls, &cols);
+            }
+        }
+        pg_sys::ExecDropSingleTupleTableSlot(slot);
+        pg_sys::index_endscan(scan);
+        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
+        pg_sys::table_close(log, pg_sys::NoLock as pg_sys::LOCKMODE);
     } else {
-        format!(
+        let sql = format!(
             "SELECT a.* FROM levqor.audit_log a
               WHERE a.id > {after}
                 AND (SELECT true FROM levqor.audit_chain c
@@ -451,73 +557,23 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
                         AND c.last_id >= a.id AND c.ids[width_bucket(a.id, c.ids)] = a.id
                       ORDER BY c.last_id LIMIT 1) IS NULL
               ORDER BY a.id LIMIT {max_entries}"
-        )
-    };
-    let sql = CString::new(sql).expect("no NUL");
-    if pg_sys::SPI_execute(sql.as_ptr(), false, 0) != pg_sys::SPI_OK_SELECT as i32 {
-        pgrx::error!("levqor: reading the unsealed audit entries failed");
-    }
-    let table = pg_sys::SPI_tuptable;
-    let count = pg_sys::SPI_processed as usize;
-    if count == 0 {
-        return (0, None);
-    }
-    let desc = (*table).tupdesc;
-    let natts = (*desc).natts as usize;
-    let name_of = |i: usize| {
-        let att = &*(*desc).attrs.as_ptr().add(i);
-        CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned()
-    };
-    let names: Vec<String> = (0..natts).map(name_of).collect();
-    let col = |name: &str| names.iter().position(|n| n == name).expect("levqor.audit_log has its columns");
-    let cols: [usize; 18] = std::array::from_fn(|k| col(CANONICAL[k]));
-
-    // Each entry's canonical form up to its position, read in place while
-    // SPI_tuptable lives (the heads query below replaces it), as UTF-8
-    // (convert_to in the SQL form): all of them in `text`, each entry's
-    // ending where the next begins.
-    let utf8 = pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32;
-    let mut entries: Vec<(i64, [u8; 16], usize)> = Vec::with_capacity(count.min(max_entries));
-    let mut text: Vec<u8> = Vec::with_capacity(count.min(max_entries) * 512);
-    let mut one = Vec::with_capacity(1024);
-    let mut hosts = HostCache::default();
-    let mut values = vec![pg_sys::Datum::from(0); natts];
-    let mut nulls = vec![false; natts];
-    // What a value's reading allocates (a compressed row's copy, host()'s
-    // text) lives for that entry only.
-    let mut scratch = pgrx::PgMemoryContexts::new("levqor seal entry");
-    for i in 0..count {
-        if entries.len() == max_entries {
-            break;
+        );
+        let sql = CString::new(sql).expect("no NUL");
+        if pg_sys::SPI_execute(sql.as_ptr(), false, 0) != pg_sys::SPI_OK_SELECT as i32 {
+            pgrx::error!("levqor: reading the unsealed audit entries failed");
         }
-        let tuple = *(*table).vals.add(i);
-        let mut is_null = false;
-        let id = pg_sys::heap_getattr(tuple, cols[0] as i32 + 1, desc, &mut is_null).value() as i64;
-        if sealed.contains(&id) {
-            continue;
+        let table = pg_sys::SPI_tuptable;
+        let desc = (*table).tupdesc;
+        let natts = (*desc).natts as usize;
+        let cols = columns(desc);
+        let mut values = vec![pg_sys::Datum::from(0); natts];
+        let mut nulls = vec![false; natts];
+        for i in 0..pg_sys::SPI_processed as usize {
+            pg_sys::heap_deform_tuple(*(*table).vals.add(i), desc, values.as_mut_ptr(), nulls.as_mut_ptr());
+            reader.take(&values, &nulls, &cols);
         }
-        pg_sys::heap_deform_tuple(tuple, desc, values.as_mut_ptr(), nulls.as_mut_ptr());
-        let mut chain = [0u8; 16];
-        if !nulls[cols[1]] {
-            chain.copy_from_slice(std::slice::from_raw_parts(values[cols[1]].cast_mut_ptr::<u8>(), 16));
-        }
-        scratch.switch_to(|_| {
-            if utf8 {
-                canonical(&mut text, &values, &nulls, &cols, &mut hosts);
-            } else {
-                one.clear();
-                canonical(&mut one, &values, &nulls, &cols, &mut hosts);
-                let converted = pg_sys::pg_server_to_any(one.as_ptr().cast(), one.len() as i32, pg_sys::pg_enc::PG_UTF8 as i32);
-                if converted.cast::<u8>().cast_const() == one.as_ptr() {
-                    text.extend_from_slice(&one);
-                } else {
-                    text.extend_from_slice(CStr::from_ptr(converted).to_bytes());
-                }
-            }
-        });
-        scratch.reset();
-        entries.push((id, chain, text.len()));
     }
+    let Reader { entries, text, .. } = reader;
 
     if entries.is_empty() {
         return (0, None);
