@@ -1,13 +1,17 @@
--- Four identical tables: no audit, the classic PL/pgSQL audit trigger
+-- Identical tables: no audit, the classic PL/pgSQL audit trigger
 -- (to_jsonb(OLD), to_jsonb(NEW) into a log table, as supa_audit and the
--- audit-trigger recipes do), and levqor's audit. (pgaudit runs against a copy
--- in a second database, see run.sh.)
+-- audit-trigger recipes do), the same trigger with its log indexed by tenant
+-- as levqor's is (plpgsql_ix: one more column and index, nothing else), and
+-- levqor's audit. (pgaudit runs against a copy in a second database, see
+-- run.sh.)
 \set QUIET on
 \set ON_ERROR_STOP on
 CREATE EXTENSION IF NOT EXISTS levqor;
 CREATE TABLE t_none (id bigserial PRIMARY KEY, body text NOT NULL, n int NOT NULL DEFAULT 0);
 CREATE TABLE t_plpgsql (LIKE t_none INCLUDING ALL);
 CREATE TABLE t_levqor (LIKE t_none INCLUDING ALL);
+CREATE TABLE t_plpgsql_ix (LIKE t_none INCLUDING ALL);
+ALTER TABLE t_plpgsql_ix ALTER COLUMN id SET DEFAULT nextval('t_none_id_seq');
 ALTER TABLE t_plpgsql ALTER COLUMN id SET DEFAULT nextval('t_none_id_seq');
 ALTER TABLE t_levqor ALTER COLUMN id SET DEFAULT nextval('t_none_id_seq');
 
@@ -23,4 +27,20 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON t_plpgsql FOR EACH ROW EXECUTE FUNCTION plpgsql_audit();
+
+-- levqor keeps its log indexed by (tenant_id, id), so that each tenant reads
+-- its own trail by index. The same, for the PL/pgSQL trigger: the tenant
+-- column (NULL here: these tables have no tenant, like t_levqor) and index.
+CREATE TABLE plpgsql_ix_audit_log (LIKE plpgsql_audit_log INCLUDING ALL);
+ALTER TABLE plpgsql_ix_audit_log ADD COLUMN tenant_id uuid;
+CREATE INDEX ON plpgsql_ix_audit_log (tenant_id, id);
+CREATE FUNCTION plpgsql_ix_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO plpgsql_ix_audit_log (table_name, operation, old_row, new_row)
+    VALUES (TG_TABLE_NAME, TG_OP,
+            CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
+            CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON t_plpgsql_ix FOR EACH ROW EXECUTE FUNCTION plpgsql_ix_audit();
 SELECT levqor.enable_audit('t_levqor');
