@@ -63,7 +63,7 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_next_xid_wrapper';
 
--- src/seal.rs:405
+-- src/seal.rs:477
 -- levqor::seal::_seal_batch
 CREATE  FUNCTION "_seal_batch"(
 	"after" bigint, /* i64 */
