@@ -270,10 +270,14 @@ BEGIN
 END
 $fn$;
 
--- The latest chain hash, for an outside party to anchor.
+-- The latest chain hash, for an outside party to anchor. The sealing worker
+-- commits without waiting for the WAL flush (a crash may undo its last
+-- moments, which the next pass seals again); a head given out must never be
+-- undone, so the WAL is flushed first.
 CREATE FUNCTION levqor.audit_head(tenant text DEFAULT NULL)
 RETURNS TABLE (seq bigint, hash text, updated_at timestamptz)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT levqor._flush_wal();
     SELECT hd.seq, encode(hd.hash, 'hex'), hd.updated_at FROM levqor.audit_heads hd
      WHERE hd.chain = CASE WHEN $1 IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE levqor._tenant_id($1) END
 $fn$;

@@ -49,6 +49,13 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_caller_is_admin_wrapper';
 
+-- src/audit.rs:280
+-- levqor::audit::_flush_wal
+CREATE  FUNCTION "_flush_wal"() RETURNS void
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_flush_wal_wrapper';
+
 -- src/quota.rs:337
 -- levqor::quota::_limit_rows
 CREATE FUNCTION "_limit_rows"()
@@ -56,7 +63,7 @@ CREATE FUNCTION "_limit_rows"()
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', '_limit_rows_wrapper';
 
--- src/audit.rs:280
+-- src/audit.rs:292
 -- levqor::audit::_next_xid
 CREATE  FUNCTION "_next_xid"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE
@@ -1877,6 +1884,13 @@ BEGIN
         RETURN NEXT 'the write guard trigger is disabled';
     END IF;
 END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.audit_head(tenant text DEFAULT NULL)
+RETURNS TABLE (seq bigint, hash text, updated_at timestamptz)
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT levqor._flush_wal();
+    SELECT hd.seq, encode(hd.hash, 'hex'), hd.updated_at FROM levqor.audit_heads hd
+     WHERE hd.chain = CASE WHEN $1 IS NULL THEN '00000000-0000-0000-0000-000000000000'::uuid ELSE levqor._tenant_id($1) END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor.change_plan(tenant text, plan text, force boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$

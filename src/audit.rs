@@ -274,6 +274,18 @@ fn _audit_id() -> i64 {
     crate::audit_direct::next_id(true)
 }
 
+/// Make every WAL record written so far durable, as a synchronous commit
+/// would, for levqor.audit_head(): the worker commits its sealing passes
+/// without waiting for the flush, and a head given out must survive a crash.
+#[pg_extern(volatile, parallel_unsafe)]
+fn _flush_wal() {
+    unsafe {
+        if !pg_sys::RecoveryInProgress() {
+            pg_sys::XLogFlush(pg_sys::GetXLogInsertRecPtr());
+        }
+    }
+}
+
 /// The next transaction id to be assigned, for the sealer's watermark (it
 /// must be read, not taken: the sealer's own transaction may already have
 /// an id older than some writer's).

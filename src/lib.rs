@@ -42,7 +42,7 @@ extension_sql_file!("../sql/lifecycle.sql", name = "lifecycle", requires = ["ten
 extension_sql_file!("../sql/report.sql", name = "report", requires = ["lifecycle"]);
 extension_sql_file!("../sql/schemas.sql", name = "schemas", requires = ["report"]);
 extension_sql_file!("../sql/adopt.sql", name = "adopt", requires = ["schemas"]);
-extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["adopt", current_user_id, current_member_role, _audit_id, _seal_batch]);
+extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["adopt", current_user_id, current_member_role, _audit_id, _seal_batch, _flush_wal]);
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["audit"]);
 extension_sql_file!("../sql/quota.sql", name = "quota", requires = ["export", _usage_live]);
 extension_sql_file!("../sql/hierarchy.sql", name = "hierarchy", requires = ["quota", _caller_is_admin]);
