@@ -491,24 +491,34 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
     let max_entries = max_entries.max(0) as usize;
     // The oldest entries above the watermark that no run holds. Those a
     // pass already sealed above the watermark are normally about one pass's
-    // worth (the watermark follows behind): read as a set, and skipped as
-    // the entries are read. A transaction left open holds the watermark, and
+    // worth (the watermark follows behind): skipped as the entries are read,
+    // on the index's key, without reading their rows. A transaction left open holds the watermark, and
     // that set grows with everything sealed since; past ten batches' worth,
     // each entry is instead looked up in the runs from its id up (a scalar
     // subquery, so that the planner keeps it a per-entry index probe: as an
     // anti-join it may hash every run and test each pair).
     let cap = 10 * max_entries.max(1);
-    let mut sealed: std::collections::HashSet<i64> = client
+    // Read as the runs' id arrays (a few dozen rows), sorted: the entries
+    // come in id order, so one cursor walks both.
+    let mut sealed: Vec<i64> = Vec::new();
+    let mut runs_read = 0usize;
+    for row in client
         .select(
-            "SELECT x.id FROM levqor.audit_chain c, unnest(c.ids) AS x(id) WHERE c.last_id > $1 AND x.id > $1 LIMIT $2",
+            "SELECT c.ids FROM levqor.audit_chain c WHERE c.last_id > $1 LIMIT $2",
             None,
             &[after.into(), (cap as i64 + 1).into()],
         )
         .expect("levqor: read the recent chain positions")
-        .filter_map(|r| r.get::<i64>(1).ok().flatten())
-        .collect();
-    let in_memory = sealed.len() <= cap;
-    if !in_memory {
+    {
+        runs_read += 1;
+        if let Some(ids) = row.get::<pgrx::Array<i64>>(1).ok().flatten() {
+            sealed.extend(ids.iter().flatten().filter(|&id| id > after));
+        }
+    }
+    let in_memory = runs_read <= cap && sealed.len() <= cap;
+    if in_memory {
+        sealed.sort_unstable();
+    } else {
         sealed.clear();
     }
     let mut reader = Reader::new(max_entries);
@@ -534,15 +544,35 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
             pg_sys::Datum::from(after),
         );
         let scan = pg_sys::index_beginscan(log, index, pg_sys::GetActiveSnapshot(), 1, 0);
+        // The index tuples' keys are read below; btree makes room for them
+        // at rescan.
+        (*scan).xs_want_itup = true;
         pg_sys::index_rescan(scan, &mut key, 1, std::ptr::null_mut(), 0);
         let slot = pg_sys::table_slot_create(log, std::ptr::null_mut());
-        while !reader.full() && pg_sys::index_getnext_slot(scan, pg_sys::ScanDirection::ForwardScanDirection, slot) {
+        // As index_getnext_slot, but an id already sealed is skipped on the
+        // index tuple's key, without reading its row.
+        let mut next_sealed = 0usize;
+        while !reader.full() {
+            if !(*scan).xs_heap_continue {
+                if pg_sys::index_getnext_tid(scan, pg_sys::ScanDirection::ForwardScanDirection).is_null() {
+                    break;
+                }
+                // The primary key's one column, never null.
+                let id = pg_sys::nocache_index_getattr((*scan).xs_itup, 1, (*scan).xs_itupdesc).value() as i64;
+                while next_sealed < sealed.len() && sealed[next_sealed] < id {
+                    next_sealed += 1;
+                }
+                if sealed.get(next_sealed) == Some(&id) {
+                    continue;
+                }
+            }
+            if !pg_sys::index_fetch_heap(scan, slot) {
+                continue;
+            }
             pg_sys::slot_getallattrs(slot);
             let values = std::slice::from_raw_parts((*slot).tts_values, natts);
             let nulls = std::slice::from_raw_parts((*slot).tts_isnull, natts);
-            if !sealed.contains(&(values[cols[0]].value() as i64)) {
-                reader.take(values, nulls, &cols);
-            }
+            reader.take(values, nulls, &cols);
         }
         pg_sys::ExecDropSingleTupleTableSlot(slot);
         pg_sys::index_endscan(scan);
