@@ -153,9 +153,9 @@ pub extern "C-unwind" fn levqor_audit_sealer_main(_arg: pg_sys::Datum) {
         }
         if sealed.elapsed() >= seal {
             // A sealing pass commits without waiting for its WAL to reach
-            // disk: waiting made the writers queue behind it for the WAL
-            // write lock (an eighth of single-row throughput, in
-            // benches/audit). A crash can then undo the last moments'
+            // disk: while it waited, the writers queued for the WAL write
+            // lock far more often (benches/README.md, seventh audit run).
+            // A crash can then undo the last moments'
             // sealing, runs and heads together (one transaction), and the
             // next pass seals those entries again; audit_head() flushes the
             // WAL before it gives a head out, so no head seen outside is
