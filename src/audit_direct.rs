@@ -300,9 +300,9 @@ pub unsafe fn append_open(rel: pg_sys::Relation, rows: impl Iterator<Item = (Vec
 
 /// The table's indexes with what inserting into each needs, when the table
 /// is a heap and every index is over plain columns, immediate and without
-/// exclusion constraints (as levqor creates them). Otherwise None, having
-/// opened nothing: an index a DBA added with expressions, a predicate or
-/// deferred uniqueness, or another table access method, takes the
+/// exclusion constraints (as levqor creates them). Otherwise None, with the
+/// indexes closed again: an index a DBA added with expressions, a predicate
+/// or deferred uniqueness, or another table access method, takes the
 /// executor's way, which handles all of those.
 unsafe fn plain_indexes(rel: pg_sys::Relation) -> Option<Vec<(pg_sys::Relation, *mut pg_sys::IndexInfo)>> {
     if (*rel).rd_tableam != pg_sys::GetHeapamTableAmRoutine() {

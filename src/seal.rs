@@ -492,11 +492,12 @@ unsafe fn seal_batch(client: &mut pgrx::spi::SpiClient<'_>, after: i64, max_entr
     // The oldest entries above the watermark that no run holds. Those a
     // pass already sealed above the watermark are normally about one pass's
     // worth (the watermark follows behind): skipped as the entries are read,
-    // on the index's key, without reading their rows. A transaction left open holds the watermark, and
-    // that set grows with everything sealed since; past ten batches' worth,
-    // each entry is instead looked up in the runs from its id up (a scalar
-    // subquery, so that the planner keeps it a per-entry index probe: as an
-    // anti-join it may hash every run and test each pair).
+    // on the index's key, without reading their rows. A transaction left
+    // open holds the watermark, and that set grows with everything sealed
+    // since; past ten batches' worth, each entry is instead looked up in the
+    // runs from its id up (a scalar subquery, so that the planner keeps it a
+    // per-entry index probe: as an anti-join it may hash every run and test
+    // each pair).
     let cap = 10 * max_entries.max(1);
     // Read as the runs' id arrays (a few dozen rows), sorted: the entries
     // come in id order, so one cursor walks both.
