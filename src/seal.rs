@@ -429,7 +429,10 @@ impl Reader {
     unsafe fn new(max: usize) -> Self {
         Reader {
             max,
-            utf8: pg_sys::GetDatabaseEncoding() == pg_sys::pg_enc::PG_UTF8 as i32,
+            // SQL_ASCII too: its bytes are taken as they are (convert_to
+            // passes them through when they are valid UTF-8; when they are
+            // not, verify_audit reports the error, while sealing carries on).
+            utf8: matches!(pg_sys::GetDatabaseEncoding() as u32, pg_sys::pg_enc::PG_UTF8 | pg_sys::pg_enc::PG_SQL_ASCII),
             entries: Vec::with_capacity(max.min(100_000)),
             text: Vec::with_capacity(max.min(100_000) * 512),
             one: Vec::with_capacity(1024),

@@ -796,30 +796,33 @@ fn every_shape_of_json_seals_in_rust_and_verifies_in_sql_alike() {
 }
 
 #[test]
-fn a_database_in_latin1_seals_and_verifies() {
+fn databases_in_latin1_and_sql_ascii_seal_and_verify() {
     // The SQL form hashes convert_to(…, 'UTF8'); the sealer reads the server
-    // encoding's bytes and converts them alike.
+    // encoding's bytes and converts them alike (SQL_ASCII: as they are).
     let _ = db();
-    let name = unique("audit_latin1");
-    connect_to(port(), "postgres", "postgres")
-        .batch_execute(&format!("CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"))
+    for encoding in ["LATIN1", "SQL_ASCII"] {
+        let name = unique("audit_enc");
+        connect_to(port(), "postgres", "postgres")
+            .batch_execute(&format!("CREATE DATABASE {name} ENCODING '{encoding}' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0"))
+            .unwrap();
+        let mut su = connect_to(port(), "postgres", &name);
+        su.batch_execute(
+            "CREATE EXTENSION levqor;
+             CREATE TABLE notes (id int PRIMARY KEY, body text, tags text[]);
+             SELECT levqor.enable_audit('notes');
+             INSERT INTO notes VALUES (1, 'café ß ü', '{naïve}'), (2, 'plain', NULL);
+             UPDATE notes SET body = body || ' ÿ', tags = tags || 'ñ'::text WHERE id = 1;",
+        )
         .unwrap();
-    let mut su = connect_to(port(), "postgres", &name);
-    su.batch_execute(
-        "CREATE EXTENSION levqor;
-         CREATE TABLE notes (id int PRIMARY KEY, body text, tags text[]);
-         SELECT levqor.enable_audit('notes');
-         INSERT INTO notes VALUES (1, 'café ß ü', '{naïve}'), (2, 'plain', NULL);
-         UPDATE notes SET body = body || ' ÿ', tags = tags || 'ñ'::text WHERE id = 1;",
-    )
-    .unwrap();
-    while seal(&mut su) > 0 {}
-    let r = su.query_one("SELECT ok, checked, first_bad_id, reason FROM levqor.verify_audit()", &[]).unwrap();
-    let (ok, checked): (bool, i64) = (r.get(0), r.get(1));
-    assert!(ok, "entry {:?}: {:?}", r.get::<_, Option<i64>>(2), r.get::<_, Option<String>>(3));
-    assert!(checked >= 3, "{checked}");
-    let body: String = su.query_one("SELECT new_row->>'body' FROM levqor.audit_log WHERE operation = 'UPDATE'", &[]).unwrap().get(0);
-    assert_eq!(body, "café ß ü ÿ");
+        while seal(&mut su) > 0 {}
+        let r = su.query_one("SELECT ok, checked, first_bad_id, reason FROM levqor.verify_audit()", &[]).unwrap();
+        let (ok, checked): (bool, i64) = (r.get(0), r.get(1));
+        assert!(ok, "{encoding}: entry {:?}: {:?}", r.get::<_, Option<i64>>(2), r.get::<_, Option<String>>(3));
+        assert!(checked >= 3, "{encoding}: {checked}");
+        let body: String =
+            su.query_one("SELECT new_row->>'body' FROM levqor.audit_log WHERE operation = 'UPDATE'", &[]).unwrap().get(0);
+        assert_eq!(body, "café ß ü ÿ", "{encoding}");
+    }
 }
 
 #[test]
