@@ -70,7 +70,7 @@ STRICT VOLATILE PARALLEL UNSAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_next_xid_wrapper';
 
--- src/seal.rs:480
+-- src/seal.rs:481
 -- levqor::seal::_seal_batch
 CREATE  FUNCTION "_seal_batch"(
 	"after" bigint, /* i64 */

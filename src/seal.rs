@@ -72,12 +72,14 @@ fn push_padded(out: &mut Vec<u8>, v: u32, width: usize) {
     out.extend_from_slice(&digits[i..]);
 }
 
+/// Lower-case hex digits, as uuid_out and escape_json write them.
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
 /// A string as PostgreSQL's JSON output escapes it (escape_json), on the
 /// server encoding's bytes. Every byte it escapes is ASCII, which no byte
 /// of a multibyte character is in the encodings a server may use, so runs
 /// of others are copied whole.
 fn json_string(out: &mut Vec<u8>, s: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let mut from = 0;
     for (i, &b) in s.iter().enumerate() {
@@ -108,7 +110,6 @@ fn json_string(out: &mut Vec<u8>, s: &[u8]) {
 
 /// A uuid as its JSON string (lower-case hex, hyphenated, as uuid_out).
 fn uuid_string(out: &mut Vec<u8>, u: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     for (i, b) in u.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
@@ -265,7 +266,6 @@ mod jsonb_text {
         let entries = if object { 2 * count } else { count };
         let data = children.add(4 * entries);
         // Children are visited in order, so each start is the last end.
-        let mut next = 0usize;
         let value = |out: &mut Vec<u8>, i: usize, start: usize| -> usize {
             let e = word(children.add(4 * i));
             let field = (e & OFFLEN) as usize;
@@ -300,6 +300,7 @@ mod jsonb_text {
             out.push(b'}');
         } else {
             out.push(b'[');
+            let mut next = 0usize;
             for i in 0..count {
                 if i > 0 {
                     out.extend_from_slice(b", ");
