@@ -26,7 +26,7 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f
 $fn$;
 
 -- 3. New functions in the library.
--- src/audit.rs:272
+-- src/audit.rs:252
 -- levqor::audit::_audit_id
 CREATE  FUNCTION "_audit_id"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE
@@ -49,7 +49,7 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_caller_is_admin_wrapper';
 
--- src/audit.rs:280
+-- src/audit.rs:260
 -- levqor::audit::_flush_wal
 CREATE  FUNCTION "_flush_wal"() RETURNS void
 STRICT VOLATILE PARALLEL UNSAFE
@@ -63,7 +63,7 @@ CREATE FUNCTION "_limit_rows"()
 	LANGUAGE c
 	AS 'MODULE_PATHNAME', '_limit_rows_wrapper';
 
--- src/audit.rs:292
+-- src/audit.rs:272
 -- levqor::audit::_next_xid
 CREATE  FUNCTION "_next_xid"() RETURNS bigint /* i64 */
 STRICT VOLATILE PARALLEL UNSAFE

@@ -47,9 +47,8 @@ const TABLE_SQL: &str = "
 struct TablePlan {
     plan: OwnedPreparedStatement,
     pk: Vec<String>,
-    /// The columns not in the primary key, as a text[] in TopMemoryContext
-    /// (made once: it is an argument of every one-row entry).
-    non_key: pg_sys::Datum,
+    /// How its columns become JSON in one-row entries (src/row_json.rs).
+    kinds: Option<Vec<Option<crate::row_json::Kind>>>,
     tenant_column: Option<String>,
     name: String,
 }
@@ -100,21 +99,6 @@ fn statement_sql(op: &str, pk: &[String]) -> String {
                 END
            FROM ({source}) r"
     )
-}
-
-impl Drop for TablePlan {
-    fn drop(&mut self) {
-        unsafe { pg_sys::pfree(self.non_key.cast_mut_ptr()) };
-    }
-}
-
-/// The names of a table's columns (not dropped ones).
-unsafe fn column_names(desc: pg_sys::TupleDesc) -> Vec<String> {
-    (0..(*desc).natts as usize)
-        .map(|i| &*(*desc).attrs.as_ptr().add(i))
-        .filter(|att| !att.attisdropped)
-        .map(|att| CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned())
-        .collect()
 }
 
 /// Forget plans when a table changes shape (called from the relcache callback).
@@ -174,7 +158,7 @@ fn _audit_row<'a>(
             table: &p.name,
             role: &role,
             pk: &p.pk,
-            non_key: p.non_key,
+            kinds: p.kinds.as_deref(),
             tenant_column: p.tenant_column.as_deref(),
         };
         unsafe { crate::audit_direct::insert(&entry, tupdesc) }
@@ -228,12 +212,8 @@ fn _audit_row<'a>(
                     }
                     .expect("audit: prepare")
                     .keep();
-                    let non_key: Vec<String> =
-                        unsafe { column_names(tupdesc) }.into_iter().filter(|c| !pk.contains(c)).collect();
-                    let non_key = unsafe {
-                        pgrx::PgMemoryContexts::TopMemoryContext.switch_to(|_| non_key.into_datum().expect("a text[]"))
-                    };
-                    let p = Rc::new(TablePlan { plan, pk, non_key, tenant_column, name });
+                    let kinds = unsafe { crate::row_json::kinds(tupdesc) };
+                    let p = Rc::new(TablePlan { plan, pk, kinds, tenant_column, name });
                     PLANS.with(|plans| plans.borrow_mut().insert(key, p.clone()));
                     p
                 }

@@ -136,10 +136,17 @@ pub(crate) unsafe fn call1(f: PgFn, a: pg_sys::Datum) -> pg_sys::Datum {
     call(f, &[a]).expect("a strict built-in returns a value")
 }
 
-/// to_jsonb(row), as the SQL path computes it. to_jsonb learns its
-/// argument's type from the call expression, so it gets one: a call on a
-/// NULL constant of the row type.
-unsafe fn row_jsonb(row: pg_sys::Datum, rowtype: pg_sys::Oid) -> pg_sys::Datum {
+/// to_jsonb(row), as the SQL path computes it: built directly for a table
+/// whose column types src/row_json.rs handles, else by to_jsonb. to_jsonb
+/// learns its argument's type from the call expression, so it gets one: a
+/// call on a NULL constant of the row type.
+pub(crate) unsafe fn row_jsonb(row: pg_sys::Datum, desc: pg_sys::TupleDesc, kinds: Option<&[Option<crate::row_json::Kind>]>) -> pg_sys::Datum {
+    // (The plan that classified the columns is forgotten when the table
+    // changes; the length check is a second guard.)
+    if let Some(kinds) = kinds.filter(|k| k.len() == (*desc).natts as usize) {
+        return crate::row_json::row(row, desc, kinds);
+    }
+    let rowtype = (*desc).tdtypeid;
     let to_jsonb = pg_sys::Oid::from(pg_sys::F_TO_JSONB);
     let mut flinfo: pg_sys::FmgrInfo = std::mem::zeroed();
     pg_sys::fmgr_info(to_jsonb, &mut flinfo);
@@ -170,11 +177,8 @@ unsafe fn field(row: pg_sys::Datum, key: &str) -> Option<pg_sys::Datum> {
 /// The entry's `pk`: an object of the primary key's columns (the row
 /// without its other columns), or NULL for a table without one (as
 /// jsonb_object_agg over no keys gives).
-unsafe fn pk_jsonb(row: pg_sys::Datum, pk: &[String], non_key: pg_sys::Datum) -> Option<pg_sys::Datum> {
-    if pk.is_empty() {
-        return None;
-    }
-    call(pg_sys::jsonb_delete_array, &[row, non_key])
+unsafe fn pk_jsonb(row: pg_sys::Datum, pk: &[String]) -> Option<pg_sys::Datum> {
+    (!pk.is_empty()).then(|| crate::row_json::pick(row, pk))
 }
 
 /// The columns whose values differ, in byte order of their names (as the
@@ -202,10 +206,9 @@ unsafe fn changed(old: pg_sys::Datum, new: pg_sys::Datum, desc: pg_sys::TupleDes
 
 /// The tenant of the row: its tenant column, else the context's.
 unsafe fn tenant_of(row: pg_sys::Datum, tenant_column: Option<&str>) -> Option<pg_sys::Datum> {
-    let from_row = tenant_column.and_then(|c| field(row, c)).and_then(|v| {
-        let text = CStr::from_ptr(call1(pg_sys::jsonb_out, v).cast_mut_ptr()).to_string_lossy().into_owned();
-        uuid::Uuid::parse_str(text.trim_matches('"')).ok()
-    });
+    let from_row = tenant_column
+        .and_then(|c| crate::row_json::string_field(row, c))
+        .and_then(|text| uuid::Uuid::try_parse_ascii(&text).ok());
     from_row
         .or_else(|| context::current().map(|c| c.tenant))
         .and_then(|u| context::from_uuid(u).into_datum())
@@ -218,8 +221,8 @@ pub struct Entry<'a> {
     pub table: &'a str,
     pub role: &'a str,
     pub pk: &'a [String],
-    /// The other columns' names.
-    pub non_key: pg_sys::Datum,
+    /// How the table's columns become JSON without to_jsonb, when they can.
+    pub kinds: Option<&'a [Option<crate::row_json::Kind>]>,
     pub tenant_column: Option<&'a str>,
 }
 
@@ -230,12 +233,12 @@ pub struct Entry<'a> {
 /// key: the SQL path records that as the old row and the new row, unpaired,
 /// and so must this.
 pub unsafe fn insert(e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
-    let old = e.old.map(|d| row_jsonb(d, (*desc).tdtypeid));
-    let new = e.new.map(|d| row_jsonb(d, (*desc).tdtypeid));
+    let old = e.old.map(|d| row_jsonb(d, desc, e.kinds));
+    let new = e.new.map(|d| row_jsonb(d, desc, e.kinds));
     let any = new.or(old).expect("an entry has a row");
-    let pk = pk_jsonb(any, e.pk, e.non_key);
+    let pk = pk_jsonb(any, e.pk);
     if let (Some(o), Some(_), Some(key)) = (old, new, pk) {
-        let old_key = pk_jsonb(o, e.pk, e.non_key).expect("same key columns");
+        let old_key = pk_jsonb(o, e.pk).expect("same key columns");
         if !call(pg_sys::jsonb_eq, &[key, old_key]).is_some_and(|d| d.value() != 0) {
             return false;
         }

@@ -30,6 +30,7 @@ mod lifecycle;
 mod policy;
 mod privilege;
 mod quota;
+mod row_json;
 mod seal;
 mod sealer;
 mod tenancy_tests;

@@ -109,7 +109,7 @@ fn json_string(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// A uuid as its JSON string (lower-case hex, hyphenated, as uuid_out).
-fn uuid_string(out: &mut Vec<u8>, u: &[u8]) {
+pub(crate) fn uuid_string(out: &mut Vec<u8>, u: &[u8]) {
     out.push(b'"');
     for (i, b) in u.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {

@@ -734,6 +734,38 @@ fn one_row_and_many_row_statements_write_the_same_entries() {
         .unwrap()
         .get(0);
     assert_eq!(changed, ["n", "s"]);
+
+    // A key of two columns, and a type the one-row path leaves to to_jsonb
+    // (float8): the key object holds exactly the key's columns, both ways.
+    su.batch_execute(&format!(
+        "CREATE TABLE keyed (region text, n int, f float8, note text, PRIMARY KEY (region, n));
+         SELECT levqor.enable_audit('keyed');
+         GRANT SELECT, INSERT, UPDATE ON keyed TO {SERVER};"
+    ))
+    .unwrap();
+    let mut tx = s.transaction().unwrap();
+    tx.execute("SELECT levqor.set_tenant($1)", &[&t.slug]).unwrap();
+    tx.batch_execute(
+        "INSERT INTO keyed VALUES ('eu', 1, 0.5, 'one');
+         INSERT INTO keyed VALUES ('eu', 2, 'NaN', 'two'), ('us', 1, '-Infinity', NULL);
+         UPDATE keyed SET note = 'changed' WHERE region = 'eu' AND n = 1;
+         UPDATE keyed SET note = 'changed' WHERE n = 1;",
+    )
+    .unwrap();
+    tx.commit().unwrap();
+    let (entries, right): (i64, i64) = {
+        let r = su
+            .query_one(
+                "SELECT count(*),
+                        count(*) FILTER (WHERE pk = jsonb_build_object('region', new_row->'region', 'n', new_row->'n')
+                                           AND new_row ? 'f' AND new_row ? 'note')
+                   FROM levqor.audit_log WHERE table_name = 'public.keyed'",
+                &[],
+            )
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!((entries, right), (6, 6), "three inserts and three updates, each keyed by (region, n)");
 }
 
 #[test]
