@@ -8,8 +8,10 @@
 //! writes: the same JSON (to_jsonb), the same defaults.
 //! Bulk statements keep the set-based SQL path (src/audit.rs).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::ffi::{CStr, CString};
+use std::rc::Rc;
 
 use pgrx::pg_sys;
 use pgrx::IntoDatum;
@@ -27,13 +29,29 @@ thread_local! {
     static TARGET: Cell<Option<Target>> = const { Cell::new(None) };
     /// inet_client_addr(), learnt by client_addr().
     static CLIENT_INET: Cell<Option<Option<pg_sys::Datum>>> = const { Cell::new(None) };
+    /// What appending to each of levqor's append-only tables needs to know
+    /// of its indexes (plain_indexes), learnt once per backend. Never
+    /// borrowed across a call into PostgreSQL: the relcache callback
+    /// (`forget`) may run inside one. Shared out as `Rc`, so that an entry
+    /// forgotten mid-use lives until its user is done.
+    static INDEXES: RefCell<HashMap<pg_sys::Oid, Rc<Indexes>>> = RefCell::new(HashMap::new());
 }
 
-/// Forget the target when the audit log changes (relcache callback).
+/// Forget the target, and what is known of a table's indexes, when the
+/// table changes (relcache callback; an index created or dropped
+/// invalidates its table too).
 pub fn forget(relid: pg_sys::Oid) {
     TARGET.with(|t| {
         if relid == pg_sys::InvalidOid || t.get().is_some_and(|x| x.rel == relid || x.seq == relid) {
             t.set(None);
+        }
+    });
+    INDEXES.with(|i| {
+        let mut i = i.borrow_mut();
+        if relid == pg_sys::InvalidOid {
+            i.clear();
+        } else {
+            i.remove(&relid);
         }
     });
 }
@@ -295,49 +313,77 @@ pub unsafe fn insert(e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
 /// ones checked), as COPY does: no executor, no SPI. No triggers, no
 /// constraints other than the indexes': for levqor's own append-only tables.
 pub unsafe fn append_open(rel: pg_sys::Relation, rows: impl Iterator<Item = (Vec<pg_sys::Datum>, Vec<bool>)>) {
-    match plain_indexes(rel) {
-        Some(indexes) => append_plain(rel, &indexes, rows),
+    let indexes = indexes(rel);
+    match &indexes.plain {
+        Some(plain) => append_plain(rel, plain, rows),
         None => append_with_executor(rel, rows),
     }
 }
 
-/// The table's indexes with what inserting into each needs, when the table
-/// is a heap and every index is over plain columns, immediate and without
-/// exclusion constraints (as levqor creates them). Otherwise None, with the
-/// indexes closed again: an index a DBA added with expressions, a predicate
-/// or deferred uniqueness, or another table access method, takes the
-/// executor's way, which handles all of those.
-unsafe fn plain_indexes(rel: pg_sys::Relation) -> Option<Vec<(pg_sys::Relation, *mut pg_sys::IndexInfo)>> {
-    if (*rel).rd_tableam != pg_sys::GetHeapamTableAmRoutine() {
-        return None;
+/// A table's indexes, when the table is a heap and every index is over
+/// plain columns, immediate and without exclusion constraints (as levqor
+/// creates them): each index's oid and IndexInfo (in `context`). Otherwise
+/// None: an index a DBA added with expressions, a predicate or deferred
+/// uniqueness, or another table access method, takes the executor's way,
+/// which handles all of those.
+struct Indexes {
+    plain: Option<Vec<(pg_sys::Oid, *mut pg_sys::IndexInfo)>>,
+    context: pg_sys::MemoryContext,
+}
+
+impl Drop for Indexes {
+    fn drop(&mut self) {
+        unsafe { pg_sys::MemoryContextDelete(self.context) };
     }
-    let list = pg_sys::RelationGetIndexList(rel);
-    let mut out = Vec::new();
-    let mut plain = true;
-    if !list.is_null() {
-        for i in 0..(*list).length {
-            let oid = pg_sys::list_nth_oid(list, i);
-            let index = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
-            let info = pg_sys::BuildIndexInfo(index);
-            let form = &*(*index).rd_index;
-            if !(*info).ii_Expressions.is_null()
-                || !(*info).ii_Predicate.is_null()
-                || !(*info).ii_ExclusionOps.is_null()
-                || (form.indisunique && !form.indimmediate)
-            {
-                plain = false;
+}
+
+/// What is known of an open table's indexes, learnt on first use. The
+/// caller holds a lock on the table, so no index comes or goes meanwhile
+/// other than by the caller's own transaction, whose invalidation reaches
+/// `forget` at its next command.
+unsafe fn indexes(rel: pg_sys::Relation) -> Rc<Indexes> {
+    let relid = (*rel).rd_id;
+    if let Some(known) = INDEXES.with(|i| i.borrow().get(&relid).cloned()) {
+        return known;
+    }
+    let context = pg_sys::AllocSetContextCreateExtended(
+        pg_sys::CacheMemoryContext,
+        c"levqor append indexes".as_ptr(),
+        pg_sys::ALLOCSET_SMALL_MINSIZE as usize,
+        pg_sys::ALLOCSET_SMALL_INITSIZE as usize,
+        pg_sys::ALLOCSET_SMALL_MAXSIZE as usize,
+    );
+    let mut plain = ((*rel).rd_tableam == pg_sys::GetHeapamTableAmRoutine()).then(Vec::new);
+    if let Some(out) = plain.as_mut() {
+        let list = pg_sys::RelationGetIndexList(rel);
+        let mut all_plain = true;
+        if !list.is_null() {
+            for i in 0..(*list).length {
+                let oid = pg_sys::list_nth_oid(list, i);
+                let index = pg_sys::index_open(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE);
+                let old = pg_sys::MemoryContextSwitchTo(context);
+                let info = pg_sys::BuildIndexInfo(index);
+                pg_sys::MemoryContextSwitchTo(old);
+                let form = &*(*index).rd_index;
+                if !(*info).ii_Expressions.is_null()
+                    || !(*info).ii_Predicate.is_null()
+                    || !(*info).ii_ExclusionOps.is_null()
+                    || (form.indisunique && !form.indimmediate)
+                {
+                    all_plain = false;
+                }
+                out.push((oid, info));
+                pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
             }
-            out.push((index, info));
+            pg_sys::list_free(list);
         }
-        pg_sys::list_free(list);
+        if !all_plain {
+            plain = None;
+        }
     }
-    if plain {
-        return Some(out);
-    }
-    for (index, _) in out {
-        pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
-    }
-    None
+    let known = Rc::new(Indexes { plain, context });
+    INDEXES.with(|i| i.borrow_mut().insert(relid, known.clone()));
+    known
 }
 
 /// The heap tuple, then an entry in each index that is ready for inserts
@@ -345,17 +391,23 @@ unsafe fn plain_indexes(rel: pg_sys::Relation) -> Option<Vec<(pg_sys::Relation, 
 /// row's own values.
 unsafe fn append_plain(
     rel: pg_sys::Relation,
-    indexes: &[(pg_sys::Relation, *mut pg_sys::IndexInfo)],
+    indexes: &[(pg_sys::Oid, *mut pg_sys::IndexInfo)],
     rows: impl Iterator<Item = (Vec<pg_sys::Datum>, Vec<bool>)>,
 ) {
     let desc = (*rel).rd_att;
+    let open: Vec<(pg_sys::Relation, *mut pg_sys::IndexInfo)> = indexes
+        .iter()
+        .map(|&(oid, info)| (pg_sys::index_open(oid, pg_sys::RowExclusiveLock as pg_sys::LOCKMODE), info))
+        .collect();
     let mut keys = [pg_sys::Datum::from(0); pg_sys::INDEX_MAX_KEYS as usize];
     let mut key_nulls = [false; pg_sys::INDEX_MAX_KEYS as usize];
     for (mut values, mut nulls) in rows {
         let tuple = pg_sys::heap_form_tuple(desc, values.as_mut_ptr(), nulls.as_mut_ptr());
         pg_sys::simple_heap_insert(rel, tuple);
-        for &(index, info) in indexes {
-            if !(*info).ii_ReadyForInserts {
+        for &(index, info) in &open {
+            // Read now, not when the IndexInfo was built: CREATE INDEX
+            // CONCURRENTLY makes an index ready while the table is in use.
+            if !(*(*index).rd_index).indisready {
                 continue;
             }
             for k in 0..(*info).ii_NumIndexAttrs as usize {
@@ -372,7 +424,7 @@ unsafe fn append_plain(
         }
         pg_sys::heap_freetuple(tuple);
     }
-    for &(index, _) in indexes {
+    for (index, _) in open {
         pg_sys::index_close(index, pg_sys::NoLock as pg_sys::LOCKMODE);
     }
 }
