@@ -186,12 +186,6 @@ fn cstr(s: &str) -> CString {
     CString::new(s.replace('\0', "")).expect("no NUL")
 }
 
-/// row -> key, or None when the row has no such key.
-unsafe fn field(row: pg_sys::Datum, key: &str) -> Option<pg_sys::Datum> {
-    let k = pg_sys::Datum::from(pg_sys::cstring_to_text(cstr(key).as_ptr()));
-    call(pg_sys::jsonb_object_field, &[row, k])
-}
-
 /// The entry's `pk`: an object of the primary key's columns (the row
 /// without its other columns), or NULL for a table without one (as
 /// jsonb_object_agg over no keys gives).
@@ -209,11 +203,7 @@ unsafe fn changed(old: pg_sys::Datum, new: pg_sys::Datum, desc: pg_sys::TupleDes
             continue;
         }
         let name = CStr::from_ptr(att.attname.data.as_ptr()).to_string_lossy().into_owned();
-        let same = match (field(old, &name), field(new, &name)) {
-            (None, None) => true,
-            (Some(a), Some(b)) => call(pg_sys::jsonb_eq, &[a, b]).is_some_and(|d| d.value() != 0),
-            _ => false,
-        };
+        let same = crate::row_json::same_field(old, new, &name);
         if !same {
             names.push(name);
         }

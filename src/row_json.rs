@@ -183,6 +183,46 @@ pub unsafe fn string_field(object: pg_sys::Datum, key: &str) -> Option<Vec<u8>> 
     })
 }
 
+/// Whether a key has equal values in two jsonb objects, as jsonb's `=` has
+/// it (numbers by value, containers by contents; a key both lack is equal):
+/// what `IS DISTINCT FROM` on `old -> key` and `new -> key` decides, without
+/// making a jsonb of either value.
+pub unsafe fn same_field(old: pg_sys::Datum, new: pg_sys::Datum, key: &str) -> bool {
+    let value = |object: pg_sys::Datum| {
+        let j = pg_sys::pg_detoast_datum(object.cast_mut_ptr()).cast::<pg_sys::Jsonb>();
+        let mut v: pg_sys::JsonbValue = std::mem::zeroed();
+        let found = pg_sys::getKeyJsonValueFromContainer(&mut (*j).root, key.as_ptr().cast(), key.len() as i32, &mut v);
+        (!found.is_null()).then_some(v)
+    };
+    match (value(old), value(new)) {
+        (None, None) => true,
+        (Some(a), Some(b)) if a.type_ == b.type_ => {
+            let t = a.type_;
+            if t == jbvNull {
+                true
+            } else if t == jbvBool {
+                a.val.boolean == b.val.boolean
+            } else if t == jbvString {
+                let bytes = |v: &pg_sys::JsonbValue| {
+                    std::slice::from_raw_parts(v.val.string.val.cast::<u8>(), v.val.string.len as usize)
+                };
+                bytes(&a) == bytes(&b)
+            } else if t == jbvNumeric {
+                pgrx::direct_function_call::<bool>(
+                    pg_sys::numeric_eq,
+                    &[Some(pg_sys::Datum::from(a.val.numeric)), Some(pg_sys::Datum::from(b.val.numeric))],
+                )
+                .unwrap_or(false)
+            } else if t == jbvBinary {
+                pg_sys::compareJsonbContainers(a.val.binary.data, b.val.binary.data) == 0
+            } else {
+                false
+            }
+        }
+        _ => false,
+    }
+}
+
 #[cfg(any(test, feature = "pg_test"))]
 #[pgrx::pg_schema]
 mod tests {
@@ -216,6 +256,40 @@ mod tests {
             .unwrap();
             bytes(ours) == bytes(theirs) && bytes(super::pick(theirs, &keys)) == bytes(deleted)
         }
+    }
+
+    /// Whether same_field agrees with `IS NOT DISTINCT FROM` on the key's values.
+    #[pg_extern]
+    fn same_field_agrees(a: pgrx::JsonB, b: pgrx::JsonB, key: &str) -> bool {
+        let (a, b) = (a.into_datum().unwrap(), b.into_datum().unwrap());
+        let sql = Spi::get_one_with_args::<bool>(
+            "SELECT ($1::jsonb -> $3) IS NOT DISTINCT FROM ($2::jsonb -> $3)",
+            &[unsafe { pgrx::datum::DatumWithOid::new(a, pg_sys::JSONBOID) }, unsafe { pgrx::datum::DatumWithOid::new(b, pg_sys::JSONBOID) }, key.into()],
+        )
+        .unwrap()
+        .unwrap();
+        unsafe { super::same_field(a, b, key) == sql }
+    }
+
+    #[pg_test]
+    fn changed_columns_are_found_as_is_distinct_from_finds_them() {
+        let values = [
+            "null", "true", "false", "0", "1", "1.0", "1.00", "-1", "1e3", "1000", "\"\"", "\"a\"", "\"A\"", "\"a \"",
+            "\"é\"", "[]", "{}", "[1, 2]", "[1, 2.0]", "[2, 1]", "{\"a\": 1}", "{\"a\": 1.0}", "{\"a\": [null]}", "[[]]",
+        ];
+        let objects: Vec<String> = values.iter().map(|v| format!("{{\"k\": {v}}}")).chain(["{}".to_string()]).collect();
+        let list = objects.iter().map(|o| format!("('{o}'::jsonb)")).collect::<Vec<_>>().join(", ");
+        let (pairs, agreeing, differing) = Spi::get_three::<i64, i64, i64>(&format!(
+            "WITH v(j) AS (VALUES {list})
+             SELECT count(*), count(*) FILTER (WHERE tests.same_field_agrees(a.j, b.j, 'k')),
+                    count(*) FILTER (WHERE (a.j -> 'k') IS DISTINCT FROM (b.j -> 'k'))
+               FROM v a, v b"
+        ))
+        .unwrap();
+        let n = objects.len() as i64;
+        assert_eq!(pairs, Some(n * n));
+        assert_eq!(agreeing, Some(n * n), "same_field disagrees with IS DISTINCT FROM");
+        assert!(differing.unwrap() > n * (n - 4), "most pairs differ, some only in spelling do not");
     }
 
     #[pg_test]
