@@ -97,7 +97,7 @@ fn databases() -> Vec<String> {
 /// `asynchronous`: commit without waiting for the WAL flush (see the
 /// sealing pass below).
 fn run_if_installed(function: &str, sql: &str, asynchronous: bool) -> Option<i64> {
-    BackgroundWorker::transaction(|| {
+    let result = BackgroundWorker::transaction(|| {
         Spi::connect_mut(|client| {
             let installed = client
                 .select("SELECT to_regprocedure($1) IS NOT NULL", Some(1), &[function.into()])
@@ -113,7 +113,13 @@ fn run_if_installed(function: &str, sql: &str, asynchronous: bool) -> Option<i64
             let t = client.update(sql, None, &[]).unwrap_or_else(|e| panic!("levqor worker: {sql}: {e}"));
             t.first().get::<i64>(1).ok().flatten()
         })
-    })
+    });
+    // A backend reports its table statistics when it goes idle; a worker
+    // must do it itself. Without it autovacuum never learns of the runs,
+    // heads and counters the worker writes, so it never analyzes or vacuums
+    // those tables (at most once a second: PostgreSQL rate-limits it).
+    unsafe { pg_sys::pgstat_report_stat(false) };
+    result
 }
 
 /// Entries one sealing transaction takes; a pass repeats while it fills one

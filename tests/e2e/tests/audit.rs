@@ -465,6 +465,23 @@ fn a_worker_in_each_listed_database_seals_and_flushes_by_itself() {
             .unwrap()
             .get(0);
         assert_eq!(workers, 1, "{database}");
+        // The worker reports what it writes, so autovacuum analyzes and
+        // vacuums the chain (unanalyzed, the sealer's plans read every run).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let inserted: i64 = su
+                .query_one(
+                    "SELECT coalesce(sum(n_tup_ins), 0)::int8 FROM pg_stat_all_tables WHERE relid = 'levqor.audit_chain'::regclass",
+                    &[],
+                )
+                .unwrap()
+                .get(0);
+            if inserted > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{database}: the worker's chain runs never reached the statistics");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
     }
 }
 
