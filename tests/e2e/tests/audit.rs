@@ -483,6 +483,32 @@ fn a_worker_in_each_listed_database_seals_and_flushes_by_itself() {
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
     }
+
+    // The worker remembers the chain's indexes between passes too: one a
+    // DBA adds must receive every run it seals after, and one dropped must
+    // not stop it.
+    let mut su = connect_to(port(), "postgres", "levqor_sealer");
+    let sealed_all = |su: &mut Client, what: &str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while su.query_one("SELECT count(*) FROM levqor.audit_trail WHERE seq IS NULL", &[]).unwrap().get::<_, i64>(0) > 0 {
+            assert!(std::time::Instant::now() < deadline, "the worker stopped sealing {what}");
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    su.batch_execute(
+        "CREATE EXTENSION IF NOT EXISTS amcheck;
+         DROP INDEX IF EXISTS levqor.audit_chain_by_time;
+         CREATE INDEX audit_chain_by_time ON levqor.audit_chain (sealed_at);",
+    )
+    .unwrap();
+    for _ in 0..3 {
+        create_tenant_on(&mut su, "sealed-ix");
+    }
+    sealed_all(&mut su, "after an index was added to the chain");
+    su.execute("SELECT bt_index_check('levqor.audit_chain_by_time'::regclass, true)", &[]).unwrap();
+    su.batch_execute("DROP INDEX levqor.audit_chain_by_time").unwrap();
+    create_tenant_on(&mut su, "sealed-ix");
+    sealed_all(&mut su, "after an index of the chain was dropped");
 }
 
 #[test]
