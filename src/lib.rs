@@ -6,7 +6,9 @@
 //! * `keys`, `token` — API keys and signed tokens;
 //! * `privilege` — running catalog lookups with the extension's authority;
 //! * `lifecycle`, `audit`, `sealer` — the tenant lifecycle, the audit trigger
-//!   and the background worker that seals the log and flushes counters;
+//!   and the background worker that seals the log and flushes counters
+//!   (`audit_direct`, `row_json`: a one-row statement's entry, without SPI;
+//!   `seal`: a sealing batch);
 //! * `counters`, `quota` — plan quotas counted in shared memory;
 //! * `errors`    — every refusal, with a stable SQLSTATE.
 //!
