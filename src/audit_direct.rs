@@ -30,7 +30,7 @@ thread_local! {
     /// inet_client_addr(), learnt by client_addr().
     static CLIENT_INET: Cell<Option<Option<pg_sys::Datum>>> = const { Cell::new(None) };
     /// What appending to each of levqor's append-only tables needs to know
-    /// of its indexes (plain_indexes), learnt once per backend. Never
+    /// of its indexes (`indexes`), learnt once per backend. Never
     /// borrowed across a call into PostgreSQL: the relcache callback
     /// (`forget`) may run inside one. Shared out as `Rc`, so that an entry
     /// forgotten mid-use lives until its user is done.
