@@ -161,11 +161,10 @@ pub extern "C-unwind" fn levqor_audit_sealer_main(_arg: pg_sys::Datum) {
             // A sealing pass commits without waiting for its WAL to reach
             // disk: while it waited, the writers queued for the WAL write
             // lock far more often (benches/README.md, seventh audit run).
-            // A crash can then undo the last moments'
-            // sealing, runs and heads together (one transaction), and the
-            // next pass seals those entries again; audit_head() flushes the
-            // WAL before it gives a head out, so no head seen outside is
-            // ever undone.
+            // A crash can then undo the last moments' sealing, runs and
+            // heads together (one transaction), and the next pass seals
+            // those entries again; audit_head() flushes the WAL before it
+            // gives a head out, so no head seen outside is ever undone.
             for _ in 0..SEAL_ROUNDS {
                 let sql = format!("SELECT levqor.seal_audit({SEAL_BATCH})::int8");
                 if run_if_installed("levqor.seal_audit(integer)", &sql, true) != Some(SEAL_BATCH) {

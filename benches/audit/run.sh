@@ -46,6 +46,7 @@ run() {  # variant -> tps
     -f "$tmp/$1.sql" "$db" 2>&1 | sed -n 's/^tps = \([0-9.]*\).*/\1/p'
 }
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ x[NR] = $1 } END { print (NR % 2) ? x[(NR + 1) / 2] : (x[NR / 2] + x[NR / 2 + 1]) / 2 }'; }
+ratio() { awk -v x="$1" -v y="$2" 'BEGIN { print x / y }'; }
 
 VARIANTS=(none plpgsql plpgsql_ix levqor pgaudit)
 declare -A tps bulk
@@ -94,12 +95,12 @@ for fs in on off; do
   l=$(median "${tps[$fs,levqor]}"); g=$(median "${tps[$fs,pgaudit]}")
   printf '  single-row inserts, fsync %s: none %s, plpgsql %s, plpgsql_ix %s, levqor %s, pgaudit %s tps\n' "$fs" "$n" "$p" "$px" "$l" "$g"
   printf '    levqor / plpgsql = %.3f (target >= 1.0), levqor / none = %.3f (target >= 0.7)\n' \
-    "$(awk -v x="$l" -v y="$p" 'BEGIN { print x / y }')" "$(awk -v x="$l" -v y="$n" 'BEGIN { print x / y }')"
+    "$(ratio "$l" "$p")" "$(ratio "$l" "$n")"
   printf '    levqor / plpgsql_ix = %.3f (like for like: both logs indexed by tenant), plpgsql / none = %.3f\n' \
-    "$(awk -v x="$l" -v y="$px" 'BEGIN { print x / y }')" "$(awk -v x="$p" -v y="$n" 'BEGIN { print x / y }')"
+    "$(ratio "$l" "$px")" "$(ratio "$p" "$n")"
 done
 bn=$(median "${bulk[none]}"); bp=$(median "${bulk[plpgsql]}"); bpx=$(median "${bulk[plpgsql_ix]}"); bl=$(median "${bulk[levqor]}"); bg=$(median "${bulk[pgaudit]}")
 printf '  bulk 100,000 rows: none %s, plpgsql %s, plpgsql_ix %s, levqor %s, pgaudit %s ms\n' "$bn" "$bp" "$bpx" "$bl" "$bg"
 printf '    levqor / plpgsql time = %.3f, levqor / none time = %.3f\n' \
-  "$(awk -v x="$bl" -v y="$bp" 'BEGIN { print x / y }')" "$(awk -v x="$bl" -v y="$bn" 'BEGIN { print x / y }')"
+  "$(ratio "$bl" "$bp")" "$(ratio "$bl" "$bn")"
 printf '  verify_audit: %s entries in %s s = %.0f entries/s\n' "$vn" "$vs" "$(awk -v n="$vn" -v s="$vs" 'BEGIN { print n / s }')"
