@@ -1,7 +1,9 @@
 -- Identical tables: no audit, the classic PL/pgSQL audit trigger
 -- (to_jsonb(OLD), to_jsonb(NEW) into a log table, as supa_audit and the
 -- audit-trigger recipes do), the same trigger with its log indexed by tenant
--- as levqor's is (plpgsql_ix: one more column and index, nothing else), and
+-- as levqor's is (plpgsql_ix: one more column and index, nothing else), the
+-- same trigger with its log indexed as the classic audit-trigger's
+-- logged_actions is (classic: by table, statement time and action), and
 -- levqor's audit. (pgaudit runs against a copy in a second database, see
 -- run.sh.)
 \set QUIET on
@@ -43,4 +45,25 @@ BEGIN
     RETURN NULL;
 END $$;
 CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON t_plpgsql_ix FOR EACH ROW EXECUTE FUNCTION plpgsql_ix_audit();
+
+-- The classic audit-trigger (audit.logged_actions) keeps its log indexed by
+-- table, statement time and action, so that a DBA can ask who changed this
+-- table, or what changed then; supa_audit's has as many (record id, table,
+-- time). The same trigger and log, with those three indexes.
+CREATE TABLE t_classic (LIKE t_none INCLUDING ALL);
+ALTER TABLE t_classic ALTER COLUMN id SET DEFAULT nextval('t_none_id_seq');
+CREATE TABLE classic_audit_log (LIKE plpgsql_audit_log INCLUDING ALL);
+CREATE INDEX ON classic_audit_log (table_name);
+CREATE INDEX ON classic_audit_log (at);
+CREATE INDEX ON classic_audit_log (operation);
+CREATE FUNCTION classic_audit() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO classic_audit_log (table_name, operation, old_row, new_row)
+    VALUES (TG_TABLE_NAME, TG_OP,
+            CASE WHEN TG_OP <> 'INSERT' THEN to_jsonb(OLD) END,
+            CASE WHEN TG_OP <> 'DELETE' THEN to_jsonb(NEW) END);
+    RETURN NULL;
+END $$;
+CREATE TRIGGER audit AFTER INSERT OR UPDATE OR DELETE ON t_classic FOR EACH ROW EXECUTE FUNCTION classic_audit();
+
 SELECT levqor.enable_audit('t_levqor');
