@@ -65,14 +65,16 @@ $fn$;
 -- Bytes of the tenant's rows in every protected table (row data as stored,
 -- without indexes), plus, for a schema tenant, everything in its schema
 -- (tables, indexes, TOAST). Measured, not estimated; it reads every row of
--- the tenant in shared tables.
+-- the tenant in shared tables. Summed in numeric and saturating at the
+-- largest bigint: a measurement never fails for its size, and one that large
+-- is over every limit (fail closed).
 CREATE FUNCTION levqor.tenant_storage_bytes(tenant text) RETURNS bigint
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     tid   uuid := levqor._tenant_id(tenant);
     p     record;
-    n     bigint;
-    total bigint := 0;
+    n     numeric;
+    total numeric := 0;
 BEGIN
     SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0) INTO total
       FROM levqor.tenants t JOIN pg_namespace s ON s.nspname = t.schema_name
@@ -80,11 +82,11 @@ BEGIN
      WHERE t.id = tid;
     FOR p IN SELECT pt.tbl, pt.tenant_column FROM levqor.protected_tables pt
               WHERE NOT EXISTS (SELECT 1 FROM pg_inherits i WHERE i.inhrelid = pt.tbl) LOOP
-        EXECUTE format('SELECT coalesce(sum(pg_column_size(t.*)), 0) FROM %s t WHERE %I = $1', p.tbl, p.tenant_column)
+        EXECUTE format('SELECT coalesce(sum(pg_column_size(t.*)::numeric), 0) FROM %s t WHERE %I = $1', p.tbl, p.tenant_column)
            INTO n USING tid;
         total := total + n;
     END LOOP;
-    RETURN total;
+    RETURN least(total, 9223372036854775807)::bigint;
 END
 $fn$;
 

@@ -364,7 +364,8 @@ $fn$;
 
 -- The 80 % and 100 % events: each crossing once per window (for metrics that
 -- never reset, again only after usage fell back below the threshold). Each is
--- a NOTIFY on levqor_quota and an entry in the audit log.
+-- a NOTIFY on levqor_quota and an entry in the audit log. Percentages are
+-- computed in numeric: a counter near 2^63 must not stop the flush.
 CREATE FUNCTION levqor._check_thresholds(tenants uuid[], metrics text[], windows timestamptz[], used bigint[])
 RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -377,12 +378,12 @@ BEGIN
         ), rearm AS (
             DELETE FROM levqor.quota_alerts q USING cur
              WHERE q.tenant_id = cur.tenant_id AND q.metric = cur.metric AND q.window_start = cur.window_start
-               AND cur.window_start = '-infinity' AND (cur.quota IS NULL OR cur.used * 100 < cur.quota * q.threshold)
+               AND cur.window_start = '-infinity' AND (cur.quota IS NULL OR cur.used::numeric * 100 < cur.quota::numeric * q.threshold)
         )
         INSERT INTO levqor.quota_alerts (tenant_id, metric, window_start, threshold, used, quota)
         SELECT cur.tenant_id, cur.metric, cur.window_start, th.threshold, cur.used, cur.quota
           FROM cur CROSS JOIN (VALUES (80), (100)) AS th(threshold)
-         WHERE cur.quota > 0 AND cur.used * 100 >= cur.quota * th.threshold
+         WHERE cur.quota > 0 AND cur.used::numeric * 100 >= cur.quota::numeric * th.threshold
         ON CONFLICT DO NOTHING
         RETURNING quota_alerts.*
     LOOP

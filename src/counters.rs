@@ -58,6 +58,10 @@ pub struct Data {
     pub inflight: i64,
     /// Committed consumption not yet written to the ledger (any window).
     pub unflushed: i64,
+    /// Open transactions' billable reservations, of any window: what will
+    /// join `unflushed` when they commit. Kept so that a reservation is
+    /// refused before `unflushed` could pass i64::MAX.
+    pub billing: i64,
     /// Bumped on every change; the flush remembers what it wrote.
     pub version: u64,
     pub flushed_version: u64,
@@ -299,12 +303,16 @@ fn push(slot: &'static Slot, amount: i64, window: i64, what: What) {
 }
 
 /// Why a reservation was refused.
-pub struct Refusal {
-    pub used: i64,
+pub enum Refusal {
+    /// It would pass the limit; `used` is what the window holds.
+    Limit { used: i64 },
+    /// The counter cannot hold it (i64): `used` in the window, `unbilled`
+    /// committed or reserved but not yet in the ledger.
+    Overflow { used: i64, unbilled: i64 },
 }
 
 /// Reserve `amount` in the window starting at `window` unless that would pass
-/// `limit`. Returns what is used afterwards.
+/// `limit` or overflow a counter. Returns what is used afterwards.
 pub fn reserve(slot: &'static Slot, window: i64, amount: i64, limit: Option<i64>, billable: bool) -> Result<i64, Refusal> {
     let r = slot.with(|d| {
         if window > d.window {
@@ -314,11 +322,27 @@ pub fn reserve(slot: &'static Slot, window: i64, amount: i64, limit: Option<i64>
             d.used = 0;
             d.inflight = 0;
         }
-        if limit.is_some_and(|l| d.used.saturating_add(amount) > l) {
-            return Err(Refusal { used: d.used });
+        // Every number a commit will add to is checked now, so that settling
+        // (which must not fail) never wraps: used and inflight in the window,
+        // and unflushed + billing, the ledger's next quantity.
+        let unbilled = d.unflushed.saturating_add(d.billing);
+        let (Some(used), Some(inflight)) = (d.used.checked_add(amount), d.inflight.checked_add(amount)) else {
+            return Err(Refusal::Overflow { used: d.used, unbilled });
+        };
+        let billing = if billable {
+            match d.unflushed.checked_add(d.billing).and_then(|u| u.checked_add(amount)) {
+                Some(_) => d.billing + amount,
+                None => return Err(Refusal::Overflow { used: d.used, unbilled }),
+            }
+        } else {
+            d.billing
+        };
+        if limit.is_some_and(|l| used > l) {
+            return Err(Refusal::Limit { used: d.used });
         }
-        d.used += amount;
-        d.inflight += amount;
+        d.used = used;
+        d.inflight = inflight;
+        d.billing = billing;
         d.version += 1;
         // Another backend may already count in a later window.
         Ok((d.used, d.window))
@@ -345,13 +369,18 @@ fn settle(p: &Pending, committed: bool) {
                     d.inflight -= p.amount;
                 }
                 if billable {
+                    // reserve() checked that unflushed + billing fits.
+                    d.billing -= p.amount;
                     d.unflushed += p.amount;
                 }
             }
-            (What::Reserve { .. }, false) => {
+            (What::Reserve { billable }, false) => {
                 if d.window == p.window {
                     d.inflight -= p.amount;
                     d.used -= p.amount;
+                }
+                if billable {
+                    d.billing -= p.amount;
                 }
             }
             (What::Release, true) => d.used = (d.used - p.amount).max(0),

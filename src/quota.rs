@@ -244,6 +244,18 @@ fn exceeded(what: String, detail: String) -> ! {
     )
 }
 
+/// 22003: an amount no counter can hold. Nothing was counted.
+fn overflow(slug: &str, metric: &str, amount: i64, used: i64, unbilled: i64) -> ! {
+    errors::raise_with_detail(
+        PgSqlErrorCode::ERRCODE_NUMERIC_VALUE_OUT_OF_RANGE,
+        format!("levqor quota counter out of range: {amount} more {metric} for tenant \"{slug}\" would pass {}", i64::MAX),
+        Some(format!(
+            "metric {metric}: {used} used in the current window, {unbilled} not yet in the billing ledger; nothing was counted."
+        )),
+        Some("Amounts are counted exactly as 64-bit integers; check the amount the application computed, or count in a larger unit."),
+    )
+}
+
 /// Count `amount` of `metric` for the current tenant and return what is left
 /// in this window (NULL when the plan has no limit). Refused, counting
 /// nothing, when it would pass the limit. Undone if the transaction aborts.
@@ -281,7 +293,8 @@ fn consume(metric_name: &str, amount: default!(i64, 1)) -> Option<i64> {
     });
     match counters::reserve(slot, window, amount, lim.quota, true) {
         Ok(used) => lim.quota.map(|q| q - used),
-        Err(refusal) => {
+        Err(counters::Refusal::Overflow { used, unbilled }) => overflow(&lim.slug, metric_name, amount, used, unbilled),
+        Err(counters::Refusal::Limit { used }) => {
             let per = match m.window {
                 Window::Never => String::new(),
                 _ => " in this window".to_string(),
@@ -298,7 +311,7 @@ fn consume(metric_name: &str, amount: default!(i64, 1)) -> Option<i64> {
                     lim.plan,
                     lim.quota.unwrap_or_default()
                 ),
-                format!("{} used, {amount} requested{resets}.", refusal.used),
+                format!("{used} used, {amount} requested{resets}."),
             )
         }
     }
@@ -376,8 +389,10 @@ fn _limit_rows<'a>(
     }
     if let Some(tenant) = came {
         let lim = limit(tenant, &t.metric);
-        if let Err(refusal) = counters::reserve(row_slot(&t, tenant), NO_WINDOW, 1, lim.quota, false) {
-            exceeded(
+        match counters::reserve(row_slot(&t, tenant), NO_WINDOW, 1, lim.quota, false) {
+            Ok(_) => {}
+            Err(counters::Refusal::Overflow { used, unbilled }) => overflow(&lim.slug, &t.metric, 1, used, unbilled),
+            Err(counters::Refusal::Limit { used }) => exceeded(
                 format!(
                     "quota exceeded: tenant \"{}\" (plan {}) may have {} {} (rows of {})",
                     lim.slug,
@@ -386,8 +401,8 @@ fn _limit_rows<'a>(
                     t.metric,
                     t.name
                 ),
-                format!("{} in use; a row is freed when its DELETE commits.", refusal.used),
-            );
+                format!("{used} in use; a row is freed when its DELETE commits."),
+            ),
         }
     }
     Ok(None)

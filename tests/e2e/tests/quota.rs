@@ -602,3 +602,104 @@ fn a_schema_tenants_storage_is_its_schema() {
     tx.execute("SELECT levqor.authenticate($1)", &[&t.key]).unwrap();
     assert_eq!(sqlstate(tx.execute("INSERT INTO notes (body) VALUES ('one more')", &[])), "53400");
 }
+
+/// Regression: an unlimited tenant's counter wrapped to a negative number
+/// past i64::MAX, and the flush then recorded nothing for it.
+#[test]
+fn counters_near_i64_max_are_refused_not_wrapped() {
+    const MAX: i64 = i64::MAX;
+    let mut a = admin();
+    let mut c = app();
+    let ledger_total = |a: &mut Client, t: &Tenant, m: &str| -> String {
+        a.query_one(
+            "SELECT coalesce(sum(quantity), 0)::text FROM levqor.usage_ledger WHERE tenant_id = $1 AND metric = $2",
+            &[&t.id, &m],
+        )
+        .unwrap()
+        .get(0)
+    };
+    let refused = |c: &mut Client, t: &Tenant, m: &str, amount: i64| -> (String, String, String) {
+        let mut tx = c.transaction().unwrap();
+        tx.execute("SELECT levqor.authenticate($1)", &[&t.key]).unwrap();
+        let e = consume(&mut tx, m, amount).expect_err("should overflow");
+        let db = e.as_db_error().unwrap();
+        (db.code().code().to_string(), db.message().to_string(), db.detail().unwrap_or_default().to_string())
+    };
+
+    // Unlimited (an override of NULL), the two calls.
+    let t = tenant("q-max");
+    let m = counter_metric(Some(10), Some("1 day"));
+    a.execute("SELECT levqor.set_quota($1, $2, NULL)", &[&t.slug, &m]).unwrap();
+    assert_eq!(as_tenant(&mut c, &t, |tx| consume(tx, &m, 9_223_372_036_854_775_000).unwrap()), None);
+    let (code, message, detail) = refused(&mut c, &t, &m, 9_223_372_036_854_775_000);
+    assert_eq!(code, "22003", "{message}");
+    assert!(message.contains(&m) && message.contains(&t.slug), "{message}");
+    assert!(detail.contains("9223372036854775000 used"), "the current value is in the detail: {detail}");
+    // Up to exactly i64::MAX is fine; one more is not.
+    assert_eq!(as_tenant(&mut c, &t, |tx| consume(tx, &m, 807).unwrap()), None);
+    assert_eq!(refused(&mut c, &t, &m, 1).0, "22003");
+    assert_eq!(used(&mut a, &t, &m), Some(MAX), "usage never wraps");
+    a.execute("SELECT levqor.flush_usage()", &[]).unwrap();
+    assert_eq!(ledger_total(&mut a, &t, &m), MAX.to_string(), "the ledger holds what was accepted");
+    // After the flush the window is still full: nothing more fits in it.
+    assert_eq!(refused(&mut c, &t, &m, 1).0, "22003");
+    assert_eq!(used(&mut a, &t, &m), Some(MAX));
+
+    // A limit of exactly i64::MAX: the second call no longer slips through.
+    let t = tenant("q-maxlim");
+    let m = counter_metric(Some(MAX), None);
+    assert_eq!(as_tenant(&mut c, &t, |tx| consume(tx, &m, MAX - 1000).unwrap()), Some(1000));
+    assert_eq!(refused(&mut c, &t, &m, 9_223_372_036_854_775_000).0, "22003");
+    assert_eq!(as_tenant(&mut c, &t, |tx| consume(tx, &m, 1000).unwrap()), Some(0));
+    let mut tx = c.transaction().unwrap();
+    tx.execute("SELECT levqor.authenticate($1)", &[&t.key]).unwrap();
+    assert_eq!(sqlstate(consume(&mut tx, &m, 1)), "22003");
+    drop(tx);
+    a.execute("SELECT levqor.flush_usage()", &[]).unwrap();
+    assert_eq!(ledger_total(&mut a, &t, &m), MAX.to_string());
+    let alerts: i64 = a
+        .query_one("SELECT count(*) FROM levqor.quota_alerts WHERE tenant_id = $1 AND metric = $2 AND used >= 0", &[&t.id, &m])
+        .unwrap()
+        .get(0);
+    assert_eq!(alerts, 2, "both thresholds raised, with no wrapped values");
+
+    // Many concurrent callers: each asks for a fifth of i64::MAX; exactly
+    // five fit, the others are refused, and the ledger holds what committed.
+    let t = tenant("q-maxconc");
+    let m = counter_metric(None, None);
+    let fifth = MAX / 5;
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (t, m, barrier) = (t.clone(), m.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut c = app();
+                let mut tx = c.transaction().unwrap();
+                tx.execute("SELECT levqor.authenticate($1)", &[&t.key]).unwrap();
+                barrier.wait();
+                let r = consume(&mut tx, &m, fifth);
+                match r {
+                    Ok(_) => {
+                        tx.commit().unwrap();
+                        true
+                    }
+                    Err(e) => {
+                        assert_eq!(e.code().unwrap().code(), "22003", "{e}");
+                        false
+                    }
+                }
+            })
+        })
+        .collect();
+    let accepted = handles.into_iter().map(|h| h.join().unwrap()).filter(|ok| *ok).count() as i64;
+    assert_eq!(accepted, 5);
+    assert_eq!(used(&mut a, &t, &m), Some(5 * fifth));
+    a.execute("SELECT levqor.flush_usage()", &[]).unwrap();
+    assert_eq!(ledger_total(&mut a, &t, &m), (5 * fifth).to_string());
+    // The flush of the others was not held up by these counters.
+    let other = tenant("q-maxother");
+    let m2 = counter_metric(None, None);
+    as_tenant(&mut c, &other, |tx| consume(tx, &m2, 3).unwrap());
+    a.execute("SELECT levqor.flush_usage()", &[]).unwrap();
+    assert_eq!(ledger_total(&mut a, &other, &m2), "3");
+}

@@ -57,7 +57,7 @@ fn fingerprint(c: &mut Client) -> Vec<String> {
     c.query(FINGERPRINT, &[]).unwrap().iter().map(|r| r.get(0)).collect()
 }
 
-const CURRENT: &str = "0.3.0";
+const CURRENT: &str = "0.4.0";
 
 #[test]
 fn update_from_0_1_0_keeps_data_and_matches_a_fresh_install() {
@@ -67,6 +67,11 @@ fn update_from_0_1_0_keeps_data_and_matches_a_fresh_install() {
 #[test]
 fn update_from_0_2_0_keeps_data_and_matches_a_fresh_install() {
     update_from("0.2.0");
+}
+
+#[test]
+fn update_from_0_3_0_keeps_data_and_matches_a_fresh_install() {
+    update_from("0.3.0");
 }
 
 fn update_from(from: &str) {

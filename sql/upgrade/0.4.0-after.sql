@@ -1,0 +1,2 @@
+-- Hand-written part of the 0.3.0 -> 0.4.0 update, run after every function
+-- is in place: existing objects reshaped as 0.4.0 makes them.

@@ -1,0 +1,2 @@
+-- Hand-written part of the 0.3.0 -> 0.4.0 update: changes to tables 0.3.0
+-- already had, run before any new function is created.
