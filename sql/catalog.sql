@@ -52,13 +52,13 @@ CREATE TABLE levqor.tenants (
                 CONSTRAINT tenants_slug_format CHECK (slug ~ '^[a-z0-9_-]{1,63}$'),
     name        text NOT NULL
                 CONSTRAINT tenants_name_format CHECK (length(btrim(name)) BETWEEN 1 AND 200 AND name !~ '[[:cntrl:]]'),
-    plan        text NOT NULL DEFAULT 'free' REFERENCES levqor.plans (name) ON UPDATE CASCADE,
+    plan        text NOT NULL DEFAULT 'free',   -- levqor.plans (name); see "References" below
     status      text NOT NULL DEFAULT 'active'
                 CONSTRAINT tenants_status_check CHECK (status IN ('trial', 'active', 'suspended', 'offboarded')),
     region      text CONSTRAINT tenants_region_format CHECK (region ~ '^[a-z0-9-]{1,63}$'),
     isolation   text NOT NULL DEFAULT 'shared'
                 CONSTRAINT tenants_isolation_check CHECK (isolation IN ('shared', 'schema')),
-    parent      uuid REFERENCES levqor.tenants (id),
+    parent      uuid,                           -- levqor.tenants (id)
     -- The hierarchy (sql/hierarchy.sql): platform -> tenant -> organization(s).
     kind        text NOT NULL DEFAULT 'tenant'
                 CONSTRAINT tenants_kind_check CHECK (kind IN ('platform', 'tenant', 'organization')),
@@ -85,7 +85,7 @@ ALTER TABLE levqor.tenants
 -- Only the SHA-256 of a key is kept; key_id is the public half that finds it.
 CREATE TABLE levqor.tenant_keys (
     key_id      text PRIMARY KEY CONSTRAINT tenant_keys_id_format CHECK (key_id ~ '^[0-9a-f]{16}$'),
-    tenant_id   uuid NOT NULL REFERENCES levqor.tenants (id) ON DELETE CASCADE,
+    tenant_id   uuid NOT NULL,                  -- levqor.tenants (id), deleted with it
     key_hash    bytea NOT NULL CONSTRAINT tenant_keys_hash_len CHECK (length(key_hash) = 32),
     role        text NOT NULL DEFAULT 'admin'
                 CONSTRAINT tenant_keys_role_check CHECK (role IN ('owner', 'admin', 'operator', 'auditor', 'viewer')),
@@ -97,6 +97,87 @@ CREATE TABLE levqor.tenant_keys (
     revoked_at  timestamptz
 );
 CREATE INDEX tenant_keys_tenant_idx ON levqor.tenant_keys (tenant_id);
+
+-- References between levqor's catalog tables are kept by triggers, not by
+-- foreign keys. pg_restore -j loads the data of an extension's tables in
+-- parallel, each in its own transaction and in no particular order (pg_dump
+-- records no dependency between them), so a foreign key among them fails the
+-- load of whichever table comes first, and its rows are lost. The triggers
+-- check what a foreign key checks (and lock the referenced row, FOR KEY
+-- SHARE, as one does), except while a dump is being restored (a superuser
+-- session with row_security = off, as pg_dump's scripts and pg_restore run):
+-- the dump is of a consistent catalog, and its tables arrive in any order.
+CREATE FUNCTION levqor._restoring() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT current_setting('row_security') = 'off'
+           AND coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = session_user), false)
+$fn$;
+
+-- AFTER INSERT OR UPDATE of the referencing column, FOR EACH ROW.
+-- Arguments: the column, the referenced table, its column, their type.
+CREATE FUNCTION levqor._check_reference() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    val text := to_jsonb(NEW) ->> TG_ARGV[0];
+    hit int;
+BEGIN
+    IF val IS NULL OR levqor._restoring() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' AND (to_jsonb(OLD) ->> TG_ARGV[0]) IS NOT DISTINCT FROM val THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT 1 FROM %s WHERE %I = $1::%s FOR KEY SHARE', TG_ARGV[1], TG_ARGV[2], TG_ARGV[3]) INTO hit USING val;
+    IF hit IS NULL THEN
+        RAISE EXCEPTION 'insert or update on table "%" violates the reference of %.% to %', TG_TABLE_NAME,
+            TG_TABLE_NAME, TG_ARGV[0], TG_ARGV[1]
+            USING ERRCODE = '23503', DETAIL = format('Key (%s)=(%s) is not present in table %s.', TG_ARGV[0], val, TG_ARGV[1]);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+-- What the foreign keys' ON DELETE / ON UPDATE did, for the catalog tables
+-- that reference a tenant, a plan or a metric.
+CREATE FUNCTION levqor._tenant_deleted() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF EXISTS (SELECT 1 FROM levqor.tenants t WHERE t.parent = OLD.id) THEN
+        RAISE EXCEPTION 'tenant % still has tenants under it', OLD.slug USING ERRCODE = '23503';
+    END IF;
+    DELETE FROM levqor.tenant_keys k WHERE k.tenant_id = OLD.id;
+    DELETE FROM levqor.members m WHERE m.tenant_id = OLD.id;
+    DELETE FROM levqor.tenant_sso s WHERE s.tenant_id = OLD.id;
+    DELETE FROM levqor.quota_overrides o WHERE o.tenant_id = OLD.id;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE FUNCTION levqor._plan_changed() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.name IS DISTINCT FROM OLD.name THEN
+            UPDATE levqor.tenants t SET plan = NEW.name WHERE t.plan = OLD.name;
+        END IF;
+    ELSIF EXISTS (SELECT 1 FROM levqor.tenants t WHERE t.plan = OLD.name) THEN
+        RAISE EXCEPTION 'plan % is in use by tenants', OLD.name USING ERRCODE = '23503',
+            HINT = 'Move them to another plan first (levqor.change_plan).';
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+
+CREATE TRIGGER levqor_reference_plan AFTER INSERT OR UPDATE OF plan ON levqor.tenants
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('plan', 'levqor.plans', 'name', 'text');
+CREATE TRIGGER levqor_reference_parent AFTER INSERT OR UPDATE OF parent ON levqor.tenants
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('parent', 'levqor.tenants', 'id', 'uuid');
+CREATE TRIGGER levqor_references AFTER DELETE ON levqor.tenants
+    FOR EACH ROW EXECUTE FUNCTION levqor._tenant_deleted();
+CREATE TRIGGER levqor_references AFTER UPDATE OF name OR DELETE ON levqor.plans
+    FOR EACH ROW EXECUTE FUNCTION levqor._plan_changed();
+CREATE TRIGGER levqor_reference_tenant AFTER INSERT OR UPDATE OF tenant_id ON levqor.tenant_keys
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('tenant_id', 'levqor.tenants', 'id', 'uuid');
 
 -- Who did what to which tenant. No foreign key: a purged tenant's events
 -- stay as its tombstone. (The audit issue chains these entries.)

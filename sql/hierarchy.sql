@@ -270,6 +270,15 @@ BEGIN
     EXECUTE format('ALTER POLICY levqor_tenant_insert ON %s WITH CHECK (%s)', tbl, levqor._scoped_write_qual(col, scope_column));
     EXECUTE format('ALTER POLICY levqor_tenant_update ON %s USING (%s) WITH CHECK (%s)', tbl,
                    levqor._tenant_qual(col), levqor._scoped_write_qual(col, scope_column));
+    -- The permissive side says the same (docs/isolation.md, "Fail closed"):
+    -- the base writes only by the scoped rule, and reads reach shared rows
+    -- through a permissive policy of their own.
+    EXECUTE format('ALTER POLICY levqor_base ON %s USING %s WITH CHECK (%s)', tbl,
+                   levqor._tenant_qual(col), levqor._scoped_write_qual(col, scope_column));
+    IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = 'levqor_base_shared') THEN
+        EXECUTE format('CREATE POLICY levqor_base_shared ON %s AS PERMISSIVE FOR SELECT TO PUBLIC USING (%s)', tbl,
+                       levqor._scoped_select_qual(col, scope_column));
+    END IF;
     DELETE FROM levqor._disabling d WHERE d.tbl = $1;
     UPDATE levqor.protected_tables pt SET scope_column = scope_column WHERE pt.tbl = tbl;
     SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl, true) x;

@@ -12,6 +12,77 @@
 
 
 -- 4. Functions new or changed in the files 0.3.0 had.
+CREATE FUNCTION levqor._check_reference() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    val text := to_jsonb(NEW) ->> TG_ARGV[0];
+    hit int;
+BEGIN
+    IF val IS NULL OR levqor._restoring() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' AND (to_jsonb(OLD) ->> TG_ARGV[0]) IS NOT DISTINCT FROM val THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT 1 FROM %s WHERE %I = $1::%s FOR KEY SHARE', TG_ARGV[1], TG_ARGV[2], TG_ARGV[3]) INTO hit USING val;
+    IF hit IS NULL THEN
+        RAISE EXCEPTION 'insert or update on table "%" violates the reference of %.% to %', TG_TABLE_NAME,
+            TG_TABLE_NAME, TG_ARGV[0], TG_ARGV[1]
+            USING ERRCODE = '23503', DETAIL = format('Key (%s)=(%s) is not present in table %s.', TG_ARGV[0], val, TG_ARGV[1]);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE FUNCTION levqor._metric_changed() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.name IS DISTINCT FROM OLD.name THEN
+            UPDATE levqor.quota_overrides o SET metric = NEW.name WHERE o.metric = OLD.name;
+            UPDATE levqor.row_limits r SET metric = NEW.name WHERE r.metric = OLD.name;
+        END IF;
+    ELSE
+        IF EXISTS (SELECT 1 FROM levqor.row_limits r WHERE r.metric = OLD.name) THEN
+            RAISE EXCEPTION 'metric % counts the rows of a table', OLD.name USING ERRCODE = '23503',
+                HINT = 'levqor.unlimit_rows() that table first.';
+        END IF;
+        DELETE FROM levqor.quota_overrides o WHERE o.metric = OLD.name;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE FUNCTION levqor._plan_changed() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.name IS DISTINCT FROM OLD.name THEN
+            UPDATE levqor.tenants t SET plan = NEW.name WHERE t.plan = OLD.name;
+        END IF;
+    ELSIF EXISTS (SELECT 1 FROM levqor.tenants t WHERE t.plan = OLD.name) THEN
+        RAISE EXCEPTION 'plan % is in use by tenants', OLD.name USING ERRCODE = '23503',
+            HINT = 'Move them to another plan first (levqor.change_plan).';
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE FUNCTION levqor._restoring() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT current_setting('row_security') = 'off'
+           AND coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = session_user), false)
+$fn$;
+CREATE FUNCTION levqor._tenant_deleted() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF EXISTS (SELECT 1 FROM levqor.tenants t WHERE t.parent = OLD.id) THEN
+        RAISE EXCEPTION 'tenant % still has tenants under it', OLD.slug USING ERRCODE = '23503';
+    END IF;
+    DELETE FROM levqor.tenant_keys k WHERE k.tenant_id = OLD.id;
+    DELETE FROM levqor.members m WHERE m.tenant_id = OLD.id;
+    DELETE FROM levqor.tenant_sso s WHERE s.tenant_id = OLD.id;
+    DELETE FROM levqor.quota_overrides o WHERE o.tenant_id = OLD.id;
+    RETURN NULL;
+END
+$fn$;
 CREATE OR REPLACE FUNCTION levqor._check_thresholds(tenants uuid[], metrics text[], windows timestamptz[], used bigint[])
 RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -43,6 +114,601 @@ BEGIN
     END LOOP;
 END
 $fn$;
+CREATE OR REPLACE FUNCTION levqor._guard_ddl() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    cmd      record;
+    tbl      oid;
+    problems text;
+BEGIN
+    FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+        tbl := CASE cmd.classid
+                   WHEN 'pg_class'::regclass THEN cmd.objid
+                   WHEN 'pg_policy'::regclass THEN (SELECT p.polrelid FROM pg_policy p WHERE p.oid = cmd.objid)
+                   WHEN 'pg_trigger'::regclass THEN (SELECT t.tgrelid FROM pg_trigger t WHERE t.oid = cmd.objid)
+               END;
+        CONTINUE WHEN tbl IS NULL OR levqor._being_disabled(tbl);
+        IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname LIKE 'levqor\_audit\_%'
+                                               AND t.tgenabled NOT IN ('O', 'A')) THEN
+            RAISE EXCEPTION 'levqor: % would switch auditing off on %', cmd.command_tag, tbl::regclass
+                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
+        END IF;
+        IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname LIKE 'levqor\_limit\_%'
+                                               AND t.tgenabled NOT IN ('O', 'A')) THEN
+            RAISE EXCEPTION 'levqor: % would switch the row limit off on %', cmd.command_tag, tbl::regclass
+                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.unlimit_rows().';
+        END IF;
+        CONTINUE WHEN NOT levqor._is_protected(tbl);
+        -- A policy of levqor's arriving on a table whose row level security
+        -- is off (pg_restore re-creates policies before it re-enables row
+        -- level security when the table's name sorts after "levqor_"):
+        -- switch it on now, rather than refuse the policy. Strengthening is
+        -- never refused; the table is closed from its first policy on.
+        IF cmd.command_tag IN ('CREATE POLICY', 'ALTER POLICY')
+           AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tbl AND NOT (c.relrowsecurity AND c.relforcerowsecurity)) THEN
+            EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY', tbl::regclass);
+        END IF;
+        SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl::regclass, false) x;
+        IF problems IS NOT NULL THEN
+            RAISE EXCEPTION 'levqor: % would weaken tenant isolation on %: %', cmd.command_tag, tbl::regclass, problems
+                USING ERRCODE = '42501',
+                      HINT = 'A levqor_admin can remove levqor tenancy with levqor.disable_tenancy().';
+        END IF;
+    END LOOP;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._guard_drop() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    obj record;
+    tbl regclass;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_event_trigger_dropped_objects() o
+                WHERE o.object_type = 'extension' AND o.object_name = 'levqor') THEN
+        RETURN;
+    END IF;
+    FOR obj IN
+        SELECT o.object_type, o.address_names
+          FROM pg_event_trigger_dropped_objects() o
+         WHERE o.object_type IN ('policy', 'trigger')
+           AND (o.address_names[3] LIKE 'levqor\_tenant\_%'
+                OR o.address_names[3] IN ('levqor_base', 'levqor_base_shared', 'levqor_no_truncate', 'levqor_write_guard')
+                OR o.address_names[3] LIKE 'levqor\_audit\_%'
+                OR o.address_names[3] LIKE 'levqor\_limit\_%')
+    LOOP
+        tbl := to_regclass(format('%I.%I', obj.address_names[1], obj.address_names[2]));
+        CONTINUE WHEN tbl IS NULL;  -- the table itself is going away
+        CONTINUE WHEN levqor._being_disabled(tbl);
+        IF obj.address_names[3] LIKE 'levqor\_audit\_%' THEN
+            RAISE EXCEPTION 'levqor: dropping % % on % would switch auditing off',
+                obj.object_type, quote_ident(obj.address_names[3]), tbl
+                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.disable_audit().';
+        END IF;
+        IF obj.address_names[3] LIKE 'levqor\_limit\_%' THEN
+            RAISE EXCEPTION 'levqor: dropping % % on % would switch the row limit off',
+                obj.object_type, quote_ident(obj.address_names[3]), tbl
+                USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.unlimit_rows().';
+        END IF;
+        RAISE EXCEPTION 'levqor: dropping % % on % would remove tenant isolation',
+            obj.object_type, quote_ident(obj.address_names[3]), tbl
+            USING ERRCODE = '42501',
+                  HINT = 'A levqor_admin can remove levqor tenancy with levqor.disable_tenancy().';
+    END LOOP;
+    DELETE FROM levqor.protected_tables pt
+     WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = pt.tbl);
+    -- A dropped table's row limit goes with it (its metric is free again).
+    DELETE FROM levqor.row_limits rl
+     WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = rl.tbl);
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._is_protected(tbl oid) RETURNS boolean
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = $1
+                      AND (pol.polname LIKE 'levqor\_tenant\_%' OR pol.polname IN ('levqor_base', 'levqor_base_shared')))
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._protect_schema_table(tbl regclass, tenant uuid) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    qual text := format('(levqor.current_tenant() = %L::uuid)', tenant);
+BEGIN
+    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', tbl);
+    EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', tbl);
+    IF NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = tbl AND p.polname = 'levqor_schema_tenant') THEN
+        EXECUTE format('CREATE POLICY levqor_schema_tenant ON %s AS RESTRICTIVE FOR ALL TO PUBLIC USING %s WITH CHECK %s',
+                       tbl, qual, qual);
+    END IF;
+    -- The permissive policy admits only the owning tenant too: losing the
+    -- restrictive one loses nothing.
+    IF NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = tbl AND p.polname = 'levqor_base') THEN
+        EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING %s WITH CHECK %s',
+                       tbl, qual, qual);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_schema_guard') THEN
+        EXECUTE format('CREATE TRIGGER levqor_schema_guard BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._schema_guard(%L)', tbl, tenant);
+    END IF;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._register_scope(tbl regclass, scope_column name) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    col      name;
+    problems text;
+BEGIN
+    SELECT pt.tenant_column INTO col FROM levqor.protected_tables pt WHERE pt.tbl = tbl;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not protected by levqor', tbl USING ERRCODE = '55000';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = tbl AND k.conname = 'levqor_scope_check'
+                      AND pg_get_constraintdef(k.oid) = format('CHECK ((%I = ANY (ARRAY[''organization''::text, ''tenant''::text, ''platform''::text])))', scope_column)) THEN
+        RAISE EXCEPTION '% has no levqor scope check on %', tbl, quote_ident(scope_column) USING ERRCODE = '55000',
+            HINT = 'Call levqor.enable_tenancy(table, tenant_column, scope_column).';
+    END IF;
+    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
+    EXECUTE format('ALTER POLICY levqor_tenant_select ON %s USING (%s)', tbl, levqor._scoped_select_qual(col, scope_column));
+    EXECUTE format('ALTER POLICY levqor_tenant_insert ON %s WITH CHECK (%s)', tbl, levqor._scoped_write_qual(col, scope_column));
+    EXECUTE format('ALTER POLICY levqor_tenant_update ON %s USING (%s) WITH CHECK (%s)', tbl,
+                   levqor._tenant_qual(col), levqor._scoped_write_qual(col, scope_column));
+    -- The permissive side says the same (docs/isolation.md, "Fail closed"):
+    -- the base writes only by the scoped rule, and reads reach shared rows
+    -- through a permissive policy of their own.
+    EXECUTE format('ALTER POLICY levqor_base ON %s USING %s WITH CHECK (%s)', tbl,
+                   levqor._tenant_qual(col), levqor._scoped_write_qual(col, scope_column));
+    IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = 'levqor_base_shared') THEN
+        EXECUTE format('CREATE POLICY levqor_base_shared ON %s AS PERMISSIVE FOR SELECT TO PUBLIC USING (%s)', tbl,
+                       levqor._scoped_select_qual(col, scope_column));
+    END IF;
+    DELETE FROM levqor._disabling d WHERE d.tbl = $1;
+    UPDATE levqor.protected_tables pt SET scope_column = scope_column WHERE pt.tbl = tbl;
+    SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl, true) x;
+    IF problems IS NOT NULL THEN
+        RAISE EXCEPTION 'levqor: % is not fully protected: %', tbl, problems USING ERRCODE = '55000';
+    END IF;
+    PERFORM levqor._log_event(NULL, 'tenancy_scoped', jsonb_build_object('table', tbl::text, 'scope_column', scope_column));
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._tenancy_problems(tbl regclass, complete boolean)
+RETURNS SETOF text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    c        record;
+    p        record;
+    col      name;
+    scope    name;
+    fits     boolean;
+    want_cmd text;
+BEGIN
+    SELECT rel.relrowsecurity, rel.relforcerowsecurity INTO c FROM pg_class rel WHERE rel.oid = tbl;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF NOT c.relrowsecurity THEN
+        RETURN NEXT 'row level security is disabled';
+    END IF;
+    IF NOT c.relforcerowsecurity THEN
+        RETURN NEXT 'row level security is not forced (the owner would bypass it)';
+    END IF;
+    SELECT pt.tenant_column, pt.scope_column INTO col, scope FROM levqor.protected_tables pt WHERE pt.tbl = $1;
+    IF NOT FOUND THEN
+        -- Not registered (a schema-only restore, or one still under way):
+        -- the table itself says which column its policies compare and which
+        -- column its levqor scope check constrains.
+        SELECT a.attname INTO col FROM pg_attribute a
+         WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+           AND EXISTS (SELECT 1 FROM pg_policy pol
+                        WHERE pol.polrelid = tbl AND pol.polname LIKE 'levqor\_%'
+                          AND strpos(coalesce(pg_get_expr(pol.polqual, pol.polrelid), '')
+                                     || coalesce(pg_get_expr(pol.polwithcheck, pol.polrelid), ''),
+                                     levqor._tenant_qual(a.attname)) > 0)
+         ORDER BY a.attnum LIMIT 1;
+        SELECT a.attname INTO scope
+          FROM pg_constraint k JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = k.conkey[1]
+         WHERE k.conrelid = tbl AND k.conname = 'levqor_scope_check' AND cardinality(k.conkey) = 1
+           AND pg_get_constraintdef(k.oid) = format('CHECK ((%I = ANY (ARRAY[''organization''::text, ''tenant''::text, ''platform''::text])))', a.attname);
+        IF col IS NULL THEN
+            scope := NULL;
+        END IF;
+    END IF;
+
+    FOR p IN
+        SELECT pol.polname, pol.polcmd, pol.polpermissive, pol.polroles,
+               pg_get_expr(pol.polqual, pol.polrelid) AS qual,
+               pg_get_expr(pol.polwithcheck, pol.polrelid) AS chk
+          FROM pg_policy pol
+         WHERE pol.polrelid = tbl
+    LOOP
+        -- Every levqor policy applies to every role: a restrictive one
+        -- narrowed to some roles would no longer restrict the others.
+        IF p.polname LIKE 'levqor\_%' AND p.polroles <> '{0}'::oid[] THEN
+            RETURN NEXT format('policy %I must apply to PUBLIC', p.polname);
+        END IF;
+        IF p.polname = 'levqor_base' THEN
+            -- Permissive, and itself admitting only the context's tenant (a
+            -- schema tenant's table: only the tenant that owns the schema).
+            IF NOT p.polpermissive OR p.polcmd <> '*' OR NOT (
+                (p.qual ~ '^\(levqor\.current_tenant\(\) = ''[0-9a-f-]{36}''::uuid\)$' AND p.chk = p.qual)
+                OR EXISTS (
+                SELECT 1 FROM pg_attribute a
+                 WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+                   AND (col IS NULL OR a.attname = col)
+                   AND p.qual = levqor._tenant_qual(a.attname)
+                   AND p.chk = CASE WHEN scope IS NULL THEN levqor._tenant_qual(a.attname)
+                                    ELSE levqor._scoped_write_qual(a.attname, scope) END))
+            THEN
+                RETURN NEXT 'policy levqor_base no longer admits only the context''s own tenant';
+            END IF;
+            CONTINUE;
+        END IF;
+        IF p.polname = 'levqor_base_shared' THEN
+            -- Scoped tables: what reads may reach beyond the tenant's own rows.
+            IF scope IS NULL OR NOT p.polpermissive OR p.polcmd <> 'r' OR p.chk IS NOT NULL
+               OR p.qual IS DISTINCT FROM levqor._scoped_select_qual(col, scope) THEN
+                RETURN NEXT format('policy levqor_base_shared no longer matches the scoped protection%s',
+                                   CASE WHEN scope IS NULL THEN ' (the table has no scope column)' ELSE '' END);
+            END IF;
+            CONTINUE;
+        END IF;
+        IF p.polname LIKE 'levqor\_tenant\_%' THEN
+            IF p.polpermissive THEN
+                RETURN NEXT format('policy %I must be restrictive', p.polname);
+            END IF;
+            want_cmd := (CASE p.polname WHEN 'levqor_tenant_select' THEN 'r'
+                                        WHEN 'levqor_tenant_insert' THEN 'a'
+                                        WHEN 'levqor_tenant_update' THEN 'w'
+                                        WHEN 'levqor_tenant_delete' THEN 'd' END);
+            IF want_cmd IS NULL OR p.polcmd::text <> want_cmd THEN
+                RETURN NEXT format('policy %I applies to the wrong command', p.polname);
+            END IF;
+            -- A scoped table (sql/hierarchy.sql): reads may also reach rows
+            -- shared at tenant or platform scope (or only the tenant's own,
+            -- which is narrower); writes stay in the writer's organization
+            -- and only a platform writes platform-scope rows.
+            IF scope IS NOT NULL THEN
+                fits := CASE p.polname
+                       WHEN 'levqor_tenant_select' THEN p.chk IS NULL AND p.qual IN (levqor._tenant_qual(col),
+                                                                  levqor._scoped_select_qual(col, scope))
+                       WHEN 'levqor_tenant_insert' THEN p.qual IS NULL AND p.chk = levqor._scoped_write_qual(col, scope)
+                       WHEN 'levqor_tenant_update' THEN p.qual = levqor._tenant_qual(col)
+                                                        AND p.chk = levqor._scoped_write_qual(col, scope)
+                       WHEN 'levqor_tenant_delete' THEN p.chk IS NULL AND p.qual = levqor._tenant_qual(col)
+                       ELSE false END;
+                IF NOT coalesce(fits, false) THEN
+                    RETURN NEXT format('policy %I no longer matches the scoped protection of column %I', p.polname, scope);
+                END IF;
+                CONTINUE;
+            END IF;
+            -- The expression must be the canonical one for a real column
+            -- (the registered one, when the table is registered).
+            IF NOT EXISTS (
+                SELECT 1 FROM pg_attribute a
+                 WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+                   AND (col IS NULL OR a.attname = col)
+                   AND (p.qual IS NULL OR p.qual = levqor._tenant_qual(a.attname))
+                   AND (p.chk IS NULL OR p.chk = levqor._tenant_qual(a.attname))
+                   AND (p.polcmd <> 'w' OR (p.qual IS NOT NULL AND p.chk IS NOT NULL))
+                   AND coalesce(p.qual, p.chk) IS NOT NULL)
+            THEN
+                RETURN NEXT format('policy %I no longer compares the tenant column with levqor.current_tenant()', p.polname);
+            END IF;
+        ELSIF NOT p.polpermissive
+              AND (p.qual LIKE '%levqor.current_tenant()%' OR p.chk LIKE '%levqor.current_tenant()%')
+              AND (p.qual IS NULL OR p.qual ~ '^\(.* = levqor\.current_tenant\(\)\)$') THEN
+            -- A renamed levqor policy could later be dropped unnoticed.
+            RETURN NEXT format('policy %I looks like a renamed levqor policy', p.polname);
+        END IF;
+    END LOOP;
+
+    IF complete THEN
+        FOR p IN SELECT unnest(ARRAY['levqor_tenant_select', 'levqor_tenant_insert',
+                                     'levqor_tenant_update', 'levqor_tenant_delete', 'levqor_base']
+                               || CASE WHEN scope IS NULL THEN '{}'::text[] ELSE ARRAY['levqor_base_shared'] END) AS polname
+        LOOP
+            IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = p.polname) THEN
+                RETURN NEXT format('policy %I is missing', p.polname);
+            END IF;
+        END LOOP;
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
+            RETURN NEXT 'the TRUNCATE guard trigger is missing';
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard') THEN
+            RETURN NEXT 'the write guard trigger is missing';
+        END IF;
+    END IF;
+    -- A trigger fires in ordinary sessions only when enabled 'O' (origin) or
+    -- 'A' (always): 'D' (disabled) and 'R' (ENABLE REPLICA) both switch it off.
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate'
+                                           AND t.tgenabled NOT IN ('O', 'A')) THEN
+        RETURN NEXT 'the TRUNCATE guard trigger is disabled';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard'
+                                           AND t.tgenabled NOT IN ('O', 'A')) THEN
+        RETURN NEXT 'the write guard trigger is disabled';
+    END IF;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.disable_tenancy(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    pol   name;
+    child regclass;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'disable_tenancy: table must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF NOT levqor._is_protected(tbl) THEN
+        RAISE NOTICE 'levqor: % is not under tenancy; nothing to do', tbl;
+        RETURN;
+    END IF;
+    FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
+        PERFORM levqor.disable_tenancy(child);
+    END LOOP;
+    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
+    FOR pol IN SELECT p.polname FROM pg_policy p
+                WHERE p.polrelid = tbl AND (p.polname LIKE 'levqor\_tenant\_%' OR p.polname IN ('levqor_base', 'levqor_base_shared')) LOOP
+        EXECUTE format('DROP POLICY %I ON %s', pol, tbl);
+    END LOOP;
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_no_truncate ON %s', tbl);
+    EXECUTE format('DROP TRIGGER IF EXISTS levqor_write_guard ON %s', tbl);
+    EXECUTE format('ALTER TABLE %s NO FORCE ROW LEVEL SECURITY', tbl);
+    IF NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = tbl) THEN
+        EXECUTE format('ALTER TABLE %s DISABLE ROW LEVEL SECURITY', tbl);
+    END IF;
+    DELETE FROM levqor.protected_tables pt WHERE pt.tbl = $1;
+    DELETE FROM levqor._disabling d WHERE d.tbl = $1;
+    PERFORM levqor._log_event(NULL, 'tenancy_disabled', jsonb_build_object('table', tbl::text));
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.enable_tenancy(tbl regclass, tenant_column name DEFAULT 'tenant_id')
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    rel      record;
+    col      record;
+    qual     text;
+    spec     record;
+    existing record;
+    have     boolean;
+    child    regclass;
+BEGIN
+    IF tbl IS NULL OR tenant_column IS NULL THEN
+        RAISE EXCEPTION 'enable_tenancy: table and tenant column must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF levqor._scope_of(tbl) IS NOT NULL THEN
+        RAISE EXCEPTION '% is protected with a scope column', tbl USING ERRCODE = '55000',
+            HINT = 'Call levqor.enable_tenancy(table, tenant_column, scope_column) for it.';
+    END IF;
+    SELECT c.relkind, c.relowner, n.nspname INTO rel
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = tbl;
+    IF rel.relkind NOT IN ('r', 'p') THEN
+        RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '42809',
+            HINT = 'Protect the tables a view reads; create views WITH (security_invoker = true).';
+    END IF;
+    IF rel.nspname IN ('levqor', 'pg_catalog', 'information_schema') OR rel.nspname LIKE 'pg\_%' THEN
+        RAISE EXCEPTION 'cannot enable tenancy on % (system or levqor table)', tbl USING ERRCODE = '42501';
+    END IF;
+    IF NOT pg_has_role(current_user, rel.relowner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be owner of table % to enable tenancy', tbl USING ERRCODE = '42501';
+    END IF;
+
+    SELECT a.attnum, a.atttypid, a.attnotnull, a.atthasdef INTO col
+      FROM pg_attribute a
+     WHERE a.attrelid = tbl AND a.attname = tenant_column AND a.attnum > 0 AND NOT a.attisdropped;
+    IF NOT FOUND THEN
+        BEGIN
+            EXECUTE format('ALTER TABLE %s ADD COLUMN %I uuid NOT NULL DEFAULT levqor.current_tenant()',
+                           tbl, tenant_column);
+        EXCEPTION WHEN not_null_violation THEN
+            RAISE EXCEPTION '% already has rows, which belong to no tenant', tbl
+                USING ERRCODE = '23502',
+                      HINT = format('Add the column yourself and fill it (ALTER TABLE %s ADD COLUMN %I uuid; UPDATE …), then call enable_tenancy again.',
+                                    tbl, tenant_column);
+        END;
+        SELECT a.attnum, a.atttypid, a.attnotnull, a.atthasdef INTO col
+          FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = tenant_column AND NOT a.attisdropped;
+    ELSE
+        IF col.atttypid <> 'uuid'::regtype THEN
+            RAISE EXCEPTION 'column %.% has type %, not uuid', tbl, quote_ident(tenant_column),
+                format_type(col.atttypid, NULL) USING ERRCODE = '42804';
+        END IF;
+        IF NOT col.atthasdef THEN
+            EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT levqor.current_tenant()', tbl, tenant_column);
+        END IF;
+        IF NOT col.attnotnull THEN
+            BEGIN
+                EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET NOT NULL', tbl, tenant_column);
+            EXCEPTION WHEN not_null_violation THEN
+                RAISE EXCEPTION 'column %.% has NULLs: rows that belong to no tenant', tbl, quote_ident(tenant_column)
+                    USING ERRCODE = '23502', HINT = 'Assign those rows to a tenant first.';
+            END;
+        END IF;
+    END IF;
+
+    -- An index led by the tenant column, so the policy is an index condition.
+    IF NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = tbl AND i.indkey[0] = col.attnum) THEN
+        EXECUTE format('CREATE INDEX ON %s (%I)', tbl, tenant_column);
+    END IF;
+
+    EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY', tbl);
+    EXECUTE format('ALTER TABLE %s FORCE ROW LEVEL SECURITY', tbl);
+
+    qual := levqor._tenant_qual(tenant_column);
+    FOR spec IN
+        SELECT * FROM (VALUES ('levqor_tenant_select', 'SELECT', 'r', true,  false),
+                              ('levqor_tenant_insert', 'INSERT', 'a', false, true),
+                              ('levqor_tenant_update', 'UPDATE', 'w', true,  true),
+                              ('levqor_tenant_delete', 'DELETE', 'd', true,  false))
+               AS s(polname, cmd, polcmd, has_using, has_check)
+    LOOP
+        SELECT pol.polcmd, pol.polpermissive INTO existing
+          FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = spec.polname;
+        have := FOUND;
+        IF have AND (existing.polcmd <> spec.polcmd OR existing.polpermissive) THEN
+            EXECUTE format('DROP POLICY %I ON %s', spec.polname, tbl);
+            have := false;
+        END IF;
+        IF NOT have THEN
+            EXECUTE format('CREATE POLICY %I ON %s AS RESTRICTIVE FOR %s TO PUBLIC %s %s',
+                           spec.polname, tbl, spec.cmd,
+                           CASE WHEN spec.has_using THEN 'USING ' || qual ELSE '' END,
+                           CASE WHEN spec.has_check THEN 'WITH CHECK ' || qual ELSE '' END);
+        ELSE
+            EXECUTE format('ALTER POLICY %I ON %s TO PUBLIC %s %s',
+                           spec.polname, tbl,
+                           CASE WHEN spec.has_using THEN 'USING ' || qual ELSE '' END,
+                           CASE WHEN spec.has_check THEN 'WITH CHECK ' || qual ELSE '' END);
+        END IF;
+    END LOOP;
+    -- The permissive policy admits the context's tenant too, so that no
+    -- subset of levqor's policies ever admits more (a scoped table's base
+    -- keeps its write rule: _register_scope sets it).
+    SELECT pol.polpermissive, pol.polcmd, pg_get_expr(pol.polqual, pol.polrelid) AS qual INTO existing
+      FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = 'levqor_base';
+    IF NOT FOUND THEN
+        EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING %s WITH CHECK %s', tbl, qual, qual);
+    ELSIF NOT existing.polpermissive OR existing.polcmd <> '*' THEN
+        EXECUTE format('DROP POLICY levqor_base ON %s', tbl);
+        EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING %s WITH CHECK %s', tbl, qual, qual);
+    ELSIF existing.qual IS DISTINCT FROM qual AND levqor._scope_of(tbl) IS NULL THEN
+        EXECUTE format('ALTER POLICY levqor_base ON %s TO PUBLIC USING %s WITH CHECK %s', tbl, qual, qual);
+    END IF;
+
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
+        EXECUTE format('CREATE TRIGGER levqor_no_truncate BEFORE TRUNCATE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._refuse_truncate()', tbl);
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard') THEN
+        EXECUTE format('CREATE TRIGGER levqor_write_guard BEFORE INSERT OR UPDATE OR DELETE ON %s
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._write_guard()', tbl);
+    END IF;
+
+    -- A unique constraint without the tenant column answers, through its
+    -- errors, whether another tenant already has a value. Warn; rewriting a
+    -- constraint others may reference is the owner's decision.
+    DECLARE
+        u record;
+    BEGIN
+        FOR u IN SELECT i.indexrelid::regclass AS idx FROM pg_index i
+                  WHERE i.indrelid = tbl AND i.indisunique AND NOT i.indisprimary
+                    AND NOT (col.attnum = ANY (i.indkey::int2[])) LOOP
+            RAISE WARNING 'levqor: unique index % on % does not include %: its errors tell one tenant what another has',
+                u.idx, tbl, quote_ident(tenant_column)
+                USING HINT = format('Make it UNIQUE (%I, …) unless the values must be unique across tenants.', tenant_column);
+        END LOOP;
+    END;
+
+    -- Partitions can be queried directly, so each one is protected too.
+    FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
+        PERFORM levqor.enable_tenancy(child, tenant_column);
+    END LOOP;
+
+    PERFORM levqor._register_protected(tbl, tenant_column);
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor.isolation_report()
+RETURNS TABLE (severity text, kind text, object text, detail text, fix text)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    -- 1. Tables in tenant-facing schemas (those holding a protected table)
+    --    without tenancy.
+    RETURN QUERY
+    SELECT 'high', 'unprotected_table', c.oid::regclass::text,
+           'table in a schema with protected tables, but not protected itself',
+           format('SELECT levqor.enable_tenancy(%L); or, if it holds no tenant data, SELECT levqor.exempt_from_report(%L, ''why'');',
+                  c.oid::regclass::text, c.oid::regclass::text)
+      FROM pg_class c
+     WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+       AND c.relnamespace IN (SELECT k.relnamespace FROM pg_class k JOIN levqor._protected() p ON p.tbl = k.oid)
+       AND c.oid NOT IN (SELECT p.tbl FROM levqor._protected() p)
+       AND c.oid NOT IN (SELECT e.tbl FROM levqor.report_exemptions e);
+
+    -- 2. Row level security enabled but not forced: the owner bypasses it.
+    RETURN QUERY
+    SELECT 'high', 'rls_not_forced', c.oid::regclass::text,
+           'row level security is enabled but not forced, so the table owner sees every row',
+           format('ALTER TABLE %s FORCE ROW LEVEL SECURITY;', c.oid::regclass::text)
+      FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.relkind IN ('r', 'p') AND c.relrowsecurity AND NOT c.relforcerowsecurity
+       AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%';
+
+    -- 2b. A protected table whose row level security is off (the DDL guard
+    --     was bypassed): no policy applies; levqor refuses it to everyone
+    --     row level security would filter, until it is switched back on.
+    RETURN QUERY
+    SELECT 'high', 'rls_disabled', c.oid::regclass::text,
+           'row level security is disabled on a table carrying levqor''s policies: none of them applies, so levqor refuses every query on it',
+           format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;', c.oid::regclass::text)
+      FROM pg_class c
+     WHERE c.relkind IN ('r', 'p') AND NOT c.relrowsecurity AND levqor._is_protected(c.oid);
+
+    -- 3. Views over protected tables that run with their owner's rights.
+    RETURN QUERY
+    SELECT DISTINCT ON (v.oid)
+           CASE WHEN o.rolsuper OR o.rolbypassrls THEN 'high' ELSE 'medium' END,
+           'view_not_security_invoker', v.oid::regclass::text,
+           format('view reads protected table %s with the rights of its owner %I%s', t.tbl::regclass::text, o.rolname,
+                  CASE WHEN o.rolsuper OR o.rolbypassrls THEN ', who bypasses row level security: every tenant''s rows' ELSE '' END),
+           format('ALTER VIEW %s SET (security_invoker = true);', v.oid::regclass::text)
+      FROM pg_class v
+      JOIN pg_roles o ON o.oid = v.relowner
+      JOIN pg_rewrite rw ON rw.ev_class = v.oid
+      JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid AND d.refclassid = 'pg_class'::regclass
+      JOIN levqor._protected() t ON t.tbl = d.refobjid
+     WHERE v.relkind = 'v'
+       AND NOT coalesce('security_invoker=true' = ANY (v.reloptions) OR 'security_invoker=on' = ANY (v.reloptions), false);
+
+    -- 4. SECURITY DEFINER functions that read protected tables.
+    RETURN QUERY
+    SELECT CASE WHEN o.rolsuper OR o.rolbypassrls THEN 'high' ELSE 'medium' END,
+           'security_definer_reads_protected', f.oid::regprocedure::text,
+           format('SECURITY DEFINER function owned by %I mentions protected table %s%s', o.rolname, t.tbl::regclass::text,
+                  CASE WHEN o.rolsuper OR o.rolbypassrls THEN '; its owner bypasses row level security' ELSE '' END),
+           'Make it SECURITY INVOKER, or have it owned by a role without BYPASSRLS that is subject to the policies.'
+      FROM pg_proc f
+      JOIN pg_roles o ON o.oid = f.proowner
+      JOIN pg_namespace n ON n.oid = f.pronamespace
+      JOIN levqor._protected() t ON f.prosrc ~* ('\m' || regexp_replace((SELECT relname FROM pg_class WHERE oid = t.tbl), '([.^$*+?()\[\]{}|\\])', '\\\1', 'g') || '\M')
+     WHERE f.prosecdef AND n.nspname NOT IN ('levqor', 'pg_catalog', 'information_schema');
+
+    -- 5. Tenant columns no index leads with.
+    RETURN QUERY
+    SELECT 'medium', 'tenant_column_unindexed', t.tbl::regclass::text,
+           format('no index starts with tenant column %I: every tenant''s query scans the table', t.tenant_column),
+           format('CREATE INDEX ON %s (%I);', t.tbl::regclass::text, t.tenant_column)
+      FROM levqor._protected() t
+      JOIN pg_attribute a ON a.attrelid = t.tbl AND a.attname = t.tenant_column
+     WHERE NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = t.tbl AND i.indkey[0] = a.attnum);
+
+    -- 6. Unique constraints without the tenant column: a unique-violation
+    -- error tells one tenant that another tenant has that value.
+    RETURN QUERY
+    SELECT 'medium', 'unique_without_tenant', i.indexrelid::regclass::text,
+           format('unique index on %s does not include tenant column %I: its errors reveal other tenants'' values',
+                  t.tbl::regclass::text, t.tenant_column),
+           format('Include the tenant column, e.g. UNIQUE (%I, …), unless the values are meant to be unique across tenants (like surrogate keys).', t.tenant_column)
+      FROM levqor._protected() t
+      JOIN pg_attribute a ON a.attrelid = t.tbl AND a.attname = t.tenant_column
+      JOIN pg_index i ON i.indrelid = t.tbl AND i.indisunique AND NOT i.indisprimary
+     WHERE NOT (a.attnum = ANY (i.indkey::int2[]));
+
+    -- 7. Roles that bypass row level security and that an application uses.
+    RETURN QUERY
+    SELECT 'high', 'bypassrls_role', r.rolname::text,
+           format('%s can log in, bypasses row level security%s',
+                  CASE WHEN r.rolsuper THEN 'superuser' ELSE 'BYPASSRLS role' END,
+                  CASE WHEN pg_has_role(r.oid, 'levqor_app', 'MEMBER') THEN ' and is a member of levqor_app (an application role)' ELSE '' END),
+           format('ALTER ROLE %I NOBYPASSRLS%s;', r.rolname, CASE WHEN r.rolsuper THEN ' NOSUPERUSER' ELSE '' END)
+      FROM pg_roles r
+     WHERE r.rolcanlogin AND (r.rolsuper OR r.rolbypassrls) AND r.oid <> 10
+       AND (pg_has_role(r.oid, 'levqor_app', 'MEMBER') OR pg_has_role(r.oid, 'levqor_context_admin', 'MEMBER')
+            OR (r.rolbypassrls AND NOT r.rolsuper));
+END
+$fn$;
 CREATE OR REPLACE FUNCTION levqor.tenant_storage_bytes(tenant text) RETURNS bigint
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -68,6 +734,74 @@ $fn$;
 -- 5. Existing objects reshaped (sql/upgrade/0.4.0-after.sql).
 -- Hand-written part of the 0.3.0 -> 0.4.0 update, run after every function
 -- is in place: existing objects reshaped as 0.4.0 makes them.
+
+-- Protected tables: the permissive levqor_base admitted every row (true);
+-- it now admits only the context's tenant (writes: by the table's write
+-- rule), and scoped tables read shared rows through levqor_base_shared.
+-- So no subset of levqor's policies admits more than all of them together.
+DO $reshape$
+DECLARE
+    r     record;
+    scope name;
+    qual  text;
+BEGIN
+    FOR r IN SELECT p.tbl::regclass AS tbl, p.tenant_column FROM levqor._protected() p LOOP
+        scope := levqor._scope_of(r.tbl);
+        qual := levqor._tenant_qual(r.tenant_column);
+        INSERT INTO levqor._disabling (tbl) VALUES (r.tbl);
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_policy pol WHERE pol.polrelid = r.tbl AND pol.polname = 'levqor_base') THEN
+            EXECUTE pg_catalog.format('ALTER POLICY levqor_base ON %s TO PUBLIC USING %s WITH CHECK (%s)', r.tbl, qual,
+                CASE WHEN scope IS NULL THEN qual ELSE levqor._scoped_write_qual(r.tenant_column, scope) END);
+        ELSE
+            EXECUTE pg_catalog.format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING %s WITH CHECK (%s)', r.tbl, qual,
+                CASE WHEN scope IS NULL THEN qual ELSE levqor._scoped_write_qual(r.tenant_column, scope) END);
+        END IF;
+        IF scope IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_policy pol
+                                              WHERE pol.polrelid = r.tbl AND pol.polname = 'levqor_base_shared') THEN
+            EXECUTE pg_catalog.format('CREATE POLICY levqor_base_shared ON %s AS PERMISSIVE FOR SELECT TO PUBLIC USING (%s)', r.tbl,
+                levqor._scoped_select_qual(r.tenant_column, scope));
+        END IF;
+        DELETE FROM levqor._disabling d WHERE d.tbl = r.tbl::oid;
+    END LOOP;
+    -- Schema tenants' tables: the base says what the restrictive policy says.
+    FOR r IN SELECT pol.polrelid::regclass AS tbl, pg_catalog.pg_get_expr(pol.polqual, pol.polrelid) AS qual
+               FROM pg_catalog.pg_policy pol WHERE pol.polname = 'levqor_schema_tenant' LOOP
+        EXECUTE pg_catalog.format('ALTER POLICY levqor_base ON %s TO PUBLIC USING %s WITH CHECK %s', r.tbl, r.qual, r.qual);
+    END LOOP;
+END
+$reshape$;
+
+-- References between catalog tables: triggers instead of foreign keys, so
+-- that pg_restore -j can load the tables in any order (sql/catalog.sql,
+-- "References").
+ALTER TABLE levqor.tenants DROP CONSTRAINT tenants_plan_fkey, DROP CONSTRAINT tenants_parent_fkey;
+ALTER TABLE levqor.tenant_keys DROP CONSTRAINT tenant_keys_tenant_id_fkey;
+ALTER TABLE levqor.members DROP CONSTRAINT members_tenant_id_fkey;
+ALTER TABLE levqor.tenant_sso DROP CONSTRAINT tenant_sso_tenant_id_fkey;
+ALTER TABLE levqor.quota_overrides DROP CONSTRAINT quota_overrides_tenant_id_fkey, DROP CONSTRAINT quota_overrides_metric_fkey;
+ALTER TABLE levqor.row_limits DROP CONSTRAINT row_limits_metric_fkey;
+CREATE TRIGGER levqor_reference_plan AFTER INSERT OR UPDATE OF plan ON levqor.tenants
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('plan', 'levqor.plans', 'name', 'text');
+CREATE TRIGGER levqor_reference_parent AFTER INSERT OR UPDATE OF parent ON levqor.tenants
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('parent', 'levqor.tenants', 'id', 'uuid');
+CREATE TRIGGER levqor_references AFTER DELETE ON levqor.tenants
+    FOR EACH ROW EXECUTE FUNCTION levqor._tenant_deleted();
+CREATE TRIGGER levqor_references AFTER UPDATE OF name OR DELETE ON levqor.plans
+    FOR EACH ROW EXECUTE FUNCTION levqor._plan_changed();
+CREATE TRIGGER levqor_reference_tenant AFTER INSERT OR UPDATE OF tenant_id ON levqor.tenant_keys
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('tenant_id', 'levqor.tenants', 'id', 'uuid');
+CREATE TRIGGER levqor_reference_tenant AFTER INSERT OR UPDATE OF tenant_id ON levqor.members
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('tenant_id', 'levqor.tenants', 'id', 'uuid');
+CREATE TRIGGER levqor_reference_tenant AFTER INSERT OR UPDATE OF tenant_id ON levqor.tenant_sso
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('tenant_id', 'levqor.tenants', 'id', 'uuid');
+CREATE TRIGGER levqor_references AFTER UPDATE OF name OR DELETE ON levqor.metrics
+    FOR EACH ROW EXECUTE FUNCTION levqor._metric_changed();
+CREATE TRIGGER levqor_reference_tenant AFTER INSERT OR UPDATE OF tenant_id ON levqor.quota_overrides
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('tenant_id', 'levqor.tenants', 'id', 'uuid');
+CREATE TRIGGER levqor_reference_metric AFTER INSERT OR UPDATE OF metric ON levqor.quota_overrides
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('metric', 'levqor.metrics', 'name', 'text');
+CREATE TRIGGER levqor_reference_metric AFTER INSERT OR UPDATE OF metric ON levqor.row_limits
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('metric', 'levqor.metrics', 'name', 'text');
 
 -- 6. New catalog tables reach every backend's cache; privileges as in a fresh install.
 

@@ -4,7 +4,7 @@
 -- table is what the application and levqor.accessible_orgs read.
 
 CREATE TABLE levqor.members (
-    tenant_id  uuid NOT NULL REFERENCES levqor.tenants (id) ON DELETE CASCADE,
+    tenant_id  uuid NOT NULL,   -- levqor.tenants (id), deleted with it (sql/catalog.sql, "References")
     user_id    uuid NOT NULL,
     role       text NOT NULL
                CONSTRAINT members_role_check CHECK (role IN ('owner', 'admin', 'operator', 'auditor', 'viewer')),
@@ -15,6 +15,8 @@ CREATE TABLE levqor.members (
     PRIMARY KEY (tenant_id, user_id)
 );
 CREATE INDEX members_user_idx ON levqor.members (user_id);
+CREATE TRIGGER levqor_reference_tenant AFTER INSERT OR UPDATE OF tenant_id ON levqor.members
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('tenant_id', 'levqor.tenants', 'id', 'uuid');
 CREATE UNIQUE INDEX members_sso_id_key ON levqor.members (tenant_id, sso_id) WHERE sso_id IS NOT NULL;
 SELECT pg_catalog.pg_extension_config_dump('levqor.members', '');
 
@@ -130,7 +132,7 @@ $fn$;
 -- (levqor_context_admin), which exchanges codes with the identity provider,
 -- reads it.
 CREATE TABLE levqor.tenant_sso (
-    tenant_id       uuid PRIMARY KEY REFERENCES levqor.tenants (id) ON DELETE CASCADE,
+    tenant_id       uuid PRIMARY KEY,   -- levqor.tenants (id), deleted with it
     protocol        text NOT NULL CONSTRAINT tenant_sso_protocol_check CHECK (protocol IN ('oidc', 'saml')),
     issuer          text,      -- OIDC
     client_id       text,      -- OIDC
@@ -145,6 +147,8 @@ CREATE TABLE levqor.tenant_sso (
     CONSTRAINT tenant_sso_saml CHECK (protocol <> 'saml' OR ((metadata_url IS NOT NULL OR metadata_xml IS NOT NULL) AND entity_id IS NOT NULL))
 );
 SELECT pg_catalog.pg_extension_config_dump('levqor.tenant_sso', '');
+CREATE TRIGGER levqor_reference_tenant AFTER INSERT OR UPDATE OF tenant_id ON levqor.tenant_sso
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('tenant_id', 'levqor.tenants', 'id', 'uuid');
 
 CREATE FUNCTION levqor._sso_tenant(tenant text) RETURNS levqor.tenants
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$

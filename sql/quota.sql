@@ -67,8 +67,8 @@ $fn$;
 ALTER TABLE levqor.plans ADD CONSTRAINT plans_limits_numbers CHECK (levqor._limits_valid(limits));
 
 CREATE TABLE levqor.quota_overrides (
-    tenant_id uuid NOT NULL REFERENCES levqor.tenants (id) ON DELETE CASCADE,
-    metric    text NOT NULL REFERENCES levqor.metrics (name) ON UPDATE CASCADE ON DELETE CASCADE,
+    tenant_id uuid NOT NULL,   -- levqor.tenants (id), deleted with it (sql/catalog.sql, "References")
+    metric    text NOT NULL,   -- levqor.metrics (name), renamed and deleted with it
     quota     bigint CONSTRAINT quota_overrides_quota_check CHECK (quota >= 0),  -- NULL: unlimited
     reason    text,
     set_at    timestamptz NOT NULL DEFAULT now(),
@@ -82,12 +82,39 @@ CREATE TABLE levqor.row_limits (
     tbl           regclass PRIMARY KEY,
     -- Keys the counters: a new registration starts counting afresh.
     id            integer NOT NULL DEFAULT nextval('levqor.row_limits_id_seq') CONSTRAINT row_limits_id_key UNIQUE,
-    metric        text NOT NULL CONSTRAINT row_limits_metric_key UNIQUE REFERENCES levqor.metrics (name) ON UPDATE CASCADE,
+    metric        text NOT NULL CONSTRAINT row_limits_metric_key UNIQUE,   -- levqor.metrics (name), renamed with it
     tenant_column name NOT NULL,
     enabled_at    timestamptz NOT NULL DEFAULT now(),
     enabled_by    name NOT NULL DEFAULT session_user
 );
 ALTER SEQUENCE levqor.row_limits_id_seq OWNED BY levqor.row_limits.id;
+
+CREATE FUNCTION levqor._metric_changed() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.name IS DISTINCT FROM OLD.name THEN
+            UPDATE levqor.quota_overrides o SET metric = NEW.name WHERE o.metric = OLD.name;
+            UPDATE levqor.row_limits r SET metric = NEW.name WHERE r.metric = OLD.name;
+        END IF;
+    ELSE
+        IF EXISTS (SELECT 1 FROM levqor.row_limits r WHERE r.metric = OLD.name) THEN
+            RAISE EXCEPTION 'metric % counts the rows of a table', OLD.name USING ERRCODE = '23503',
+                HINT = 'levqor.unlimit_rows() that table first.';
+        END IF;
+        DELETE FROM levqor.quota_overrides o WHERE o.metric = OLD.name;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER levqor_references AFTER UPDATE OF name OR DELETE ON levqor.metrics
+    FOR EACH ROW EXECUTE FUNCTION levqor._metric_changed();
+CREATE TRIGGER levqor_reference_tenant AFTER INSERT OR UPDATE OF tenant_id ON levqor.quota_overrides
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('tenant_id', 'levqor.tenants', 'id', 'uuid');
+CREATE TRIGGER levqor_reference_metric AFTER INSERT OR UPDATE OF metric ON levqor.quota_overrides
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('metric', 'levqor.metrics', 'name', 'text');
+CREATE TRIGGER levqor_reference_metric AFTER INSERT OR UPDATE OF metric ON levqor.row_limits
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('metric', 'levqor.metrics', 'name', 'text');
 
 -- What the counters held at the last flush, per window ('-infinity' for
 -- metrics that never reset). Only the current window is kept; history is

@@ -59,6 +59,16 @@ BEGIN
      WHERE c.relkind IN ('r', 'p') AND c.relrowsecurity AND NOT c.relforcerowsecurity
        AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%';
 
+    -- 2b. A protected table whose row level security is off (the DDL guard
+    --     was bypassed): no policy applies; levqor refuses it to everyone
+    --     row level security would filter, until it is switched back on.
+    RETURN QUERY
+    SELECT 'high', 'rls_disabled', c.oid::regclass::text,
+           'row level security is disabled on a table carrying levqor''s policies: none of them applies, so levqor refuses every query on it',
+           format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY;', c.oid::regclass::text)
+      FROM pg_class c
+     WHERE c.relkind IN ('r', 'p') AND NOT c.relrowsecurity AND levqor._is_protected(c.oid);
+
     -- 3. Views over protected tables that run with their owner's rights.
     RETURN QUERY
     SELECT DISTINCT ON (v.oid)

@@ -20,8 +20,11 @@ BEGIN
         EXECUTE format('CREATE POLICY levqor_schema_tenant ON %s AS RESTRICTIVE FOR ALL TO PUBLIC USING %s WITH CHECK %s',
                        tbl, qual, qual);
     END IF;
+    -- The permissive policy admits only the owning tenant too: losing the
+    -- restrictive one loses nothing.
     IF NOT EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = tbl AND p.polname = 'levqor_base') THEN
-        EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING (true) WITH CHECK (true)', tbl);
+        EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING %s WITH CHECK %s',
+                       tbl, qual, qual);
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_schema_guard') THEN
         EXECUTE format('CREATE TRIGGER levqor_schema_guard BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s

@@ -7,8 +7,11 @@
 --   * RESTRICTIVE policies levqor_tenant_{select,insert,update,delete}, each
 --     exactly (c = levqor.current_tenant()), so any permissive policy a user
 --     adds can only ever narrow what a tenant sees, never widen it;
---   * one PERMISSIVE policy levqor_base (true) so that, absent other
---     policies, the restrictive ones decide;
+--   * one PERMISSIVE policy levqor_base, USING the same expression and WITH
+--     CHECK the write rule, so that a restrictive policy lost (a restore in
+--     an unlucky order, a superuser's DROP with the guards bypassed) loses
+--     nothing: every subset of levqor's policies admits at most the
+--     context's own tenant (docs/isolation.md, "Fail closed");
 --   * a BEFORE TRUNCATE trigger, because TRUNCATE ignores row level security;
 --   * a BEFORE INSERT/UPDATE/DELETE statement trigger, the write guard, that
 --     refuses writes while the context's tenant is suspended (lifecycle.rs).
@@ -60,14 +63,65 @@ BEGIN
         RETURN NEXT 'row level security is not forced (the owner would bypass it)';
     END IF;
     SELECT pt.tenant_column, pt.scope_column INTO col, scope FROM levqor.protected_tables pt WHERE pt.tbl = $1;
+    IF NOT FOUND THEN
+        -- Not registered (a schema-only restore, or one still under way):
+        -- the table itself says which column its policies compare and which
+        -- column its levqor scope check constrains.
+        SELECT a.attname INTO col FROM pg_attribute a
+         WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+           AND EXISTS (SELECT 1 FROM pg_policy pol
+                        WHERE pol.polrelid = tbl AND pol.polname LIKE 'levqor\_%'
+                          AND strpos(coalesce(pg_get_expr(pol.polqual, pol.polrelid), '')
+                                     || coalesce(pg_get_expr(pol.polwithcheck, pol.polrelid), ''),
+                                     levqor._tenant_qual(a.attname)) > 0)
+         ORDER BY a.attnum LIMIT 1;
+        SELECT a.attname INTO scope
+          FROM pg_constraint k JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = k.conkey[1]
+         WHERE k.conrelid = tbl AND k.conname = 'levqor_scope_check' AND cardinality(k.conkey) = 1
+           AND pg_get_constraintdef(k.oid) = format('CHECK ((%I = ANY (ARRAY[''organization''::text, ''tenant''::text, ''platform''::text])))', a.attname);
+        IF col IS NULL THEN
+            scope := NULL;
+        END IF;
+    END IF;
 
     FOR p IN
-        SELECT pol.polname, pol.polcmd, pol.polpermissive,
+        SELECT pol.polname, pol.polcmd, pol.polpermissive, pol.polroles,
                pg_get_expr(pol.polqual, pol.polrelid) AS qual,
                pg_get_expr(pol.polwithcheck, pol.polrelid) AS chk
           FROM pg_policy pol
          WHERE pol.polrelid = tbl
     LOOP
+        -- Every levqor policy applies to every role: a restrictive one
+        -- narrowed to some roles would no longer restrict the others.
+        IF p.polname LIKE 'levqor\_%' AND p.polroles <> '{0}'::oid[] THEN
+            RETURN NEXT format('policy %I must apply to PUBLIC', p.polname);
+        END IF;
+        IF p.polname = 'levqor_base' THEN
+            -- Permissive, and itself admitting only the context's tenant (a
+            -- schema tenant's table: only the tenant that owns the schema).
+            IF NOT p.polpermissive OR p.polcmd <> '*' OR NOT (
+                (p.qual ~ '^\(levqor\.current_tenant\(\) = ''[0-9a-f-]{36}''::uuid\)$' AND p.chk = p.qual)
+                OR EXISTS (
+                SELECT 1 FROM pg_attribute a
+                 WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped
+                   AND (col IS NULL OR a.attname = col)
+                   AND p.qual = levqor._tenant_qual(a.attname)
+                   AND p.chk = CASE WHEN scope IS NULL THEN levqor._tenant_qual(a.attname)
+                                    ELSE levqor._scoped_write_qual(a.attname, scope) END))
+            THEN
+                RETURN NEXT 'policy levqor_base no longer admits only the context''s own tenant';
+            END IF;
+            CONTINUE;
+        END IF;
+        IF p.polname = 'levqor_base_shared' THEN
+            -- Scoped tables: what reads may reach beyond the tenant's own rows.
+            IF scope IS NULL OR NOT p.polpermissive OR p.polcmd <> 'r' OR p.chk IS NOT NULL
+               OR p.qual IS DISTINCT FROM levqor._scoped_select_qual(col, scope) THEN
+                RETURN NEXT format('policy levqor_base_shared no longer matches the scoped protection%s',
+                                   CASE WHEN scope IS NULL THEN ' (the table has no scope column)' ELSE '' END);
+            END IF;
+            CONTINUE;
+        END IF;
         IF p.polname LIKE 'levqor\_tenant\_%' THEN
             IF p.polpermissive THEN
                 RETURN NEXT format('policy %I must be restrictive', p.polname);
@@ -120,7 +174,8 @@ BEGIN
 
     IF complete THEN
         FOR p IN SELECT unnest(ARRAY['levqor_tenant_select', 'levqor_tenant_insert',
-                                     'levqor_tenant_update', 'levqor_tenant_delete']) AS polname
+                                     'levqor_tenant_update', 'levqor_tenant_delete', 'levqor_base']
+                               || CASE WHEN scope IS NULL THEN '{}'::text[] ELSE ARRAY['levqor_base_shared'] END) AS polname
         LOOP
             IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = p.polname) THEN
                 RETURN NEXT format('policy %I is missing', p.polname);
@@ -149,10 +204,13 @@ $fn$;
 -- Is tbl under levqor tenancy? Decided by its policies, not by
 -- levqor.protected_tables: pg_restore loads that table's rows before it
 -- re-enables row level security and re-creates the policies, and the guard
--- must not trip over a restore in progress.
+-- must not trip over a restore in progress. Any one of levqor's policies
+-- counts, so that the guard switches row level security on (and keeps it
+-- on) from the first one a restore creates.
 CREATE FUNCTION levqor._is_protected(tbl oid) RETURNS boolean
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
-    SELECT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = $1 AND pol.polname LIKE 'levqor\_tenant\_%')
+    SELECT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = $1
+                      AND (pol.polname LIKE 'levqor\_tenant\_%' OR pol.polname IN ('levqor_base', 'levqor_base_shared')))
 $fn$;
 
 -- Record tbl as protected, after checking the protection is complete. Open to
@@ -273,8 +331,18 @@ BEGIN
                            CASE WHEN spec.has_check THEN 'WITH CHECK ' || qual ELSE '' END);
         END IF;
     END LOOP;
-    IF NOT EXISTS (SELECT 1 FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = 'levqor_base') THEN
-        EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING (true) WITH CHECK (true)', tbl);
+    -- The permissive policy admits the context's tenant too, so that no
+    -- subset of levqor's policies ever admits more (a scoped table's base
+    -- keeps its write rule: _register_scope sets it).
+    SELECT pol.polpermissive, pol.polcmd, pg_get_expr(pol.polqual, pol.polrelid) AS qual INTO existing
+      FROM pg_policy pol WHERE pol.polrelid = tbl AND pol.polname = 'levqor_base';
+    IF NOT FOUND THEN
+        EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING %s WITH CHECK %s', tbl, qual, qual);
+    ELSIF NOT existing.polpermissive OR existing.polcmd <> '*' THEN
+        EXECUTE format('DROP POLICY levqor_base ON %s', tbl);
+        EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING %s WITH CHECK %s', tbl, qual, qual);
+    ELSIF existing.qual IS DISTINCT FROM qual AND levqor._scope_of(tbl) IS NULL THEN
+        EXECUTE format('ALTER POLICY levqor_base ON %s TO PUBLIC USING %s WITH CHECK %s', tbl, qual, qual);
     END IF;
 
     IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
@@ -342,7 +410,7 @@ BEGIN
     END LOOP;
     INSERT INTO levqor._disabling (tbl) VALUES (tbl);
     FOR pol IN SELECT p.polname FROM pg_policy p
-                WHERE p.polrelid = tbl AND (p.polname LIKE 'levqor\_tenant\_%' OR p.polname = 'levqor_base') LOOP
+                WHERE p.polrelid = tbl AND (p.polname LIKE 'levqor\_tenant\_%' OR p.polname IN ('levqor_base', 'levqor_base_shared')) LOOP
         EXECUTE format('DROP POLICY %I ON %s', pol, tbl);
     END LOOP;
     EXECUTE format('DROP TRIGGER IF EXISTS levqor_no_truncate ON %s', tbl);
@@ -384,6 +452,15 @@ BEGIN
                 USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.unlimit_rows().';
         END IF;
         CONTINUE WHEN NOT levqor._is_protected(tbl);
+        -- A policy of levqor's arriving on a table whose row level security
+        -- is off (pg_restore re-creates policies before it re-enables row
+        -- level security when the table's name sorts after "levqor_"):
+        -- switch it on now, rather than refuse the policy. Strengthening is
+        -- never refused; the table is closed from its first policy on.
+        IF cmd.command_tag IN ('CREATE POLICY', 'ALTER POLICY')
+           AND EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tbl AND NOT (c.relrowsecurity AND c.relforcerowsecurity)) THEN
+            EXECUTE format('ALTER TABLE %s ENABLE ROW LEVEL SECURITY, FORCE ROW LEVEL SECURITY', tbl::regclass);
+        END IF;
         SELECT string_agg(x, '; ') INTO problems FROM levqor._tenancy_problems(tbl::regclass, false) x;
         IF problems IS NOT NULL THEN
             RAISE EXCEPTION 'levqor: % would weaken tenant isolation on %: %', cmd.command_tag, tbl::regclass, problems
@@ -411,7 +488,7 @@ BEGIN
           FROM pg_event_trigger_dropped_objects() o
          WHERE o.object_type IN ('policy', 'trigger')
            AND (o.address_names[3] LIKE 'levqor\_tenant\_%'
-                OR o.address_names[3] IN ('levqor_no_truncate', 'levqor_write_guard')
+                OR o.address_names[3] IN ('levqor_base', 'levqor_base_shared', 'levqor_no_truncate', 'levqor_write_guard')
                 OR o.address_names[3] LIKE 'levqor\_audit\_%'
                 OR o.address_names[3] LIKE 'levqor\_limit\_%')
     LOOP

@@ -118,6 +118,12 @@ pub fn forget(relid: pg_sys::Oid) {
 fn _audit_row<'a>(
     trigger: &'a pgrx::PgTrigger<'a>,
 ) -> Result<Option<PgHeapTuple<'a, pgrx::AllocatedByPostgres>>, pgrx::PgTriggerError> {
+    // A data-only restore loads rows that the restored trail already
+    // records; auditing them again would duplicate the trail (and collide
+    // with its restored entry ids, the id sequence being set only later).
+    if crate::privilege::restoring() {
+        return Ok(None);
+    }
     let data = trigger.trigger_data();
     let relid = trigger.relid()?;
     let op = match trigger.op()? {

@@ -104,6 +104,7 @@ unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) 
     crate::audit::forget(relid);
     crate::quota::forget(relid);
     crate::policy::forget(relid);
+    crate::exposure::forget(relid);
     if relid == pg_sys::InvalidOid || CATALOG.with(Cell::get).contains(&relid) {
         clear();
     }

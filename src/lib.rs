@@ -5,6 +5,8 @@
 //! * `auth`      — authenticate / set_tenant / set_tenant_token;
 //! * `keys`, `token` — API keys and signed tokens;
 //! * `privilege` — running catalog lookups with the extension's authority;
+//! * `exposure`  — refuses protected tables whose row level security a
+//!   superuser switched off behind the DDL guard (fail closed);
 //! * `lifecycle`, `audit`, `sealer` — the tenant lifecycle, the audit trigger
 //!   and the background worker that seals the log and flushes counters
 //!   (`audit_direct`, `row_json`: a one-row statement's entry, without SPI;
@@ -26,6 +28,7 @@ mod cache;
 mod context;
 mod counters;
 mod errors;
+mod exposure;
 mod guc;
 mod keys;
 mod lifecycle;
@@ -64,6 +67,7 @@ pub extern "C-unwind" fn _PG_init() {
     token::init();
     cache::init();
     lifecycle::init();
+    exposure::init();
     counters::init();
     sealer::init();
     // Any other levqor.* name is a typo or an attempt at one; refuse it, and

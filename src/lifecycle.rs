@@ -35,6 +35,9 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     if pg_sys::ParallelWorkerNumber < 0 && !crate::auth::in_lookup() && cache::take_stale() {
         recheck_context();
     }
+    if pg_sys::ParallelWorkerNumber < 0 {
+        crate::exposure::check_query(query);
+    }
     match PREV_EXECUTOR_START {
         Some(prev) => prev(query, eflags),
         None => pg_sys::standard_ExecutorStart(query, eflags),

@@ -59,6 +59,14 @@ pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether this session is restoring a dump: a superuser session with
+/// `row_security = off`, as pg_dump's scripts and pg_restore run. Its writes
+/// are the dump's rows, audited and counted when they were first written;
+/// sql/catalog.sql ("References") says why levqor must know.
+pub fn restoring() -> bool {
+    unsafe { !pg_sys::row_security && pg_sys::superuser_arg(pg_sys::GetSessionUserId()) }
+}
+
 /// Whether `user` has the privileges of `role` (superusers always do).
 fn role_has(user: pg_sys::Oid, role: &str) -> bool {
     let Ok(name) = CString::new(role) else { return false };

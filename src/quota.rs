@@ -389,7 +389,10 @@ fn _limit_rows<'a>(
     }
     if let Some(tenant) = came {
         let lim = limit(tenant, &t.metric);
-        match counters::reserve(row_slot(&t, tenant), NO_WINDOW, 1, lim.quota, false) {
+        // A restore brings back rows that were allowed when written: count
+        // them, refuse none (a tenant left over a lowered limit keeps its rows).
+        let quota = if crate::privilege::restoring() { None } else { lim.quota };
+        match counters::reserve(row_slot(&t, tenant), NO_WINDOW, 1, quota, false) {
             Ok(_) => {}
             Err(counters::Refusal::Overflow { used, unbilled }) => overflow(&lim.slug, &t.metric, 1, used, unbilled),
             Err(counters::Refusal::Limit { used }) => exceeded(

@@ -72,7 +72,7 @@ fn the_walkthrough_shows_what_the_readme_says() {
     for expected in [
         "ERROR:  permission denied to set parameter \"levqor.context\"",
         "ERROR:  invalid levqor API key",
-        "ERROR:  new row violates row-level security policy \"levqor_tenant_insert\"",
+        "ERROR:  new row violates row-level security policy for table \"projects\"",
         "ERROR:  TRUNCATE of public.projects is refused",
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");

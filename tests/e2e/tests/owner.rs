@@ -41,6 +41,11 @@ fn the_owner_cannot_undo_the_protection() {
         format!("ALTER POLICY levqor_tenant_select ON {t} USING (true)"),
         format!("ALTER POLICY levqor_tenant_select ON {t} USING (tenant_id = levqor.current_tenant() OR true)"),
         format!("ALTER POLICY levqor_tenant_select ON {t} RENAME TO mine"),
+        // Narrowed to one role, a restrictive policy no longer restricts the others.
+        format!("ALTER POLICY levqor_tenant_select ON {t} TO {APP}"),
+        format!("ALTER POLICY levqor_base ON {t} USING (true)"),
+        format!("ALTER POLICY levqor_base ON {t} WITH CHECK (true)"),
+        format!("DROP POLICY levqor_base ON {t}"),
         format!("ALTER TABLE {t} DROP COLUMN tenant_id CASCADE"),
         format!("ALTER TABLE {t} DISABLE TRIGGER levqor_no_truncate"),
         format!("ALTER TABLE {t} DISABLE TRIGGER ALL"),

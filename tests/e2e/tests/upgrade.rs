@@ -49,6 +49,11 @@ SELECT x FROM (
   SELECT 'cfg ' || u.c::regclass::text || ' ' || coalesce(u.w, '')
     FROM pg_extension e, unnest(e.extconfig, e.extcondition) AS u(c, w) WHERE e.extname = 'levqor'
   UNION ALL
+  SELECT 'pol ' || pol.polrelid::regclass::text || ' ' || pol.polname || ' ' || pol.polcmd::text || pol.polpermissive::text
+         || ' ' || coalesce(pg_get_expr(pol.polqual, pol.polrelid), '') || ' ' || coalesce(pg_get_expr(pol.polwithcheck, pol.polrelid), '')
+         || ' ' || array_to_string(pol.polroles::regrole[]::text[], ',')
+    FROM pg_policy pol WHERE pol.polrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'levqor'::regnamespace)
+  UNION ALL
   SELECT 'member ' || pg_describe_object(classid, objid, objsubid)
     FROM pg_depend, ext WHERE refclassid = 'pg_extension'::regclass AND deptype = 'e' AND refobjid = ext.oid
 ) f ORDER BY 1";
@@ -181,4 +186,15 @@ fn update_from(from: &str) {
         "catalog upgraded from {from} differs from a fresh install\nonly after upgrade: {only_old:#?}\nonly in fresh install: {only_new:#?}"
     );
     assert!(o.len() > 100, "the fingerprint covers the catalog ({} items)", o.len());
+
+    // A table protected by the old release has the policies a new one gets.
+    new.batch_execute("CREATE TABLE orders (id bigserial PRIMARY KEY, item text NOT NULL); SELECT levqor.enable_tenancy('orders');")
+        .unwrap();
+    let shape = "SELECT polname || ' ' || polcmd::text || polpermissive::text || ' ' || coalesce(pg_get_expr(polqual, polrelid), '')
+                        || ' ' || coalesce(pg_get_expr(polwithcheck, polrelid), '')
+                   FROM pg_policy WHERE polrelid = 'orders'::regclass ORDER BY polname";
+    let rows = |c: &mut Client| -> Vec<String> { c.query(shape, &[]).unwrap().iter().map(|r| r.get(0)).collect() };
+    assert_eq!(rows(&mut old), rows(&mut new), "policies of a table protected before the update");
+    let problems: i64 = old.query_one("SELECT count(*) FROM levqor._tenancy_problems('orders', true)", &[]).unwrap().get(0);
+    assert_eq!(problems, 0);
 }
