@@ -9,7 +9,7 @@ PG_CONFIG=/usr/lib/postgresql/15/bin/pg_config
 log() { printf '\033[1;34m[bootstrap]\033[0m %s\n' "$*"; }
 
 need_pkgs=()
-for p in postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang sudo pkg-config libssl-dev; do
+for p in postgresql-15 postgresql-server-dev-15 postgresql-contrib libclang-dev clang sudo pkg-config libssl-dev pgbouncer; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need_pkgs+=("$p")
 done
 if ((${#need_pkgs[@]})); then

@@ -41,7 +41,10 @@ GRANT EXECUTE ON FUNCTION
     levqor.limit_rows(regclass, text, name), levqor._limit_rows(),
     levqor.enable_tenancy(regclass, name, name), levqor._register_scope(regclass, name), levqor._scope_of(regclass),
     levqor._scoped_select_qual(name, name), levqor._scoped_write_qual(name, name),
-    levqor._row_limit_column(regclass, text, name), levqor._register_row_limit(regclass, text, name)
+    levqor._row_limit_column(regclass, text, name), levqor._register_row_limit(regclass, text, name),
+    levqor.scope_foreign_keys(regclass), levqor._unscoped_foreign_keys(regclass), levqor._scoped_key_sql(oid),
+    levqor._key_columns(regclass, name, int2[]), levqor._key_actions(oid), levqor._crossing_references(oid, integer),
+    levqor._warn_unscoped_foreign_keys(regclass), levqor._caller()
 TO PUBLIC;
 
 -- Usage: the view and its live source show a tenant only its own numbers
@@ -76,6 +79,7 @@ GRANT EXECUTE ON FUNCTION
     levqor.purge_tenant(text, boolean),
     levqor.rotate_keys(text, interval),
     levqor.isolation_report(),
+    levqor.isolation_report(text),
     levqor.exempt_from_report(regclass, text),
     levqor.disable_audit(regclass),
     levqor.seal_audit(integer),
@@ -126,7 +130,8 @@ GRANT SELECT ON levqor.quota_overrides, levqor.row_limits, levqor.usage_counters
 -- admin, owner) and levqor_admin all of it; nobody is granted any write.
 GRANT SELECT ON levqor.audit_log, levqor.audit_chain, levqor.audit_trail TO PUBLIC;
 GRANT SELECT ON levqor.audit_heads, levqor.audit_seal_state TO levqor_admin;
-GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables, levqor.report_exemptions, levqor.migrations, levqor.adoptions TO levqor_admin;
+GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables, levqor.report_exemptions, levqor.migrations, levqor.adoptions,
+    levqor.derived_tables TO levqor_admin;
 -- Key metadata, never the hashes.
 GRANT SELECT (key_id, tenant_id, role, user_id, label, created_at, created_by, expires_at, revoked_at)
     ON levqor.tenant_keys TO levqor_admin;

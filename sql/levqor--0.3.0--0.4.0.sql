@@ -8,8 +8,208 @@
 -- Hand-written part of the 0.3.0 -> 0.4.0 update: changes to tables 0.3.0
 -- already had, run before any new function is created.
 
--- 2. New functions in the library.
+-- Quota alerts get an id: the NOTIFY on levqor_quota carries only that.
+ALTER TABLE levqor.quota_alerts ADD COLUMN id bigint GENERATED ALWAYS AS IDENTITY CONSTRAINT quota_alerts_id_key UNIQUE;
+SELECT pg_catalog.pg_extension_config_dump('levqor.quota_alerts_id_seq', '');
 
+-- Tables copied from protected tables with CREATE TABLE AS (sql/report.sql).
+CREATE TABLE levqor.derived_tables (
+    tbl        regclass PRIMARY KEY,
+    sources    regclass[] NOT NULL,
+    bypassed   boolean NOT NULL,
+    created_by name NOT NULL DEFAULT current_user,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('levqor.derived_tables', '');
+
+-- 2. New functions in the library.
+-- src/privilege.rs:98
+-- levqor::privilege::_caller
+CREATE  FUNCTION "_caller"() RETURNS oid /* pg_sys :: Oid */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_caller_wrapper';
+
+-- 3. sql/foreign_keys.sql (new in 0.4.0).
+-- Foreign keys between protected tables (docs/isolation.md, "Foreign keys").
+--
+-- PostgreSQL checks a foreign key without row level security, by design. So
+-- `items (note_id) REFERENCES notes (id)`, both protected, lets one tenant
+-- point its rows at another tenant's note (and an ON DELETE CASCADE lets
+-- that tenant's delete remove them), and its errors tell which ids exist in
+-- other tenants. The standard fix is a key that carries the tenant column on
+-- both sides, `(tenant_id, note_id) REFERENCES notes (tenant_id, id)`: a
+-- reference to another tenant's row is then exactly a reference to a
+-- missing one. scope_foreign_keys() rewrites a table's keys that way.
+
+-- Foreign keys from and to protected tables that leave the tenant column
+-- out; tbl NULL: every such key.
+CREATE FUNCTION levqor._unscoped_foreign_keys(tbl regclass DEFAULT NULL)
+RETURNS TABLE (con oid, conname name, child regclass, parent regclass, child_column name, parent_column name)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT k.oid, k.conname, k.conrelid::regclass, k.confrelid::regclass, c.tenant_column, p.tenant_column
+      FROM pg_constraint k
+      JOIN levqor._protected() c ON c.tbl = k.conrelid
+      JOIN levqor._protected() p ON p.tbl = k.confrelid
+      JOIN pg_attribute ca ON ca.attrelid = k.conrelid AND ca.attname = c.tenant_column
+      JOIN pg_attribute pa ON pa.attrelid = k.confrelid AND pa.attname = p.tenant_column
+     WHERE k.contype = 'f' AND k.conparentid = 0
+       AND ($1 IS NULL OR k.conrelid = $1 OR k.confrelid = $1)
+       -- Scoped: the tenant columns are paired with each other.
+       AND NOT EXISTS (SELECT 1 FROM unnest(k.conkey, k.confkey) AS x(ck, pk) WHERE x.ck = ca.attnum AND x.pk = pa.attnum)
+$fn$;
+
+-- The statements that scope one foreign key, for warnings and the report.
+CREATE FUNCTION levqor._scoped_key_sql(con oid) RETURNS text
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    k record;
+BEGIN
+    SELECT * INTO k FROM levqor._unscoped_foreign_keys() u WHERE u.con = $1;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    RETURN format('SELECT levqor.scope_foreign_keys(%L);  -- or by hand: CREATE UNIQUE INDEX ON %s (%s); ALTER TABLE %s DROP CONSTRAINT %I, ADD CONSTRAINT %I FOREIGN KEY (%s) REFERENCES %s (%s)%s;',
+        k.child::text, k.parent, levqor._key_columns(k.parent, k.parent_column, (SELECT c.confkey FROM pg_constraint c WHERE c.oid = $1)),
+        k.child, k.conname, k.conname,
+        levqor._key_columns(k.child, k.child_column, (SELECT c.conkey FROM pg_constraint c WHERE c.oid = $1)),
+        k.parent, levqor._key_columns(k.parent, k.parent_column, (SELECT c.confkey FROM pg_constraint c WHERE c.oid = $1)),
+        levqor._key_actions($1));
+END
+$fn$;
+
+-- "tenant_id, a, b": the tenant column first, then a key's own columns.
+CREATE FUNCTION levqor._key_columns(tbl regclass, tenant_column name, attnums int2[]) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT quote_ident(tenant_column) || ', ' || string_agg(quote_ident(a.attname), ', ' ORDER BY x.o)
+      FROM unnest(attnums) WITH ORDINALITY AS x(n, o)
+      JOIN pg_attribute a ON a.attrelid = tbl AND a.attnum = x.n
+$fn$;
+
+-- A key's MATCH, ON UPDATE, ON DELETE and deferrability, as they must be
+-- written for the scoped key. SET NULL and SET DEFAULT on delete name the
+-- key's own columns: the tenant column stays as it is.
+CREATE FUNCTION levqor._key_actions(con oid) RETURNS text
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    k    record;
+    cols text;
+BEGIN
+    SELECT * INTO k FROM pg_constraint c WHERE c.oid = con;
+    SELECT string_agg(quote_ident(a.attname), ', ' ORDER BY x.o) INTO cols
+      FROM unnest(k.conkey) WITH ORDINALITY AS x(n, o) JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = x.n;
+    IF k.confupdtype IN ('n', 'd') THEN
+        RAISE EXCEPTION 'foreign key % uses ON UPDATE SET %; a scoped key cannot keep it', k.conname,
+            CASE k.confupdtype WHEN 'n' THEN 'NULL' ELSE 'DEFAULT' END
+            USING ERRCODE = '0A000',
+                  HINT = 'PostgreSQL sets every column of a key on update; rewrite this key by hand, with another ON UPDATE action.';
+    END IF;
+    RETURN CASE k.confmatchtype WHEN 'f' THEN ' MATCH FULL' ELSE '' END
+        || CASE k.confupdtype WHEN 'r' THEN ' ON UPDATE RESTRICT' WHEN 'c' THEN ' ON UPDATE CASCADE' ELSE '' END
+        || CASE k.confdeltype WHEN 'r' THEN ' ON DELETE RESTRICT' WHEN 'c' THEN ' ON DELETE CASCADE'
+                              WHEN 'n' THEN format(' ON DELETE SET NULL (%s)', cols)
+                              WHEN 'd' THEN format(' ON DELETE SET DEFAULT (%s)', cols) ELSE '' END
+        || CASE WHEN k.condeferrable THEN ' DEFERRABLE' ELSE '' END
+        || CASE WHEN k.condeferred THEN ' INITIALLY DEFERRED' ELSE '' END;
+END
+$fn$;
+
+-- Rows of a key's table that already reference another tenant's row (at
+-- most `max` of them), read past row level security: for the owner of both
+-- tables, who is about to rewrite the key.
+CREATE FUNCTION levqor._crossing_references(con oid, max int DEFAULT 20)
+RETURNS TABLE (child_key text, child_tenant uuid, parent_tenant uuid)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    k    record;
+    join_on text;
+    shown text;
+BEGIN
+    SELECT * INTO k FROM levqor._unscoped_foreign_keys() u WHERE u.con = $1;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF NOT (pg_has_role(levqor._caller(), (SELECT c.relowner FROM pg_class c WHERE c.oid = k.child), 'USAGE')
+            AND pg_has_role(levqor._caller(), (SELECT c.relowner FROM pg_class c WHERE c.oid = k.parent), 'USAGE')) THEN
+        RAISE EXCEPTION 'must own % and % to read their cross-tenant references', k.child, k.parent USING ERRCODE = '42501';
+    END IF;
+    SELECT string_agg(format('p.%I = c.%I', pa.attname, ca.attname), ' AND '),
+           string_agg(format('c.%I::text', ca.attname), ' || '', '' || ')
+      INTO join_on, shown
+      FROM pg_constraint x CROSS JOIN LATERAL unnest(x.conkey, x.confkey) AS u(ck, pk)
+      JOIN pg_attribute ca ON ca.attrelid = x.conrelid AND ca.attnum = u.ck
+      JOIN pg_attribute pa ON pa.attrelid = x.confrelid AND pa.attnum = u.pk
+     WHERE x.oid = $1;
+    RETURN QUERY EXECUTE format('SELECT %s, c.%I, p.%I FROM %s c JOIN %s p ON %s WHERE c.%I IS DISTINCT FROM p.%I LIMIT %s',
+        shown, k.child_column, k.parent_column, k.child, k.parent, join_on, k.child_column, k.parent_column, max);
+END
+$fn$;
+
+-- Rewrite every foreign key of tbl that points at a protected table without
+-- the tenant column, keeping its name, its actions and deferrability, in one
+-- transaction; refused, with the offending rows, when the data already
+-- crosses tenants. The table's owner calls it (PostgreSQL checks the ALTER
+-- TABLE and CREATE INDEX privileges).
+CREATE FUNCTION levqor.scope_foreign_keys(tbl regclass) RETURNS integer
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    k       record;
+    bad     record;
+    listing text;
+    n       integer := 0;
+    pcols   text;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'scope_foreign_keys: table must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    FOR k IN SELECT u.*, c.conkey, c.confkey FROM levqor._unscoped_foreign_keys(tbl) u JOIN pg_constraint c ON c.oid = u.con
+              WHERE u.child = tbl ORDER BY u.conname LOOP
+        SELECT string_agg(format('(%s) of tenant %s -> tenant %s', x.child_key, x.child_tenant, x.parent_tenant), '; ')
+          INTO listing FROM levqor._crossing_references(k.con) x;
+        IF listing IS NOT NULL THEN
+            RAISE EXCEPTION 'foreign key % of % already references rows of other tenants', k.conname, tbl
+                USING ERRCODE = '23503', DETAIL = 'Rows (key) of tenant -> tenant of the row they reference: ' || listing,
+                      HINT = format('Fix or delete those rows first; a superuser lists them all with SELECT * FROM levqor._crossing_references(%s, 1000000);', k.con);
+        END IF;
+        pcols := levqor._key_columns(k.parent, k.parent_column, k.confkey);
+        -- The referenced side needs a unique key on (tenant column, columns).
+        IF NOT EXISTS (
+            SELECT 1 FROM pg_index i
+             WHERE i.indrelid = k.parent AND i.indisunique AND i.indimmediate AND i.indpred IS NULL AND i.indexprs IS NULL
+               AND (SELECT array_agg(x ORDER BY x) FROM unnest(i.indkey::int2[]) x)
+                   = (SELECT array_agg(x ORDER BY x) FROM unnest(k.confkey || (SELECT a.attnum FROM pg_attribute a
+                                                                              WHERE a.attrelid = k.parent AND a.attname = k.parent_column)) x)) THEN
+            EXECUTE format('CREATE UNIQUE INDEX ON %s (%s)', k.parent, pcols);
+        END IF;
+        EXECUTE format('ALTER TABLE %s DROP CONSTRAINT %I, ADD CONSTRAINT %I FOREIGN KEY (%s) REFERENCES %s (%s)%s',
+                       tbl, k.conname, k.conname, levqor._key_columns(tbl, k.child_column, k.conkey),
+                       k.parent, pcols, levqor._key_actions(k.con));
+        PERFORM levqor._log_event(NULL, 'foreign_key_scoped',
+            jsonb_build_object('table', tbl::text, 'constraint', k.conname, 'references', k.parent::text));
+        n := n + 1;
+    END LOOP;
+    IF n = 0 THEN
+        RAISE NOTICE 'levqor: every foreign key of % between protected tables already carries the tenant column', tbl;
+    END IF;
+    RETURN n;
+END
+$fn$;
+
+-- Warn, when a table becomes protected, about its keys to and from other
+-- protected tables that leave the tenant column out (enable_tenancy).
+CREATE FUNCTION levqor._warn_unscoped_foreign_keys(tbl regclass) RETURNS void
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    k record;
+BEGIN
+    FOR k IN SELECT * FROM levqor._unscoped_foreign_keys(tbl) LOOP
+        RAISE WARNING 'levqor: foreign key % of % references % without the tenant column: one tenant can point at another''s rows and learn which ids exist',
+            k.conname, k.child, k.parent
+            USING HINT = levqor._scoped_key_sql(k.con);
+    END LOOP;
+END
+$fn$;
 
 -- 4. Functions new or changed in the files 0.3.0 had.
 CREATE FUNCTION levqor._check_reference() RETURNS trigger
@@ -65,6 +265,37 @@ BEGIN
     RETURN NULL;
 END
 $fn$;
+CREATE FUNCTION levqor._protect_partitions() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    cmd  record;
+    part record;
+BEGIN
+    FOR cmd IN SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
+                WHERE c.classid = 'pg_class'::regclass AND c.object_type = 'table' LOOP
+        -- The new or altered table if it is a partition, and the partitions
+        -- of a table that was altered (ATTACH PARTITION is an ALTER TABLE of
+        -- the parent).
+        FOR part IN
+            SELECT i.inhrelid::regclass AS child, pt.tenant_column, i.inhparent::regclass AS parent
+              FROM pg_inherits i
+              JOIN pg_class k ON k.oid = i.inhrelid AND k.relispartition
+              JOIN levqor.protected_tables pt ON pt.tbl = i.inhparent
+             WHERE (i.inhrelid = cmd.objid OR i.inhparent = cmd.objid)
+               AND NOT levqor._is_protected(i.inhrelid)
+               AND NOT levqor._being_disabled(i.inhrelid)
+        LOOP
+            -- Marked while levqor protects it, so that the DDL this runs
+            -- (itself seen by these triggers) does not start it again.
+            INSERT INTO levqor._disabling (tbl) VALUES (part.child);
+            PERFORM levqor.enable_tenancy(part.child, part.tenant_column);
+            DELETE FROM levqor._disabling d WHERE d.tbl = part.child::oid;
+            RAISE NOTICE 'levqor: partition % of % is protected like its parent', part.child, part.parent;
+        END LOOP;
+    END LOOP;
+END
+$fn$;
 CREATE FUNCTION levqor._restoring() RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT current_setting('row_security') = 'off'
@@ -81,6 +312,17 @@ BEGIN
     DELETE FROM levqor.tenant_sso s WHERE s.tenant_id = OLD.id;
     DELETE FROM levqor.quota_overrides o WHERE o.tenant_id = OLD.id;
     RETURN NULL;
+END
+$fn$;
+CREATE FUNCTION levqor.isolation_report(format text) RETURNS jsonb
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF format IS DISTINCT FROM 'json' THEN
+        RAISE EXCEPTION 'unknown report format %', coalesce(quote_literal(format), 'NULL') USING ERRCODE = '22023',
+            HINT = 'format => ''json'', or call levqor.isolation_report() for rows.';
+    END IF;
+    RETURN coalesce((SELECT jsonb_agg(to_jsonb(r) ORDER BY CASE r.severity WHEN 'high' THEN 0 WHEN 'medium' THEN 1 ELSE 2 END, r.kind, r.object)
+                       FROM levqor.isolation_report() r), '[]'::jsonb);
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor._check_thresholds(tenants uuid[], metrics text[], windows timestamptz[], used bigint[])
@@ -104,10 +346,8 @@ BEGIN
         ON CONFLICT DO NOTHING
         RETURNING quota_alerts.*
     LOOP
-        PERFORM pg_notify('levqor_quota', json_build_object(
-            'tenant_id', a.tenant_id, 'tenant', (SELECT t.slug FROM levqor.tenants t WHERE t.id = a.tenant_id),
-            'metric', a.metric, 'threshold', a.threshold, 'used', a.used, 'limit', a.quota,
-            'window_start', CASE WHEN a.window_start = '-infinity' THEN NULL ELSE a.window_start END)::text);
+        -- Only the alert's id: PostgreSQL has no permissions on channels.
+        PERFORM pg_notify('levqor_quota', a.id::text);
         PERFORM levqor._log_event(a.tenant_id, 'quota_threshold', jsonb_build_object(
             'metric', a.metric, 'threshold', a.threshold, 'used', a.used, 'limit', a.quota,
             'window_start', CASE WHEN a.window_start = '-infinity' THEN NULL ELSE a.window_start END));
@@ -444,10 +684,16 @@ BEGIN
         RAISE NOTICE 'levqor: % is not under tenancy; nothing to do', tbl;
         RETURN;
     END IF;
+    -- A partition is protected while its parent is: it can be read directly.
+    IF EXISTS (SELECT 1 FROM pg_inherits inh JOIN pg_class k ON k.oid = inh.inhrelid AND k.relispartition
+                WHERE inh.inhrelid = tbl AND levqor._is_protected(inh.inhparent) AND NOT levqor._being_disabled(inh.inhparent)) THEN
+        RAISE EXCEPTION '% is a partition of a protected table', tbl USING ERRCODE = '55000',
+            HINT = 'Disable tenancy on the partitioned table (it takes its partitions along), or detach the partition first.';
+    END IF;
+    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
     FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
         PERFORM levqor.disable_tenancy(child);
     END LOOP;
-    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
     FOR pol IN SELECT p.polname FROM pg_policy p
                 WHERE p.polrelid = tbl AND (p.polname LIKE 'levqor\_tenant\_%' OR p.polname IN ('levqor_base', 'levqor_base_shared')) LOOP
         EXECUTE format('DROP POLICY %I ON %s', pol, tbl);
@@ -608,6 +854,7 @@ BEGIN
     END LOOP;
 
     PERFORM levqor._register_protected(tbl, tenant_column);
+    PERFORM levqor._warn_unscoped_foreign_keys(tbl);
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor.isolation_report()
@@ -695,6 +942,133 @@ BEGIN
       JOIN pg_attribute a ON a.attrelid = t.tbl AND a.attname = t.tenant_column
       JOIN pg_index i ON i.indrelid = t.tbl AND i.indisunique AND NOT i.indisprimary
      WHERE NOT (a.attnum = ANY (i.indkey::int2[]));
+
+    -- 8. Partitions of protected tables without protection of their own: a
+    --    partition can be queried directly (levqor protects new ones; one
+    --    made with the guards bypassed is not).
+    RETURN QUERY
+    SELECT 'high', 'unprotected_partition', c.oid::regclass::text,
+           format('partition of protected table %s without policies of its own: read directly, it shows every tenant''s rows (levqor refuses it until it is protected)',
+                  (SELECT a.relid::regclass::text FROM pg_partition_ancestors(c.oid) a WHERE a.relid <> c.oid AND levqor._is_protected(a.relid) LIMIT 1)),
+           format('SELECT levqor.enable_tenancy(%L);', c.oid::regclass::text)
+      FROM pg_class c
+     WHERE c.relispartition AND c.relkind IN ('r', 'p') AND NOT levqor._is_protected(c.oid)
+       AND EXISTS (SELECT 1 FROM pg_partition_ancestors(c.oid) a WHERE a.relid <> c.oid AND levqor._is_protected(a.relid));
+
+    -- 9. Tables inheriting (not as partitions) from a protected table.
+    RETURN QUERY
+    SELECT 'high', 'inherits_protected', c.oid::regclass::text,
+           format('inherits from protected table %s but has no policies of its own: its rows are read directly without any filter', i.inhparent::regclass::text),
+           format('SELECT levqor.enable_tenancy(%L);', c.oid::regclass::text)
+      FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+     WHERE NOT c.relispartition AND levqor._is_protected(i.inhparent) AND NOT levqor._is_protected(c.oid);
+
+    -- 10. Foreign keys between protected tables without the tenant column.
+    RETURN QUERY
+    SELECT 'high', 'foreign_key_without_tenant', format('%s (%I)', k.child::text, k.conname),
+           format('references protected table %s without the tenant column: a tenant can point its rows at another tenant''s, and the key''s errors tell it which ids exist elsewhere', k.parent::text),
+           levqor._scoped_key_sql(k.con)
+      FROM levqor._unscoped_foreign_keys() k;
+
+    -- 11. Materialized views over protected tables (they cannot be
+    --     security_invoker: they hold what their owner saw when refreshed).
+    RETURN QUERY
+    SELECT DISTINCT ON (v.oid)
+           CASE WHEN (o.rolsuper OR o.rolbypassrls)
+                     AND (has_table_privilege('levqor_app', v.oid, 'SELECT') OR has_table_privilege('public', v.oid, 'SELECT'))
+                THEN 'high' ELSE 'medium' END,
+           'materialized_view_over_protected', v.oid::regclass::text,
+           format('materialized view over protected table %s, refreshed with the rights of %I%s', t.tbl::regclass::text, o.rolname,
+                  CASE WHEN o.rolsuper OR o.rolbypassrls THEN ', who bypasses row level security: it holds every tenant''s rows' ELSE '' END),
+           format('Drop it, or protect what reads it: a view WITH (security_invoker = true) instead, or REVOKE SELECT ON %s FROM levqor_app, PUBLIC;', v.oid::regclass::text)
+      FROM pg_class v
+      JOIN pg_roles o ON o.oid = v.relowner
+      JOIN pg_rewrite rw ON rw.ev_class = v.oid
+      JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = rw.oid AND d.refclassid = 'pg_class'::regclass
+      JOIN levqor._protected() t ON t.tbl = d.refobjid
+     WHERE v.relkind = 'm';
+
+    -- 12. Tables copied from protected tables with CREATE TABLE AS / SELECT INTO.
+    RETURN QUERY
+    SELECT CASE WHEN d.bypassed THEN 'high' ELSE 'medium' END, 'copy_of_protected', d.tbl::text,
+           format('made by %I from protected %s with CREATE TABLE AS: %s, outside any policy', d.created_by,
+                  array_to_string(d.sources::text[], ', '),
+                  CASE WHEN d.bypassed THEN 'every tenant''s rows' ELSE 'one tenant''s rows' END),
+           format('DROP TABLE %s; or protect it: SELECT levqor.enable_tenancy(%L);', d.tbl::text, d.tbl::text)
+      FROM levqor.derived_tables d
+     WHERE EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = d.tbl) AND NOT levqor._is_protected(d.tbl);
+
+    -- 13. SECURITY DEFINER functions in tenant-facing schemas without a
+    --     pinned search_path: a caller's objects can stand in for the ones
+    --     they mean, with the owner's rights.
+    RETURN QUERY
+    SELECT CASE WHEN o.rolsuper OR o.rolbypassrls THEN 'high' ELSE 'medium' END,
+           'security_definer_search_path', f.oid::regprocedure::text,
+           format('SECURITY DEFINER function owned by %I without SET search_path', o.rolname),
+           format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp;', f.oid::regprocedure::text)
+      FROM pg_proc f
+      JOIN pg_roles o ON o.oid = f.proowner
+     WHERE f.prosecdef
+       AND f.pronamespace IN (SELECT k.relnamespace FROM pg_class k JOIN levqor._protected() p ON p.tbl = k.oid)
+       AND NOT EXISTS (SELECT 1 FROM unnest(f.proconfig) x WHERE x LIKE 'search\_path=%');
+
+    -- 14. Protected tables, and their sequences, granted to PUBLIC.
+    RETURN QUERY
+    SELECT 'medium', 'granted_to_public', t.tbl::regclass::text,
+           'protected table granted to PUBLIC: every role, not just the application''s, may query it (rows are still filtered)',
+           format('REVOKE ALL ON %s FROM PUBLIC;', t.tbl::regclass::text)
+      FROM levqor._protected() t JOIN pg_class c ON c.oid = t.tbl
+     WHERE EXISTS (SELECT 1 FROM aclexplode(c.relacl) a WHERE a.grantee = 0);
+    RETURN QUERY
+    SELECT 'low', 'granted_to_public', s.oid::regclass::text,
+           format('sequence of protected table %s granted to PUBLIC: any role can learn how many rows all tenants together created', t.tbl::regclass::text),
+           format('REVOKE ALL ON SEQUENCE %s FROM PUBLIC;', s.oid::regclass::text)
+      FROM levqor._protected() t
+      JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = t.tbl AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i')
+      JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
+     WHERE EXISTS (SELECT 1 FROM aclexplode(s.relacl) a WHERE a.grantee = 0);
+
+    -- 15. A protected table owned by a role the application logs in as.
+    RETURN QUERY
+    SELECT 'medium', 'owned_by_application', t.tbl::regclass::text,
+           format('owned by %I, a login role with levqor_app: the application can change the table''s schema, indexes and triggers (levqor''s guards keep its protection)', o.rolname),
+           format('ALTER TABLE %s OWNER TO <a migration role>;', t.tbl::regclass::text)
+      FROM levqor._protected() t JOIN pg_class c ON c.oid = t.tbl JOIN pg_roles o ON o.oid = c.relowner
+     WHERE o.rolcanlogin AND NOT o.rolsuper AND pg_has_role(o.oid, 'levqor_app', 'MEMBER');
+
+    -- 16. Application roles that own levqor's own objects.
+    RETURN QUERY
+    SELECT DISTINCT 'high', 'application_owns_levqor', o.rolname::text,
+           'a member of levqor_app owns objects of the levqor schema: it could change levqor''s catalog or functions',
+           format('Give them back to the superuser that installed levqor: REASSIGN OWNED BY %I TO postgres; (then re-grant what %I needs)', o.rolname, o.rolname)
+      FROM (SELECT c.relowner AS owner FROM pg_class c WHERE c.relnamespace = 'levqor'::regnamespace
+            UNION SELECT f.proowner FROM pg_proc f WHERE f.pronamespace = 'levqor'::regnamespace) x
+      JOIN pg_roles o ON o.oid = x.owner
+     WHERE pg_has_role(o.oid, 'levqor_app', 'MEMBER') AND NOT o.rolsuper;
+
+    -- 17. Permissive policies others added to protected tables: levqor's
+    --     restrictive ones still bound what they admit, but they say something
+    --     other than what the table does.
+    RETURN QUERY
+    SELECT 'low', 'extra_permissive_policy', format('%s (%I)', pol.polrelid::regclass::text, pol.polname),
+           'a permissive policy beside levqor''s: it cannot widen what a tenant sees (levqor''s restrictive policies bound it), but it reads as if it did',
+           format('Write it AS RESTRICTIVE if it is meant to narrow, or DROP POLICY %I ON %s;', pol.polname, pol.polrelid::regclass::text)
+      FROM pg_policy pol JOIN levqor._protected() t ON t.tbl = pol.polrelid
+     WHERE pol.polpermissive AND pol.polname NOT IN ('levqor_base', 'levqor_base_shared');
+
+    -- 18. Audit entries nobody seals: without a worker for this database
+    --     (levqor.audit_database) or a scheduled seal_audit(), verify_audit
+    --     has nothing to verify and reports ok.
+    RETURN QUERY
+    SELECT 'high', 'audit_not_sealed', current_database()::text,
+           'audit entries older than ten minutes are not sealed into their chains: verify_audit cannot vouch for them',
+           format('Add %L to levqor.audit_database (shared_preload_libraries = ''levqor'', then restart), or run SELECT levqor.seal_audit(); on a schedule.', current_database())
+     WHERE EXISTS (SELECT 1 FROM levqor.audit_log a
+                    WHERE a.id > (SELECT st.through FROM levqor.audit_seal_state st) AND a.at < now() - interval '10 minutes'
+                      AND NOT EXISTS (SELECT 1 FROM levqor.audit_chain ch
+                                       WHERE ch.chain = coalesce(a.tenant_id, '00000000-0000-0000-0000-000000000000'::uuid)
+                                         AND ch.last_id >= a.id AND ch.ids[width_bucket(a.id, ch.ids)] = a.id)
+                    ORDER BY a.id LIMIT 1);
 
     -- 7. Roles that bypass row level security and that an application uses.
     RETURN QUERY
@@ -803,6 +1177,11 @@ CREATE TRIGGER levqor_reference_metric AFTER INSERT OR UPDATE OF metric ON levqo
 CREATE TRIGGER levqor_reference_metric AFTER INSERT OR UPDATE OF metric ON levqor.row_limits
     FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('metric', 'levqor.metrics', 'name', 'text');
 
+-- Partitions are protected the moment they exist (sql/tenancy.sql).
+CREATE EVENT TRIGGER levqor_protect_partitions ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION levqor._protect_partitions();
+
 -- 6. New catalog tables reach every backend's cache; privileges as in a fresh install.
 
 REVOKE ALL ON ALL TABLES IN SCHEMA levqor FROM PUBLIC;
@@ -828,7 +1207,10 @@ GRANT EXECUTE ON FUNCTION
     levqor.limit_rows(regclass, text, name), levqor._limit_rows(),
     levqor.enable_tenancy(regclass, name, name), levqor._register_scope(regclass, name), levqor._scope_of(regclass),
     levqor._scoped_select_qual(name, name), levqor._scoped_write_qual(name, name),
-    levqor._row_limit_column(regclass, text, name), levqor._register_row_limit(regclass, text, name)
+    levqor._row_limit_column(regclass, text, name), levqor._register_row_limit(regclass, text, name),
+    levqor.scope_foreign_keys(regclass), levqor._unscoped_foreign_keys(regclass), levqor._scoped_key_sql(oid),
+    levqor._key_columns(regclass, name, int2[]), levqor._key_actions(oid), levqor._crossing_references(oid, integer),
+    levqor._warn_unscoped_foreign_keys(regclass), levqor._caller()
 TO PUBLIC;
 
 -- Usage: the view and its live source show a tenant only its own numbers
@@ -863,6 +1245,7 @@ GRANT EXECUTE ON FUNCTION
     levqor.purge_tenant(text, boolean),
     levqor.rotate_keys(text, interval),
     levqor.isolation_report(),
+    levqor.isolation_report(text),
     levqor.exempt_from_report(regclass, text),
     levqor.disable_audit(regclass),
     levqor.seal_audit(integer),
@@ -913,7 +1296,8 @@ GRANT SELECT ON levqor.quota_overrides, levqor.row_limits, levqor.usage_counters
 -- admin, owner) and levqor_admin all of it; nobody is granted any write.
 GRANT SELECT ON levqor.audit_log, levqor.audit_chain, levqor.audit_trail TO PUBLIC;
 GRANT SELECT ON levqor.audit_heads, levqor.audit_seal_state TO levqor_admin;
-GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables, levqor.report_exemptions, levqor.migrations, levqor.adoptions TO levqor_admin;
+GRANT SELECT ON levqor.tenants, levqor.tenant_events, levqor.protected_tables, levqor.report_exemptions, levqor.migrations, levqor.adoptions,
+    levqor.derived_tables TO levqor_admin;
 -- Key metadata, never the hashes.
 GRANT SELECT (key_id, tenant_id, role, user_id, label, created_at, created_by, expires_at, revoked_at)
     ON levqor.tenant_keys TO levqor_admin;

@@ -149,7 +149,10 @@ CREATE TABLE levqor.ledger_cursors (
 );
 
 -- 80 % and 100 % crossings, once per tenant, metric, window and threshold.
+-- The NOTIFY on levqor_quota carries only an alert's id: any session of any
+-- role may LISTEN, and only levqor_admin reads this table.
 CREATE TABLE levqor.quota_alerts (
+    id           bigint GENERATED ALWAYS AS IDENTITY CONSTRAINT quota_alerts_id_key UNIQUE,
     tenant_id    uuid NOT NULL,
     metric       text NOT NULL,
     window_start timestamptz NOT NULL,
@@ -169,6 +172,7 @@ SELECT pg_catalog.pg_extension_config_dump('levqor.usage_counters', '');
 SELECT pg_catalog.pg_extension_config_dump('levqor.usage_ledger', '');
 SELECT pg_catalog.pg_extension_config_dump('levqor.ledger_cursors', '');
 SELECT pg_catalog.pg_extension_config_dump('levqor.quota_alerts', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.quota_alerts_id_seq', '');
 
 CREATE FUNCTION levqor._ledger_immutable() RETURNS trigger
 LANGUAGE plpgsql AS $fn$
@@ -391,7 +395,8 @@ $fn$;
 
 -- The 80 % and 100 % events: each crossing once per window (for metrics that
 -- never reset, again only after usage fell back below the threshold). Each is
--- a NOTIFY on levqor_quota and an entry in the audit log. Percentages are
+-- a NOTIFY on levqor_quota (payload: the levqor.quota_alerts id) and an entry
+-- in the tenant's audit log. Percentages are
 -- computed in numeric: a counter near 2^63 must not stop the flush.
 CREATE FUNCTION levqor._check_thresholds(tenants uuid[], metrics text[], windows timestamptz[], used bigint[])
 RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
@@ -414,10 +419,8 @@ BEGIN
         ON CONFLICT DO NOTHING
         RETURNING quota_alerts.*
     LOOP
-        PERFORM pg_notify('levqor_quota', json_build_object(
-            'tenant_id', a.tenant_id, 'tenant', (SELECT t.slug FROM levqor.tenants t WHERE t.id = a.tenant_id),
-            'metric', a.metric, 'threshold', a.threshold, 'used', a.used, 'limit', a.quota,
-            'window_start', CASE WHEN a.window_start = '-infinity' THEN NULL ELSE a.window_start END)::text);
+        -- Only the alert's id: PostgreSQL has no permissions on channels.
+        PERFORM pg_notify('levqor_quota', a.id::text);
         PERFORM levqor._log_event(a.tenant_id, 'quota_threshold', jsonb_build_object(
             'metric', a.metric, 'threshold', a.threshold, 'used', a.used, 'limit', a.quota,
             'window_start', CASE WHEN a.window_start = '-infinity' THEN NULL ELSE a.window_start END));

@@ -375,6 +375,7 @@ BEGIN
     END LOOP;
 
     PERFORM levqor._register_protected(tbl, tenant_column);
+    PERFORM levqor._warn_unscoped_foreign_keys(tbl);
 END
 $fn$;
 
@@ -405,10 +406,16 @@ BEGIN
         RAISE NOTICE 'levqor: % is not under tenancy; nothing to do', tbl;
         RETURN;
     END IF;
+    -- A partition is protected while its parent is: it can be read directly.
+    IF EXISTS (SELECT 1 FROM pg_inherits inh JOIN pg_class k ON k.oid = inh.inhrelid AND k.relispartition
+                WHERE inh.inhrelid = tbl AND levqor._is_protected(inh.inhparent) AND NOT levqor._being_disabled(inh.inhparent)) THEN
+        RAISE EXCEPTION '% is a partition of a protected table', tbl USING ERRCODE = '55000',
+            HINT = 'Disable tenancy on the partitioned table (it takes its partitions along), or detach the partition first.';
+    END IF;
+    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
     FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
         PERFORM levqor.disable_tenancy(child);
     END LOOP;
-    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
     FOR pol IN SELECT p.polname FROM pg_policy p
                 WHERE p.polrelid = tbl AND (p.polname LIKE 'levqor\_tenant\_%' OR p.polname IN ('levqor_base', 'levqor_base_shared')) LOOP
         EXECUTE format('DROP POLICY %I ON %s', pol, tbl);
@@ -517,6 +524,50 @@ BEGIN
      WHERE NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = rl.tbl);
 END
 $fn$;
+
+-- Partitions, whenever and however they come to exist: a partition can be
+-- queried directly, so each one is protected like its parent the moment it
+-- is created (CREATE TABLE … PARTITION OF, as pg_partman or a cron job
+-- does) or attached (ALTER TABLE … ATTACH PARTITION), sub-partitions
+-- included. A partition of a scoped table gets its parent's tenant column
+-- without the sharing rules: read directly it shows only the context's own
+-- rows; read through its parent, the parent's (scoped) policies apply.
+-- Detached, a partition keeps its policies: it stays protected.
+CREATE FUNCTION levqor._protect_partitions() RETURNS event_trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    cmd  record;
+    part record;
+BEGIN
+    FOR cmd IN SELECT DISTINCT c.objid FROM pg_event_trigger_ddl_commands() c
+                WHERE c.classid = 'pg_class'::regclass AND c.object_type = 'table' LOOP
+        -- The new or altered table if it is a partition, and the partitions
+        -- of a table that was altered (ATTACH PARTITION is an ALTER TABLE of
+        -- the parent).
+        FOR part IN
+            SELECT i.inhrelid::regclass AS child, pt.tenant_column, i.inhparent::regclass AS parent
+              FROM pg_inherits i
+              JOIN pg_class k ON k.oid = i.inhrelid AND k.relispartition
+              JOIN levqor.protected_tables pt ON pt.tbl = i.inhparent
+             WHERE (i.inhrelid = cmd.objid OR i.inhparent = cmd.objid)
+               AND NOT levqor._is_protected(i.inhrelid)
+               AND NOT levqor._being_disabled(i.inhrelid)
+        LOOP
+            -- Marked while levqor protects it, so that the DDL this runs
+            -- (itself seen by these triggers) does not start it again.
+            INSERT INTO levqor._disabling (tbl) VALUES (part.child);
+            PERFORM levqor.enable_tenancy(part.child, part.tenant_column);
+            DELETE FROM levqor._disabling d WHERE d.tbl = part.child::oid;
+            RAISE NOTICE 'levqor: partition % of % is protected like its parent', part.child, part.parent;
+        END LOOP;
+    END LOOP;
+END
+$fn$;
+
+CREATE EVENT TRIGGER levqor_protect_partitions ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION levqor._protect_partitions();
 
 CREATE EVENT TRIGGER levqor_guard_ddl ON ddl_command_end
     WHEN TAG IN ('ALTER TABLE', 'CREATE POLICY', 'ALTER POLICY', 'ALTER TRIGGER')

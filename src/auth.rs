@@ -173,6 +173,7 @@ fn parse_role(role: Option<&str>) -> Option<MemberRole> {
 /// transaction (or, with `session => true`, the session). Returns the tenant id.
 #[pg_extern(volatile, parallel_unsafe)]
 fn authenticate(api_key: Option<&str>, session: default!(bool, false)) -> pgrx::Uuid {
+    crate::redact::statement(0);
     let api_key = api_key.unwrap_or("");
     let Some(key_id) = keys::key_id(api_key) else { errors::invalid_api_key() };
     let Some(row) = lookup_key(key_id) else { errors::invalid_api_key() };
@@ -226,6 +227,7 @@ fn set_tenant(
 /// Act for the tenant named in a signed token (see `levqor.token_secret`).
 #[pg_extern(volatile, parallel_unsafe)]
 fn set_tenant_token(token: Option<&str>, session: default!(bool, false)) -> pgrx::Uuid {
+    crate::redact::statement(0);
     let Some(secret) = token::secret() else {
         errors::raise(
             PgSqlErrorCode::ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE,

@@ -200,6 +200,9 @@ unsafe extern "C-unwind" fn assign_context(newval: *const c_char, _extra: *mut c
 
 /// Set (or with `None`, clear) the context for the transaction or the session.
 pub fn apply(ctx: Option<&Context>, session: bool) {
+    if ctx.is_some() {
+        crate::pooling::check_scope(session);
+    }
     let value = CString::new(ctx.map(Context::encode).unwrap_or_default()).expect("no NUL");
     struct Writing;
     impl Drop for Writing {
@@ -212,6 +215,9 @@ pub fn apply(ctx: Option<&Context>, session: bool) {
     // With superuser authority: levqor may set this superuser-only parameter;
     // an ordinary role never can.
     guc::set(GUC_NAME, Some(&value), guc::Scope::of_session(session), true);
+    if session {
+        crate::pooling::note_session_context(ctx.is_some());
+    }
     if ctx.is_some() && !session && unsafe { !pg_sys::IsTransactionBlock() } && !NOTICED.with(|n| n.replace(true)) {
         // Once per session: a hint for people at psql, not noise in loops.
         ereport!(

@@ -151,14 +151,111 @@ unsafe extern "C-unwind" fn process_utility(
     if !stmt.is_null() && (*stmt).type_ == pg_sys::NodeTag::T_CopyStmt {
         let copy = &*(stmt as *mut pg_sys::CopyStmt);
         if !copy.relation.is_null() && copy.query.is_null() {
-            let relid = pg_sys::RangeVarGetRelidExtended(copy.relation, pg_sys::NoLock as i32, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut());
+            let relid = relid_of(copy.relation);
             if relid != pg_sys::InvalidOid && relid.to_u32() >= pg_sys::FirstNormalObjectId {
                 refuse(relid, pg_sys::GetUserId());
             }
         }
     }
+    crate::pooling::check_utility(stmt);
+    // CREATE TABLE AS / SELECT INTO: which relations the query reads, learnt
+    // before it runs (the statement may be executed from a cached plan).
+    let copied = if !stmt.is_null() && (*stmt).type_ == pg_sys::NodeTag::T_CreateTableAsStmt {
+        let ctas = &*(stmt as *mut pg_sys::CreateTableAsStmt);
+        if ctas.objtype == pg_sys::ObjectType::OBJECT_TABLE && !ctas.into.is_null() {
+            let mut sources: Vec<pg_sys::Oid> = Vec::new();
+            read_relations(ctas.query, &mut sources as *mut Vec<pg_sys::Oid> as *mut std::ffi::c_void);
+            sources.retain(|r| r.to_u32() >= pg_sys::FirstNormalObjectId);
+            (!sources.is_empty()).then_some(((*ctas.into).rel, sources))
+        } else {
+            None
+        }
+    } else {
+        None
+    };
     match PREV_PROCESS_UTILITY {
         Some(prev) => prev(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
         None => pg_sys::standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc),
+    }
+    if let Some((rel, sources)) = copied {
+        record_copy(rel, sources);
+    }
+}
+
+unsafe fn relid_of(rv: *mut pg_sys::RangeVar) -> pg_sys::Oid {
+    pg_sys::RangeVarGetRelidExtended(rv, pg_sys::NoLock as i32, pg_sys::RVROption::RVR_MISSING_OK, None, std::ptr::null_mut())
+}
+
+/// Collects the relations a query tree reads: range table entries, in
+/// subqueries, CTEs and sublinks too.
+unsafe extern "C-unwind" fn read_relations(node: *mut pg_sys::Node, out: *mut std::ffi::c_void) -> bool {
+    if node.is_null() {
+        return false;
+    }
+    match (*node).type_ {
+        pg_sys::NodeTag::T_RangeTblEntry => {
+            let rte = &*(node as *mut pg_sys::RangeTblEntry);
+            if rte.rtekind == pg_sys::RTEKind::RTE_RELATION {
+                (*(out as *mut Vec<pg_sys::Oid>)).push(rte.relid);
+            }
+            false
+        }
+        pg_sys::NodeTag::T_Query => pg_sys::query_tree_walker(
+            node as *mut pg_sys::Query,
+            Some(read_relations),
+            out,
+            pg_sys::QTW_EXAMINE_RTES_BEFORE as i32,
+        ),
+        _ => pg_sys::expression_tree_walker(node, Some(read_relations), out),
+    }
+}
+
+/// A table made from protected tables holds tenant rows outside any policy:
+/// recorded for `isolation_report()` (copy_of_protected) and warned about.
+fn record_copy(rel: *mut pg_sys::RangeVar, sources: Vec<pg_sys::Oid>) {
+    let relid = unsafe { relid_of(rel) };
+    if relid == pg_sys::InvalidOid {
+        return;
+    }
+    let user = unsafe { pg_sys::GetUserId() };
+    let bypassed = unsafe { pg_sys::superuser_arg(user) || pg_sys::has_bypassrls_privilege(user) };
+    let creator = unsafe { std::ffi::CStr::from_ptr(pg_sys::GetUserNameFromId(user, false)) }.to_string_lossy().into_owned();
+    let copied = as_catalog_owner(|| {
+        Spi::connect_mut(|client| {
+            let installed = client
+                .select("SELECT to_regclass('levqor.derived_tables') IS NOT NULL", Some(1), &[])
+                .ok()
+                .and_then(|t| t.first().get::<bool>(1).ok().flatten())
+                .unwrap_or(false);
+            if !installed {
+                return None;
+            }
+            client
+                .update(
+                    "INSERT INTO levqor.derived_tables AS d (tbl, sources, bypassed, created_by)
+                     SELECT $1::oid::regclass, array_agg(DISTINCT s::regclass), $3, $4
+                       FROM unnest($2::oid[]) s WHERE levqor._is_protected(s)
+                     HAVING count(*) > 0
+                     ON CONFLICT (tbl) DO UPDATE SET sources = EXCLUDED.sources, bypassed = EXCLUDED.bypassed,
+                                                     created_by = EXCLUDED.created_by, created_at = now()
+                     RETURNING array_to_string(d.sources::text[], ', ')",
+                    None,
+                    &[relid.into(), sources.into(), bypassed.into(), creator.as_str().into()],
+                )
+                .ok()
+                .and_then(|t| t.first().get::<String>(1).ok().flatten())
+        })
+    });
+    if let Some(from) = copied {
+        let name = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_rel_name(relid)) }.to_string_lossy().into_owned();
+        ereport!(
+            WARNING,
+            PgSqlErrorCode::ERRCODE_WARNING,
+            format!(
+                "levqor: table {name} copies rows of protected {from}{}, outside any policy",
+                if bypassed { " (every tenant's: you bypass row level security)" } else { "" }
+            ),
+            "Protect it with levqor.enable_tenancy(), or drop it once done; levqor.isolation_report() lists it."
+        );
     }
 }

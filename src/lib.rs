@@ -12,6 +12,9 @@
 //!   (`audit_direct`, `row_json`: a one-row statement's entry, without SPI;
 //!   `seal`: a sealing batch);
 //! * `counters`, `quota` — plan quotas counted in shared memory;
+//! * `pooling`   — `levqor.transaction_pooling`: nothing of a tenant's
+//!   outlives its transaction on a shared connection;
+//! * `redact`    — keys and tokens out of pg_stat_activity and error reports;
 //! * `errors`    — every refusal, with a stable SQLSTATE.
 //!
 //! SQL that reads better as SQL lives in `sql/`: the catalog, tenant creation,
@@ -33,8 +36,10 @@ mod guc;
 mod keys;
 mod lifecycle;
 mod policy;
+mod pooling;
 mod privilege;
 mod quota;
+mod redact;
 mod row_json;
 mod seal;
 mod sealer;
@@ -46,7 +51,8 @@ extension_sql_file!("../sql/tenants.sql", name = "tenants", requires = ["catalog
 extension_sql_file!("../sql/tenancy.sql", name = "tenancy", requires = ["tenants"]);
 extension_sql_file!("../sql/lifecycle.sql", name = "lifecycle", requires = ["tenancy"]);
 extension_sql_file!("../sql/report.sql", name = "report", requires = ["lifecycle"]);
-extension_sql_file!("../sql/schemas.sql", name = "schemas", requires = ["report"]);
+extension_sql_file!("../sql/foreign_keys.sql", name = "foreign_keys", requires = ["report", _caller]);
+extension_sql_file!("../sql/schemas.sql", name = "schemas", requires = ["foreign_keys"]);
 extension_sql_file!("../sql/adopt.sql", name = "adopt", requires = ["schemas"]);
 extension_sql_file!("../sql/audit.sql", name = "audit", requires = ["adopt", current_user_id, current_member_role, _audit_id, _seal_batch, _flush_wal]);
 extension_sql_file!("../sql/export.sql", name = "export", requires = ["audit"]);
@@ -68,6 +74,8 @@ pub extern "C-unwind" fn _PG_init() {
     cache::init();
     lifecycle::init();
     exposure::init();
+    pooling::init();
+    redact::init();
     counters::init();
     sealer::init();
     // Any other levqor.* name is a typo or an attempt at one; refuse it, and

@@ -36,6 +36,8 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
         recheck_context();
     }
     if pg_sys::ParallelWorkerNumber < 0 {
+        crate::redact::executing(query);
+        crate::pooling::recheck();
         crate::exposure::check_query(query);
     }
     match PREV_EXECUTOR_START {

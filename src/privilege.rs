@@ -93,6 +93,13 @@ fn _caller_has(role: &str) -> bool {
     role_has(unsafe { pg_sys::GetOuterUserId() }, role)
 }
 
+/// The role that called into levqor (see `_caller_has`), for definer
+/// functions that check what the caller owns.
+#[pgrx::pg_extern(stable, parallel_safe)]
+fn _caller() -> pg_sys::Oid {
+    unsafe { pg_sys::GetOuterUserId() }
+}
+
 /// `_caller_has('levqor_admin')`.
 #[pgrx::pg_extern(stable, parallel_safe)]
 fn _caller_is_admin() -> bool {

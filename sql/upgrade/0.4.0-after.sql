@@ -68,3 +68,8 @@ CREATE TRIGGER levqor_reference_metric AFTER INSERT OR UPDATE OF metric ON levqo
     FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('metric', 'levqor.metrics', 'name', 'text');
 CREATE TRIGGER levqor_reference_metric AFTER INSERT OR UPDATE OF metric ON levqor.row_limits
     FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('metric', 'levqor.metrics', 'name', 'text');
+
+-- Partitions are protected the moment they exist (sql/tenancy.sql).
+CREATE EVENT TRIGGER levqor_protect_partitions ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
+    EXECUTE FUNCTION levqor._protect_partitions();
