@@ -347,6 +347,36 @@ BEGIN
 END
 $fn$;
 
+-- Whether one of levqor's workers seals this database's audit log (it is
+-- listed in levqor.audit_database, and levqor is preloaded). Without one,
+-- entries stay unsealed until someone runs seal_audit(), and verify_audit
+-- has nothing to check: it answers ok with checked = 0.
+CREATE FUNCTION levqor._sealing_worker_here() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT levqor.preloaded()
+           AND current_database() = ANY (regexp_split_to_array(btrim(coalesce(current_setting('levqor.audit_database', true), '')), '\s*,\s*'))
+$fn$;
+
+-- A NOTICE from enable_audit; a WARNING from CREATE EXTENSION, which shows
+-- its scripts' messages only from WARNING up.
+CREATE FUNCTION levqor._notice_unsealed(as_warning boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    msg    text := format('levqor: no worker seals the audit log of database %s', current_database());
+    detail text := 'Entries stay unsealed, and verify_audit() has nothing to verify, until levqor.seal_audit() runs.';
+    hint   text := format('Add %L to levqor.audit_database (with shared_preload_libraries = ''levqor'') and restart, or schedule SELECT levqor.seal_audit();',
+                          current_database());
+BEGIN
+    IF levqor._sealing_worker_here() THEN
+        RETURN;
+    ELSIF as_warning THEN
+        RAISE WARNING '%', msg USING DETAIL = detail, HINT = hint;
+    ELSE
+        RAISE NOTICE '%', msg USING DETAIL = detail, HINT = hint;
+    END IF;
+END
+$fn$;
+
 -- Statement-level triggers over transition tables (one set-based insert per
 -- statement); updates are paired by primary key, so a table without one has
 -- its updates audited row by row. TRUNCATE is recorded as one entry.
@@ -374,6 +404,7 @@ BEGIN
     EXECUTE format('CREATE TRIGGER levqor_audit_truncate AFTER TRUNCATE ON %s
                     FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
     PERFORM levqor._log_event(levqor.current_tenant(), 'audit_enabled', jsonb_build_object('table', tbl::text));
+    PERFORM levqor._notice_unsealed();
 END
 $fn$;
 

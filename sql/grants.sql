@@ -17,6 +17,10 @@ CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCA
     FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
 CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.policies
     FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
+-- ... and so do membership changes: the member role a context acts with
+-- comes from levqor.members (src/members.rs).
+CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.members
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
 
 REVOKE ALL ON ALL TABLES IN SCHEMA levqor FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA levqor FROM PUBLIC;
@@ -37,7 +41,7 @@ TO PUBLIC;
 GRANT EXECUTE ON FUNCTION
     levqor.enable_tenancy(regclass, name), levqor._register_protected(regclass, name),
     levqor._tenant_qual(name), levqor._refuse_truncate(), levqor._write_guard(),
-    levqor.enable_audit(regclass), levqor._audit_row(),
+    levqor.enable_audit(regclass), levqor._audit_row(), levqor._notice_unsealed(boolean), levqor._sealing_worker_here(),
     levqor.limit_rows(regclass, text, name), levqor._limit_rows(),
     levqor.enable_tenancy(regclass, name, name), levqor._register_scope(regclass, name), levqor._scope_of(regclass),
     levqor._scoped_select_qual(name, name), levqor._scoped_write_qual(name, name),
@@ -139,12 +143,14 @@ GRANT SELECT (key_id, tenant_id, role, user_id, label, created_at, created_by, e
 DO $preload$
 BEGIN
     IF NOT levqor.preloaded() THEN
-        RAISE NOTICE 'levqor is not in shared_preload_libraries'
+        -- A WARNING: CREATE EXTENSION shows its scripts' messages only from WARNING up.
+        RAISE WARNING 'levqor is not in shared_preload_libraries'
             USING DETAIL = 'Tenant context, keys, tokens and table protection work without it. '
                            'Recommended anyway: with it no session can ever hold a levqor.* placeholder. '
                            'Quotas (consume, limit_rows) need it, as does the worker that seals the audit log.',
                   HINT = 'ALTER SYSTEM SET shared_preload_libraries = ''levqor''; then restart PostgreSQL.';
     END IF;
+    PERFORM levqor._notice_unsealed(as_warning => true);
 END
 $preload$;
 
@@ -156,3 +162,70 @@ ALTER FUNCTION levqor.current_user_id() LEAKPROOF;
 ALTER FUNCTION levqor.current_member_role() LEAKPROOF;
 ALTER FUNCTION levqor._tenant_orgs() LEAKPROOF;
 ALTER FUNCTION levqor._context_is_platform() LEAKPROOF;
+
+-- Every public function that takes a tenant (`tenant text`: its uuid or its
+-- slug) also takes a uuid value without a cast, so that
+-- `SELECT * FROM levqor.tenants t, levqor.verify_audit(t.id)` works. The
+-- uuid overloads are written here from the catalog, for every such function
+-- there is (tests/e2e/tests/context.rs checks that none is missing): each
+-- calls the text version by name, with the privileges of its caller, and is
+-- granted to whoever may call that version. Its tenant argument has no
+-- default (nor do those before it), so a call that leaves the tenant out, or
+-- passes a quoted literal, still means the text version.
+DO $uuid_overloads$
+DECLARE
+    f       record;
+    args    text;
+    pass    text;
+    g       record;
+    sig     text;
+    ident   text;
+    seen    boolean;
+BEGIN
+    FOR f IN
+        SELECT p.oid, p.proname, p.provolatile, p.proparallel, p.proretset, p.proargnames, p.proargmodes,
+               coalesce(p.proallargtypes, p.proargtypes::oid[]) AS types, p.pronargs,
+               pg_get_function_result(p.oid) AS result, p.prorettype
+          FROM pg_proc p
+         WHERE p.pronamespace = 'levqor'::regnamespace AND p.prokind = 'f' AND p.proname !~ '^_'
+           AND p.proargtypes::oid[] @> ARRAY['text'::regtype::oid]
+         ORDER BY p.proname, p.oid
+    LOOP
+        -- The tenant argument's position among the input arguments.
+        CONTINUE WHEN NOT EXISTS (
+            SELECT 1 FROM unnest(f.proargnames, f.types, coalesce(f.proargmodes, array_fill('i'::"char", ARRAY[cardinality(f.types)])))
+                          AS a(n, t, m)
+             WHERE a.n = 'tenant' AND a.t = 'text'::regtype AND a.m IN ('i', 'b'));
+        args := ''; pass := ''; seen := false;
+        SELECT string_agg(format('%I %s%s', a.n, CASE WHEN a.n = 'tenant' THEN 'uuid' ELSE format_type(a.t, NULL) END,
+                                 CASE WHEN a.o > (SELECT x.o FROM unnest(f.proargnames) WITH ORDINALITY AS x(n, o) WHERE x.n = 'tenant')
+                                           AND pg_get_function_arg_default(f.oid, a.o::int) IS NOT NULL
+                                      THEN ' DEFAULT ' || pg_get_function_arg_default(f.oid, a.o::int) ELSE '' END),
+                          ', ' ORDER BY a.o),
+               string_agg(format('%I => %s', a.n, CASE WHEN a.n = 'tenant' THEN 'tenant::pg_catalog.text' ELSE quote_ident(a.n) END),
+                          ', ' ORDER BY a.o)
+          INTO args, pass
+          FROM (SELECT x.n, x.t, x.m, x.o, row_number() OVER (ORDER BY x.o) AS i
+                  FROM unnest(f.proargnames, f.types, coalesce(f.proargmodes, array_fill('i'::"char", ARRAY[cardinality(f.types)])))
+                       WITH ORDINALITY AS x(n, t, m, o)
+                 WHERE x.m IN ('i', 'b')) a;
+        sig := format('levqor.%I(%s)', f.proname, args);
+        ident := format('levqor.%I(%s)', f.proname,
+            (SELECT string_agg(CASE WHEN a.n = 'tenant' THEN 'uuid' ELSE format_type(a.t, NULL) END, ', ' ORDER BY a.o)
+               FROM unnest(f.proargnames, f.types, coalesce(f.proargmodes, array_fill('i'::"char", ARRAY[cardinality(f.types)])))
+                    WITH ORDINALITY AS a(n, t, m, o) WHERE a.m IN ('i', 'b')));
+        CONTINUE WHEN to_regprocedure(ident) IS NOT NULL;
+        EXECUTE format('CREATE FUNCTION %s RETURNS %s LANGUAGE sql %s PARALLEL %s AS %L', sig, f.result,
+                       CASE f.provolatile WHEN 'i' THEN 'IMMUTABLE' WHEN 's' THEN 'STABLE' ELSE 'VOLATILE' END,
+                       CASE f.proparallel WHEN 's' THEN 'SAFE' WHEN 'r' THEN 'RESTRICTED' ELSE 'UNSAFE' END,
+                       CASE WHEN f.proretset OR f.result LIKE 'TABLE(%' THEN format('SELECT * FROM levqor.%I(%s)', f.proname, pass)
+                            ELSE format('SELECT levqor.%I(%s)', f.proname, pass) END);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', ident);
+        FOR g IN SELECT a.grantee FROM pg_proc p, aclexplode(p.proacl) a
+                  WHERE p.oid = f.oid AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner LOOP
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', ident,
+                           CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(g.grantee::regrole::text) END);
+        END LOOP;
+    END LOOP;
+END
+$uuid_overloads$;

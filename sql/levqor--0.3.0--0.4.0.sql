@@ -251,6 +251,23 @@ BEGIN
     RETURN NULL;
 END
 $fn$;
+CREATE FUNCTION levqor._notice_unsealed(as_warning boolean DEFAULT false) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    msg    text := format('levqor: no worker seals the audit log of database %s', current_database());
+    detail text := 'Entries stay unsealed, and verify_audit() has nothing to verify, until levqor.seal_audit() runs.';
+    hint   text := format('Add %L to levqor.audit_database (with shared_preload_libraries = ''levqor'') and restart, or schedule SELECT levqor.seal_audit();',
+                          current_database());
+BEGIN
+    IF levqor._sealing_worker_here() THEN
+        RETURN;
+    ELSIF as_warning THEN
+        RAISE WARNING '%', msg USING DETAIL = detail, HINT = hint;
+    ELSE
+        RAISE NOTICE '%', msg USING DETAIL = detail, HINT = hint;
+    END IF;
+END
+$fn$;
 CREATE FUNCTION levqor._plan_changed() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
@@ -300,6 +317,11 @@ CREATE FUNCTION levqor._restoring() RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT current_setting('row_security') = 'off'
            AND coalesce((SELECT r.rolsuper FROM pg_roles r WHERE r.rolname = session_user), false)
+$fn$;
+CREATE FUNCTION levqor._sealing_worker_here() RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT levqor.preloaded()
+           AND current_database() = ANY (regexp_split_to_array(btrim(coalesce(current_setting('levqor.audit_database', true), '')), '\s*,\s*'))
 $fn$;
 CREATE FUNCTION levqor._tenant_deleted() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
@@ -709,6 +731,33 @@ BEGIN
     PERFORM levqor._log_event(NULL, 'tenancy_disabled', jsonb_build_object('table', tbl::text));
 END
 $fn$;
+CREATE OR REPLACE FUNCTION levqor.enable_audit(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = tbl AND c.relkind IN ('r', 'p')) THEN
+        RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '42809';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_audit_insert') THEN
+        RETURN;
+    END IF;
+    EXECUTE format('CREATE TRIGGER levqor_audit_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS levqor_new
+                    FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+    EXECUTE format('CREATE TRIGGER levqor_audit_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS levqor_old
+                    FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+    IF EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = tbl AND i.indisprimary) THEN
+        EXECUTE format('CREATE TRIGGER levqor_audit_update AFTER UPDATE ON %s
+                        REFERENCING OLD TABLE AS levqor_old NEW TABLE AS levqor_new
+                        FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+    ELSE
+        EXECUTE format('CREATE TRIGGER levqor_audit_update AFTER UPDATE ON %s
+                        FOR EACH ROW EXECUTE FUNCTION levqor._audit_row()', tbl);
+    END IF;
+    EXECUTE format('CREATE TRIGGER levqor_audit_truncate AFTER TRUNCATE ON %s
+                    FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
+    PERFORM levqor._log_event(levqor.current_tenant(), 'audit_enabled', jsonb_build_object('table', tbl::text));
+    PERFORM levqor._notice_unsealed();
+END
+$fn$;
 CREATE OR REPLACE FUNCTION levqor.enable_tenancy(tbl regclass, tenant_column name DEFAULT 'tenant_id')
 RETURNS void
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
@@ -1083,6 +1132,25 @@ BEGIN
             OR (r.rolbypassrls AND NOT r.rolsuper));
 END
 $fn$;
+CREATE OR REPLACE FUNCTION levqor.remove_member(tenant text, user_id uuid) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    t   levqor.tenants := levqor._tenant_for_update(tenant);
+    was text;
+    k   record;
+BEGIN
+    was := levqor._leaving_role(t, user_id);
+    DELETE FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
+    PERFORM levqor._log_event(t.id, 'member_removed', jsonb_build_object('user_id', user_id, 'role', was));
+    FOR k IN UPDATE levqor.tenant_keys x SET revoked_at = now()
+              WHERE x.tenant_id = t.id AND x.user_id = user_id AND x.revoked_at IS NULL
+             RETURNING x.key_id LOOP
+        PERFORM levqor._log_event(t.id, 'key_revoked',
+            jsonb_build_object('key_id', k.key_id, 'user_id', user_id, 'reason', 'member_removed'));
+    END LOOP;
+END
+$fn$;
 CREATE OR REPLACE FUNCTION levqor.tenant_storage_bytes(tenant text) RETURNS bigint
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -1183,7 +1251,8 @@ CREATE EVENT TRIGGER levqor_protect_partitions ON ddl_command_end
     EXECUTE FUNCTION levqor._protect_partitions();
 
 -- 6. New catalog tables reach every backend's cache; privileges as in a fresh install.
-
+CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.members
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
 REVOKE ALL ON ALL TABLES IN SCHEMA levqor FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA levqor FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA levqor FROM PUBLIC;
@@ -1203,7 +1272,7 @@ TO PUBLIC;
 GRANT EXECUTE ON FUNCTION
     levqor.enable_tenancy(regclass, name), levqor._register_protected(regclass, name),
     levqor._tenant_qual(name), levqor._refuse_truncate(), levqor._write_guard(),
-    levqor.enable_audit(regclass), levqor._audit_row(),
+    levqor.enable_audit(regclass), levqor._audit_row(), levqor._notice_unsealed(boolean), levqor._sealing_worker_here(),
     levqor.limit_rows(regclass, text, name), levqor._limit_rows(),
     levqor.enable_tenancy(regclass, name, name), levqor._register_scope(regclass, name), levqor._scope_of(regclass),
     levqor._scoped_select_qual(name, name), levqor._scoped_write_qual(name, name),
@@ -1310,3 +1379,70 @@ ALTER FUNCTION levqor.current_user_id() LEAKPROOF;
 ALTER FUNCTION levqor.current_member_role() LEAKPROOF;
 ALTER FUNCTION levqor._tenant_orgs() LEAKPROOF;
 ALTER FUNCTION levqor._context_is_platform() LEAKPROOF;
+
+-- Every public function that takes a tenant (`tenant text`: its uuid or its
+-- slug) also takes a uuid value without a cast, so that
+-- `SELECT * FROM levqor.tenants t, levqor.verify_audit(t.id)` works. The
+-- uuid overloads are written here from the catalog, for every such function
+-- there is (tests/e2e/tests/context.rs checks that none is missing): each
+-- calls the text version by name, with the privileges of its caller, and is
+-- granted to whoever may call that version. Its tenant argument has no
+-- default (nor do those before it), so a call that leaves the tenant out, or
+-- passes a quoted literal, still means the text version.
+DO $uuid_overloads$
+DECLARE
+    f       record;
+    args    text;
+    pass    text;
+    g       record;
+    sig     text;
+    ident   text;
+    seen    boolean;
+BEGIN
+    FOR f IN
+        SELECT p.oid, p.proname, p.provolatile, p.proparallel, p.proretset, p.proargnames, p.proargmodes,
+               coalesce(p.proallargtypes, p.proargtypes::oid[]) AS types, p.pronargs,
+               pg_get_function_result(p.oid) AS result, p.prorettype
+          FROM pg_proc p
+         WHERE p.pronamespace = 'levqor'::regnamespace AND p.prokind = 'f' AND p.proname !~ '^_'
+           AND p.proargtypes::oid[] @> ARRAY['text'::regtype::oid]
+         ORDER BY p.proname, p.oid
+    LOOP
+        -- The tenant argument's position among the input arguments.
+        CONTINUE WHEN NOT EXISTS (
+            SELECT 1 FROM unnest(f.proargnames, f.types, coalesce(f.proargmodes, array_fill('i'::"char", ARRAY[cardinality(f.types)])))
+                          AS a(n, t, m)
+             WHERE a.n = 'tenant' AND a.t = 'text'::regtype AND a.m IN ('i', 'b'));
+        args := ''; pass := ''; seen := false;
+        SELECT string_agg(format('%I %s%s', a.n, CASE WHEN a.n = 'tenant' THEN 'uuid' ELSE format_type(a.t, NULL) END,
+                                 CASE WHEN a.o > (SELECT x.o FROM unnest(f.proargnames) WITH ORDINALITY AS x(n, o) WHERE x.n = 'tenant')
+                                           AND pg_get_function_arg_default(f.oid, a.o::int) IS NOT NULL
+                                      THEN ' DEFAULT ' || pg_get_function_arg_default(f.oid, a.o::int) ELSE '' END),
+                          ', ' ORDER BY a.o),
+               string_agg(format('%I => %s', a.n, CASE WHEN a.n = 'tenant' THEN 'tenant::pg_catalog.text' ELSE quote_ident(a.n) END),
+                          ', ' ORDER BY a.o)
+          INTO args, pass
+          FROM (SELECT x.n, x.t, x.m, x.o, row_number() OVER (ORDER BY x.o) AS i
+                  FROM unnest(f.proargnames, f.types, coalesce(f.proargmodes, array_fill('i'::"char", ARRAY[cardinality(f.types)])))
+                       WITH ORDINALITY AS x(n, t, m, o)
+                 WHERE x.m IN ('i', 'b')) a;
+        sig := format('levqor.%I(%s)', f.proname, args);
+        ident := format('levqor.%I(%s)', f.proname,
+            (SELECT string_agg(CASE WHEN a.n = 'tenant' THEN 'uuid' ELSE format_type(a.t, NULL) END, ', ' ORDER BY a.o)
+               FROM unnest(f.proargnames, f.types, coalesce(f.proargmodes, array_fill('i'::"char", ARRAY[cardinality(f.types)])))
+                    WITH ORDINALITY AS a(n, t, m, o) WHERE a.m IN ('i', 'b')));
+        CONTINUE WHEN to_regprocedure(ident) IS NOT NULL;
+        EXECUTE format('CREATE FUNCTION %s RETURNS %s LANGUAGE sql %s PARALLEL %s AS %L', sig, f.result,
+                       CASE f.provolatile WHEN 'i' THEN 'IMMUTABLE' WHEN 's' THEN 'STABLE' ELSE 'VOLATILE' END,
+                       CASE f.proparallel WHEN 's' THEN 'SAFE' WHEN 'r' THEN 'RESTRICTED' ELSE 'UNSAFE' END,
+                       CASE WHEN f.proretset OR f.result LIKE 'TABLE(%' THEN format('SELECT * FROM levqor.%I(%s)', f.proname, pass)
+                            ELSE format('SELECT levqor.%I(%s)', f.proname, pass) END);
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', ident);
+        FOR g IN SELECT a.grantee FROM pg_proc p, aclexplode(p.proacl) a
+                  WHERE p.oid = f.oid AND a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner LOOP
+            EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', ident,
+                           CASE WHEN g.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(g.grantee::regrole::text) END);
+        END LOOP;
+    END LOOP;
+END
+$uuid_overloads$;

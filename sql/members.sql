@@ -99,16 +99,25 @@ BEGIN
 END
 $fn$;
 
+-- Removing a member also revokes the keys issued for that user in that
+-- tenant, so that none is left to reuse should the user be added back.
 CREATE FUNCTION levqor.remove_member(tenant text, user_id uuid) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_variable
 DECLARE
     t   levqor.tenants := levqor._tenant_for_update(tenant);
     was text;
+    k   record;
 BEGIN
     was := levqor._leaving_role(t, user_id);
     DELETE FROM levqor.members m WHERE m.tenant_id = t.id AND m.user_id = user_id;
     PERFORM levqor._log_event(t.id, 'member_removed', jsonb_build_object('user_id', user_id, 'role', was));
+    FOR k IN UPDATE levqor.tenant_keys x SET revoked_at = now()
+              WHERE x.tenant_id = t.id AND x.user_id = user_id AND x.revoked_at IS NULL
+             RETURNING x.key_id LOOP
+        PERFORM levqor._log_event(t.id, 'key_revoked',
+            jsonb_build_object('key_id', k.key_id, 'user_id', user_id, 'reason', 'member_removed'));
+    END LOOP;
 END
 $fn$;
 

@@ -277,7 +277,7 @@ pub unsafe fn insert(e: &Entry<'_>, desc: pg_sys::TupleDesc) -> bool {
             b"xid" => Some(pg_sys::Datum::from(pg_sys::GetTopFullTransactionId().value)),
             b"db_role" => e.role.into_datum(),
             b"user_id" => ctx.and_then(|c| c.user).and_then(|u| context::from_uuid(u).into_datum()),
-            b"member_role" => ctx.and_then(|c| c.role).and_then(|r| r.as_str().into_datum()),
+            b"member_role" => ctx.and_then(|c| crate::members::effective_role(&c)).and_then(|r| r.as_str().into_datum()),
             b"application_name" => Some(pg_sys::Datum::from(pg_sys::cstring_to_text(app_name))),
             b"client_addr" => CLIENT_INET.with(Cell::get).flatten(),
             b"kind" => "row".into_datum(),

@@ -158,6 +158,18 @@ fn check_access(t: &TenantRow) {
     }
 }
 
+/// A context for a user needs the user to be a member (crate::members).
+fn check_member(t: &TenantRow, user: Option<Uuid>) {
+    if let Some(u) = user {
+        if crate::members::membership(t.id, u).is_none() {
+            errors::refused(
+                format!("user {u} is not a member of tenant \"{}\" or of any tenant above it", t.slug),
+                Some("A levqor_admin adds members with levqor.add_member(); a credential for a user works only while the user is a member."),
+            );
+        }
+    }
+}
+
 fn parse_role(role: Option<&str>) -> Option<MemberRole> {
     role.map(|r| {
         MemberRole::parse(r).unwrap_or_else(|| {
@@ -191,6 +203,7 @@ fn authenticate(api_key: Option<&str>, session: default!(bool, false)) -> pgrx::
     }
     let Some(t) = lookup_tenant_id(row.tenant) else { errors::invalid_api_key() };
     check_access(&t);
+    check_member(&t, row.user);
     let ctx = Context {
         tenant: row.tenant,
         user: row.user,
@@ -219,6 +232,7 @@ fn set_tenant(
     let role = parse_role(member_role);
     let Some(t) = lookup_tenant(tenant) else { errors::unknown_tenant(tenant) };
     check_access(&t);
+    check_member(&t, user_id.map(to_uuid));
     let ctx = Context { tenant: t.id, user: user_id.map(to_uuid), role, source: Source::SetTenant };
     context::apply_for(&ctx, t.schema.as_deref(), session);
     from_uuid(t.id)
@@ -252,6 +266,7 @@ fn set_tenant_token(token: Option<&str>, session: default!(bool, false)) -> pgrx
         errors::refused("invalid levqor token: unknown tenant", None)
     };
     check_access(&t);
+    check_member(&t, user);
     let ctx = Context { tenant: t.id, user, role, source: Source::Token };
     context::apply_for(&ctx, t.schema.as_deref(), session);
     from_uuid(t.id)
@@ -333,6 +348,7 @@ mod tests {
     fn set_tenant_accepts_slug_or_id_and_carries_user_and_role() {
         let (id, _) = new_tenant("unit-set");
         let user = "6f1c1a4e-0000-4000-8000-000000000001";
+        Spi::run(&format!("SELECT levqor.add_member('unit-set', '{user}', 'admin')")).unwrap();
         Spi::run(&format!("SELECT levqor.set_tenant('unit-set', user_id => '{user}', member_role => 'viewer')")).unwrap();
         assert_eq!(Spi::get_one::<pgrx::Uuid>("SELECT levqor.current_tenant()").unwrap(), Some(id));
         assert_eq!(

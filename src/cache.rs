@@ -9,7 +9,8 @@
 //! backend processes it before its next transaction starts, and the callback
 //! below empties the cache. So a revoked key, a new expiry or a suspended
 //! tenant is refused by every transaction that starts after the change
-//! commits. Expiry itself is checked on every use against the statement's
+//! commits. Memberships (crate::members) are dropped the same way, by a
+//! trigger on `levqor.members`. Expiry itself is checked on every use against the statement's
 //! start time.
 
 use std::cell::{Cell, RefCell};
@@ -85,6 +86,8 @@ thread_local! {
     static TENANTS: RefCell<HashMap<String, TenantRow>> = RefCell::new(HashMap::new());
     /// The oids of levqor.tenants and levqor.tenant_keys, learnt on first fill.
     static CATALOG: Cell<[pg_sys::Oid; 2]> = const { Cell::new([pg_sys::InvalidOid; 2]) };
+    /// The oid of levqor.members, learnt on the first membership lookup.
+    static MEMBERS: Cell<pg_sys::Oid> = const { Cell::new(pg_sys::InvalidOid) };
     /// Set when the catalog changed: a session context must be re-checked.
     static STALE: Cell<bool> = const { Cell::new(false) };
 }
@@ -105,7 +108,7 @@ unsafe extern "C-unwind" fn invalidate(_arg: pg_sys::Datum, relid: pg_sys::Oid) 
     crate::quota::forget(relid);
     crate::policy::forget(relid);
     crate::exposure::forget(relid);
-    if relid == pg_sys::InvalidOid || CATALOG.with(Cell::get).contains(&relid) {
+    if relid == pg_sys::InvalidOid || CATALOG.with(Cell::get).contains(&relid) || MEMBERS.with(Cell::get) == relid {
         clear();
     }
 }
@@ -114,6 +117,11 @@ pub fn clear() {
     STALE.with(|s| s.set(true));
     KEYS.with(|k| k.borrow_mut().clear());
     TENANTS.with(|t| t.borrow_mut().clear());
+    crate::members::forget_all();
+}
+
+pub fn remember_members(members: pg_sys::Oid) {
+    MEMBERS.with(|m| m.set(members));
 }
 
 pub fn remember_catalog(tenants: pg_sys::Oid, keys: pg_sys::Oid) {

@@ -275,10 +275,12 @@ fn current_user_id() -> Option<pgrx::Uuid> {
     current().and_then(|c| c.user).map(from_uuid)
 }
 
-/// The member role the context carries: owner, admin, operator, auditor or viewer.
+/// The member role the context acts with: owner, admin, operator, auditor or
+/// viewer. For a context that names a user, levqor.members decides it (the
+/// credential may only narrow it: crate::members).
 #[pg_extern(stable, parallel_safe)]
 fn current_member_role() -> Option<&'static str> {
-    current().and_then(|c| c.role).map(MemberRole::as_str)
+    current().and_then(|c| crate::members::effective_role(&c)).map(MemberRole::as_str)
 }
 
 /// Everything about the current context as one row, for humans and tests.
@@ -296,7 +298,7 @@ fn context_info() -> TableIterator<
     TableIterator::once((
         c.map(|c| from_uuid(c.tenant)),
         c.and_then(|c| c.user).map(from_uuid),
-        c.and_then(|c| c.role).map(MemberRole::as_str),
+        c.and_then(|c| crate::members::effective_role(&c)).map(MemberRole::as_str),
         c.map(|c| c.source.as_str()),
     ))
 }

@@ -7,6 +7,7 @@
 //! * `privilege` — running catalog lookups with the extension's authority;
 //! * `exposure`  — refuses protected tables whose row level security a
 //!   superuser switched off behind the DDL guard (fail closed);
+//! * `members`   — the member role a context acts with, from levqor.members;
 //! * `lifecycle`, `audit`, `sealer` — the tenant lifecycle, the audit trigger
 //!   and the background worker that seals the log and flushes counters
 //!   (`audit_direct`, `row_json`: a one-row statement's entry, without SPI;
@@ -35,6 +36,7 @@ mod exposure;
 mod guc;
 mod keys;
 mod lifecycle;
+mod members;
 mod policy;
 mod pooling;
 mod privilege;

@@ -52,7 +52,12 @@ fn recheck_context() {
         None => Some("its tenant no longer exists".to_string()),
         Some(t) => match t.access() {
             Access::Refused(why) => Some(why),
-            Access::Full | Access::ReadOnly => None,
+            // A context for a user lasts as long as the membership.
+            Access::Full | Access::ReadOnly => ctx.user.and_then(|u| {
+                crate::members::membership(ctx.tenant, u)
+                    .is_none()
+                    .then(|| format!("user {u} is no longer a member of tenant \"{}\"", t.slug))
+            }),
         },
     };
     if let Some(why) = refused {
@@ -64,8 +69,13 @@ fn recheck_context() {
 /// May the context's tenant write now? Raises if not. `grows` is true for
 /// INSERT and UPDATE, which a tenant over its storage limit may not run.
 fn check_write(ctx: &context::Context, grows: bool) {
+    if let Some(user) = ctx.user {
+        if crate::members::membership(ctx.tenant, user).is_none() {
+            crate::errors::refused(format!("user {user} is no longer a member of this tenant"), None);
+        }
+    }
     // Viewers and auditors read; they never write.
-    if let Some(role @ (context::MemberRole::Viewer | context::MemberRole::Auditor)) = ctx.role {
+    if let Some(role @ (context::MemberRole::Viewer | context::MemberRole::Auditor)) = crate::members::effective_role(ctx) {
         crate::errors::not_allowed(
             format!("a member with role {} may not write", role.as_str()),
             Some("Viewers and auditors only read; act with a key or token for an operator, admin or owner."),

@@ -71,7 +71,12 @@ fn fill(key: &Key) -> Decision {
 #[pg_extern(volatile, parallel_unsafe)]
 fn authorize(action: &str, resource: default!(&str, "'*'")) -> bool {
     let ctx = context::current();
-    let key: Key = (ctx.map(|c| c.tenant), ctx.and_then(|c| c.role).map(|r| r.as_str()), action.to_owned(), resource.to_owned());
+    let key: Key = (
+        ctx.map(|c| c.tenant),
+        ctx.and_then(|c| crate::members::effective_role(&c)).map(|r| r.as_str()),
+        action.to_owned(),
+        resource.to_owned(),
+    );
     let d = decide(&key);
     if !d.allowed && first_deny(&format!("{action}\u{1}{resource}")) {
         as_catalog_owner(|| {

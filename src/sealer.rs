@@ -122,6 +122,21 @@ fn run_if_installed(function: &str, sql: &str, asynchronous: bool) -> Option<i64
     result
 }
 
+/// Whether a DROP DATABASE of this worker's database holds its lock on it.
+fn being_dropped() -> bool {
+    BackgroundWorker::transaction(|| {
+        Spi::get_one::<bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_locks l
+                             WHERE l.locktype = 'object' AND l.database = 0 AND l.classid = 'pg_catalog.pg_database'::pg_catalog.regclass
+                               AND l.objid = (SELECT d.oid FROM pg_catalog.pg_database d WHERE d.datname = pg_catalog.current_database())
+                               AND l.mode = 'AccessExclusiveLock' AND l.pid <> pg_catalog.pg_backend_pid())",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    })
+}
+
 /// Entries one sealing transaction takes; a pass repeats while it fills one
 /// (a backlog after a restart), up to this many times.
 const SEAL_BATCH: i64 = 10_000;
@@ -151,6 +166,14 @@ pub extern "C-unwind" fn levqor_audit_sealer_main(_arg: pg_sys::Datum) {
             // even before the postmaster saves the counters.
             run_if_installed("levqor.flush_usage()", "SELECT levqor.flush_usage()", false);
             break;
+        }
+        // DROP DATABASE waits five seconds for the sessions connected to the
+        // database to leave, then refuses: this worker leaves as soon as it
+        // sees the dropper's lock (and is started again a second later; it
+        // connects once the database exists again).
+        if being_dropped() {
+            log!("levqor worker: database {db} is being dropped; leaving it");
+            unsafe { pg_sys::proc_exit(1) };
         }
         // The intervals are reloadable (SIGHUP), in this worker too.
         if BackgroundWorker::sighup_received() {

@@ -6,8 +6,11 @@ DECLARE
     k text; tid text; t0 timestamptz; i int;
 BEGIN
     SELECT api_key, tenant_id::text INTO k, tid FROM bench_keys WHERE n = 1;
+    IF what = 'authenticate_user' THEN
+        SELECT api_key INTO k FROM bench_user_keys WHERE n = 1;
+    END IF;
     t0 := clock_timestamp();
-    IF what = 'authenticate' THEN
+    IF what IN ('authenticate', 'authenticate_user') THEN
         FOR i IN 1 .. calls LOOP PERFORM levqor.authenticate(k); END LOOP;
     ELSE
         FOR i IN 1 .. calls LOOP PERFORM set_config('app.tenant', tid, true); END LOOP;
@@ -16,5 +19,6 @@ BEGIN
 END $$;
 BEGIN;
 SELECT pg_temp.time_calls('set_config', 50000) AS set_config_us,
-       pg_temp.time_calls('authenticate', 50000) AS authenticate_us;
+       pg_temp.time_calls('authenticate', 50000) AS authenticate_us,
+       pg_temp.time_calls('authenticate_user', 50000) AS authenticate_user_us;
 COMMIT;

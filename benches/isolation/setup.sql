@@ -40,6 +40,21 @@ CREATE TABLE items_levqor (LIKE items_plain INCLUDING ALL);
 INSERT INTO items_levqor SELECT * FROM items_plain;
 SELECT levqor.enable_tenancy('items_levqor');
 
-GRANT SELECT ON bench_keys, app_api_keys TO bench_app;
+-- (d) the same tenants, each with a member (an operator) holding a key
+-- issued for that user: authenticate() checks the membership too.
+CREATE TABLE bench_user_keys (n int PRIMARY KEY, api_key text NOT NULL);
+DO $$
+DECLARE
+    k record;
+    u uuid;
+BEGIN
+    FOR k IN SELECT n, tenant_id FROM bench_keys ORDER BY n LOOP
+        u := gen_random_uuid();
+        PERFORM levqor.add_member(k.tenant_id::text, u, 'operator');
+        INSERT INTO bench_user_keys VALUES (k.n, levqor.issue_key(k.tenant_id::text, 'operator', user_id => u));
+    END LOOP;
+END $$;
+
+GRANT SELECT ON bench_keys, app_api_keys, bench_user_keys TO bench_app;
 GRANT SELECT, UPDATE ON items_plain, items_setting, items_levqor TO bench_app;
 VACUUM ANALYZE;

@@ -31,6 +31,7 @@ fn every_change_is_recorded_with_who_what_and_when() {
     let (db, mut su) = fresh_db("audit_rec");
     let a = create_tenant_on(&mut su, "aud-rec");
     let user = uuid::Uuid::new_v4();
+    su.execute("SELECT levqor.add_member($1, $2, 'operator')", &[&a.slug, &user]).unwrap();
     let mut s = connect_to(port(), SERVER, &db);
     s.batch_execute("SET application_name = 'billing-api'").unwrap();
     let mut tx = s.transaction().unwrap();
@@ -76,8 +77,8 @@ fn every_change_is_recorded_with_who_what_and_when() {
         .unwrap()
         .get(0);
     assert_eq!(ev, 1);
-    assert!(seal(&mut su) >= 6);
-    assert_eq!(verify(&mut su, &a), (true, 6, None, None), "created, 4 rows, suspended");
+    assert!(seal(&mut su) >= 7);
+    assert_eq!(verify(&mut su, &a), (true, 7, None, None), "created, member added, 4 rows, suspended");
     // TRUNCATE of an audited table is recorded (protected tables refuse it).
     su.batch_execute("CREATE TABLE scratch (x int); SELECT levqor.enable_audit('scratch'); TRUNCATE scratch;").unwrap();
     let t: i64 = su.query_one("SELECT count(*) FROM levqor.audit_log WHERE operation = 'TRUNCATE'", &[]).unwrap().get(0);
@@ -724,6 +725,7 @@ fn one_row_and_many_row_statements_write_the_same_entries() {
     .unwrap();
     let t = create_tenant_on(&mut su, "aud-same");
     let user = uuid::Uuid::new_v4();
+    su.execute("SELECT levqor.add_member($1, $2, 'operator')", &[&t.slug, &user]).unwrap();
     let mut s = connect_to(port(), SERVER, &db);
     s.batch_execute("SET application_name = 'same-check'").unwrap();
     let row = "123456789012345678901234567890.123456789, '2026-11-23 10:15:00.123456+00', '{\"k\": [1, \"é\"]}', '{1,2,NULL}', true, 'zoë \"quoted\"'";
@@ -966,4 +968,32 @@ fn entries_reach_every_index_of_the_log_even_ones_a_dba_added() {
     let (ok, checked, bad, why) = verify(&mut su, &a);
     assert!(ok, "entry {bad:?}: {why:?}");
     assert_eq!(checked, 18, "tenant created and 17 inserts");
+}
+
+/// A database levqor's worker serves can be dropped without FORCE: the
+/// worker leaves it when it sees the DROP DATABASE waiting.
+#[test]
+fn a_database_the_worker_serves_can_be_dropped() {
+    let _ = db();
+    let mut su = connect_to(port(), "postgres", "postgres");
+    su.batch_execute("DROP DATABASE IF EXISTS levqor_dropped WITH (FORCE)").unwrap();
+    su.batch_execute("CREATE DATABASE levqor_dropped").unwrap();
+    connect_to(port(), "postgres", "levqor_dropped").batch_execute("CREATE EXTENSION levqor").unwrap();
+    let connected = || -> bool {
+        connect_to(port(), "postgres", "postgres")
+            .query_one(
+                "SELECT count(*) > 0 FROM pg_stat_activity WHERE backend_type = 'levqor worker' AND datname = 'levqor_dropped'",
+                &[],
+            )
+            .unwrap()
+            .get(0)
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !connected() {
+        assert!(std::time::Instant::now() < deadline, "the worker never connected to levqor_dropped");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let started = std::time::Instant::now();
+    su.batch_execute("DROP DATABASE levqor_dropped").unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "dropped in {:?}", started.elapsed());
 }

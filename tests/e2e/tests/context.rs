@@ -177,6 +177,7 @@ fn set_tenant_is_only_for_context_admins() {
 
     let mut s = server();
     let user = uuid::Uuid::new_v4();
+    admin().execute("SELECT levqor.add_member($1, $2, 'admin')", &[&a.slug, &user]).unwrap();
     let mut tx = s.transaction().unwrap();
     let row = tx
         .query_one(

@@ -67,6 +67,7 @@ fn decisions_follow_plan_features_and_member_roles() {
 fn every_deny_is_recorded_once_per_transaction_with_its_reason() {
     let t = tenant_on("free", "pol-rec");
     let user = uuid::Uuid::new_v4();
+    admin().execute("SELECT levqor.add_member($1, $2, 'operator')", &[&t.slug, &user]).unwrap();
     let mut s = server();
     let mut tx = s.transaction().unwrap();
     tx.execute("SELECT levqor.set_tenant($1, user_id => $2, member_role => 'operator')", &[&t.slug, &user]).unwrap();

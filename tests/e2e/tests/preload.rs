@@ -90,3 +90,18 @@ fn even_a_superusers_placeholder_is_dropped_by_the_check_hook() {
     su.batch_execute(&format!("SET levqor.context = 'v1 {} - admin api_key'", a.id)).unwrap();
     assert!(current_tenant(&mut su).is_none());
 }
+
+#[test]
+fn a_database_without_a_sealing_worker_is_told_so() {
+    let (_, mut su) = new_database("unsealed");
+    let notices = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = notices.clone();
+    let mut cfg: postgres::Config = format!("host=127.0.0.1 port={} user=postgres dbname={}", port(),
+        su.query_one("SELECT current_database()", &[]).unwrap().get::<_, String>(0)).parse().unwrap();
+    cfg.notice_callback(move |n| sink.lock().unwrap().push(n.message().to_string()));
+    drop(su);
+    let mut c = cfg.connect(NoTls).unwrap();
+    c.batch_execute("CREATE EXTENSION levqor; CREATE TABLE t (id int); SELECT levqor.enable_audit('t');").unwrap();
+    let said = notices.lock().unwrap().clone();
+    assert_eq!(said.iter().filter(|n| n.contains("no worker seals the audit log")).count(), 2, "{said:?}");
+}

@@ -26,6 +26,7 @@ const HS256: &str = r#"{"alg":"HS256","typ":"JWT"}"#;
 fn a_signed_token_sets_tenant_user_and_role() {
     let a = tenant("tok");
     let user = uuid::Uuid::new_v4();
+    admin().execute("SELECT levqor.add_member($1, $2, 'admin')", &[&a.slug, &user]).unwrap();
     let token: String = server()
         .query_one("SELECT levqor.sign_token($1, $2, 'auditor', interval '5 minutes')", &[&a.slug, &user])
         .unwrap()
