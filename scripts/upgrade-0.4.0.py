@@ -10,7 +10,8 @@ What it writes, in this order (each step may use what the earlier made):
   1. sql/upgrade/0.4.0-before.sql: hand-written catalog changes to tables
      0.3.0 already had, and DROPs of functions whose signature changed;
   2. library functions new in 0.4.0 (from `cargo pgrx schema`);
-  3. SQL files new in 0.4.0, whole (NEW_FILES);
+  3. trigger functions new in the files 0.3.0 had (the new files' tables
+     use them), then the SQL files new in 0.4.0, whole (NEW_FILES);
   4. SQL functions new or changed in the files 0.3.0 had (CREATE OR REPLACE),
      and DROPs of those that are gone;
   5. sql/upgrade/0.4.0-after.sql: hand-written changes to existing objects
@@ -73,6 +74,10 @@ out = ["""-- levqor 0.3.0 -> 0.4.0 (assembled by scripts/upgrade-0.4.0.py; edit 
 -- 1. Catalog changes (sql/upgrade/0.4.0-before.sql).
 """ + open('sql/upgrade/0.4.0-before.sql').read()]
 out.append("\n-- 2. New functions in the library.\n" + "\n\n".join(added_lib) + "\n")
+added_triggers = [k for k in added if re.search(r'RETURNS trigger\b', b[k])]
+added = [k for k in added if k not in added_triggers]
+out.append("\n-- 3. New trigger functions in the files 0.3.0 had, for the new files' tables.\n"
+           + "\n".join(b[k] for k in added_triggers) + "\n")
 for f in NEW_FILES:
     out.append(f"\n-- 3. {f} (new in 0.4.0).\n" + new_file_text[f])
 out.append("\n-- 4. Functions new or changed in the files 0.3.0 had.\n")
@@ -91,6 +96,6 @@ out.append("\n-- 6. New catalog tables reach every backend's cache; privileges a
            + g[g.index("-- The policy helpers take no arguments"):])
 open('sql/levqor--0.3.0--0.4.0.sql', 'w').write("".join(out))
 print("changed functions:", ", ".join(changed) or "-")
-print("new functions in existing files:", ", ".join(added) or "-")
+print("new functions in existing files:", ", ".join(added_triggers + added) or "-")
 print("dropped functions:", ", ".join(gone) or "-")
 print("new library functions:", ", ".join(k for k in sorted(new_lib) if k not in old_lib) or "-")

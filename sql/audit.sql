@@ -155,6 +155,10 @@ BEGIN
     -- transactions found ended above. The batch (read, hashed, appended to
     -- levqor.audit_chain, heads moved) is src/seal.rs.
     SELECT b.sealed, b.last_id INTO n, last_id FROM levqor._seal_batch(st.through, max_entries) b;
+    -- Wakes the sidecar's audit streams (no payload: any session may LISTEN).
+    IF n > 0 THEN
+        PERFORM pg_notify('levqor_sealed', '');
+    END IF;
     -- The next horizon, read after the batch so that the next pass can move
     -- the watermark past what this one sealed. In this order: an id taken up
     -- to now_id was taken by a transaction whose id is below now_xid.

@@ -15,6 +15,16 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'levqor_admin') THEN
         CREATE ROLE levqor_admin NOLOGIN NOBYPASSRLS;
     END IF;
+    -- The sidecar's (docs/sidecar.md): billing, streams, metrics; never a
+    -- tenant's context, never a tenant's rows.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'levqor_sidecar') THEN
+        CREATE ROLE levqor_sidecar NOLOGIN NOBYPASSRLS;
+    END IF;
+    -- The sidecar's backups (docs/backups.md): reads and restores one tenant's
+    -- rows at a time, through that tenant's context.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'levqor_backup') THEN
+        CREATE ROLE levqor_backup NOLOGIN NOBYPASSRLS;
+    END IF;
 END
 $roles$;
 

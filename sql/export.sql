@@ -40,6 +40,7 @@ BEGIN
     counts := counts
         || jsonb_build_object('levqor.tenants', 1,
                               'levqor.tenant_keys', (SELECT count(*) FROM levqor.tenant_keys k WHERE k.tenant_id = tid),
+                              'levqor.members', (SELECT count(*) FROM levqor.members m WHERE m.tenant_id = tid),
                               'levqor.audit_log', (SELECT count(*) FROM levqor.audit_log a WHERE a.tenant_id = tid));
 
     table_name := 'manifest';
@@ -50,6 +51,7 @@ BEGIN
     -- Key metadata, never the hashes.
     RETURN QUERY SELECT 'levqor.tenant_keys', to_jsonb(k) - 'key_hash'
                    FROM levqor.tenant_keys k WHERE k.tenant_id = tid ORDER BY k.created_at;
+    RETURN QUERY SELECT 'levqor.members', to_jsonb(m) FROM levqor.members m WHERE m.tenant_id = tid ORDER BY m.added_at, m.user_id;
     FOR p IN SELECT * FROM levqor._export_sources(tid) LOOP
         IF p.tenant_column IS NULL THEN
             RETURN QUERY EXECUTE format('SELECT %L::text, to_jsonb(x) FROM %s x', p.tbl::text, p.tbl);

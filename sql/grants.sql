@@ -110,6 +110,40 @@ GRANT EXECUTE ON FUNCTION
     levqor.clear_sso(text)
 TO levqor_admin;
 
+-- The sidecar (docs/sidecar.md): exactly what billing, audit streams and
+-- /metrics use; nothing that sets a tenant's context or reads tenants' rows.
+GRANT EXECUTE ON FUNCTION
+    levqor.billing_pending(integer), levqor.billing_customer(uuid, text),
+    levqor.billing_subscription(uuid, text, text, text, jsonb), levqor.billing_cancelled(uuid, text),
+    levqor.billing_ledger(text, integer), levqor.billing_park(bigint, text, text), levqor.billing_unparked(bigint),
+    levqor.billing_webhook(text, text, timestamptz, text, text, text, boolean, integer),
+    levqor.billing_totals(text, timestamptz, timestamptz), levqor.sidecar_tenant_metrics(),
+    levqor.ledger_advance(text, bigint), levqor.ledger_lag(text),
+    levqor.stream_destinations(), levqor.stream_lag(uuid, bigint), levqor.stream_chains(text), levqor.audit_events(uuid, bigint, integer),
+    levqor.stream_advance(text, uuid, bigint), levqor.stream_park(text, uuid, bigint, bigint, text),
+    levqor.stream_report(bigint, text, text)
+TO levqor_sidecar;
+GRANT SELECT ON levqor.plans, levqor.metrics, levqor.tenant_billing, levqor.billing_parked, levqor.backup_coverage TO levqor_sidecar;
+-- Backups (docs/backups.md): one tenant's rows at a time, through its context
+-- (the table privileges come with enable_tenancy).
+GRANT EXECUTE ON FUNCTION
+    levqor.backup_context(text, boolean), levqor.backup_begin(text, boolean), levqor.backup_audit_log(uuid), levqor.backup_audit_chain(uuid),
+    levqor.backup_tenants(), levqor.backup_record(uuid, text, text, bigint, text, bigint, bigint, boolean, text, text, jsonb),
+    levqor.restore_begin(jsonb, boolean), levqor.restore_schema(uuid, text[]), levqor.restore_sequences(regclass),
+    levqor.restore_audit(uuid, jsonb), levqor.restore_finish(jsonb, jsonb), levqor.export_tenant(text)
+TO levqor_backup;
+GRANT SELECT ON levqor.backups, levqor.backup_coverage TO levqor_backup;
+-- Billing, streams and backups for levqor_admin.
+GRANT EXECUTE ON FUNCTION
+    levqor.billing_retry(bigint),
+    levqor.add_audit_stream(text, text, text, text, jsonb), levqor.remove_audit_stream(bigint),
+    levqor.pause_audit_stream(bigint), levqor.resume_audit_stream(bigint), levqor.set_audit_stream_secret(bigint, text)
+TO levqor_admin;
+GRANT SELECT ON levqor.tenant_billing, levqor.billing_parked, levqor.stripe_events, levqor.audit_stream_parked,
+    levqor.backups, levqor.backup_coverage TO levqor_admin;
+-- A tenant's admin reads its streams' state (the view filters).
+GRANT SELECT ON levqor.audit_streams TO PUBLIC;
+
 -- SSO: a login page reads its tenant's settings (never the secret); the
 -- trusted server that exchanges codes reads the secret.
 GRANT EXECUTE ON FUNCTION levqor.sso_settings(text), levqor._caller_has(text) TO PUBLIC;

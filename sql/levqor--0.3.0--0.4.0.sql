@@ -22,13 +22,103 @@ CREATE TABLE levqor.derived_tables (
 );
 SELECT pg_catalog.pg_extension_config_dump('levqor.derived_tables', '');
 
+-- The sidecar's roles (sql/catalog.sql).
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'levqor_sidecar') THEN
+        CREATE ROLE levqor_sidecar NOLOGIN NOBYPASSRLS;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'levqor_backup') THEN
+        CREATE ROLE levqor_backup NOLOGIN NOBYPASSRLS;
+    END IF;
+END
+$roles$;
+
 -- 2. New functions in the library.
--- src/privilege.rs:98
+-- src/privilege.rs:111
 -- levqor::privilege::_caller
 CREATE  FUNCTION "_caller"() RETURNS oid /* pg_sys :: Oid */
 STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_caller_wrapper';
+
+-- src/auth.rs:245
+-- levqor::auth::backup_context
+CREATE  FUNCTION "backup_context"(
+	"tenant" TEXT, /* & str */
+	"restore" bool DEFAULT false /* bool */
+) RETURNS uuid /* pgrx :: Uuid */
+STRICT VOLATILE PARALLEL UNSAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', 'backup_context_wrapper';
+
+-- 3. New trigger functions in the files 0.3.0 had, for the new files' tables.
+CREATE FUNCTION levqor._check_reference() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    val text := to_jsonb(NEW) ->> TG_ARGV[0];
+    hit int;
+BEGIN
+    IF val IS NULL OR levqor._restoring() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'UPDATE' AND (to_jsonb(OLD) ->> TG_ARGV[0]) IS NOT DISTINCT FROM val THEN
+        RETURN NULL;
+    END IF;
+    EXECUTE format('SELECT 1 FROM %s WHERE %I = $1::%s FOR KEY SHARE', TG_ARGV[1], TG_ARGV[2], TG_ARGV[3]) INTO hit USING val;
+    IF hit IS NULL THEN
+        RAISE EXCEPTION 'insert or update on table "%" violates the reference of %.% to %', TG_TABLE_NAME,
+            TG_TABLE_NAME, TG_ARGV[0], TG_ARGV[1]
+            USING ERRCODE = '23503', DETAIL = format('Key (%s)=(%s) is not present in table %s.', TG_ARGV[0], val, TG_ARGV[1]);
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE FUNCTION levqor._metric_changed() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.name IS DISTINCT FROM OLD.name THEN
+            UPDATE levqor.quota_overrides o SET metric = NEW.name WHERE o.metric = OLD.name;
+            UPDATE levqor.row_limits r SET metric = NEW.name WHERE r.metric = OLD.name;
+        END IF;
+    ELSE
+        IF EXISTS (SELECT 1 FROM levqor.row_limits r WHERE r.metric = OLD.name) THEN
+            RAISE EXCEPTION 'metric % counts the rows of a table', OLD.name USING ERRCODE = '23503',
+                HINT = 'levqor.unlimit_rows() that table first.';
+        END IF;
+        DELETE FROM levqor.quota_overrides o WHERE o.metric = OLD.name;
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE FUNCTION levqor._plan_changed() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF NEW.name IS DISTINCT FROM OLD.name THEN
+            UPDATE levqor.tenants t SET plan = NEW.name WHERE t.plan = OLD.name;
+        END IF;
+    ELSIF EXISTS (SELECT 1 FROM levqor.tenants t WHERE t.plan = OLD.name) THEN
+        RAISE EXCEPTION 'plan % is in use by tenants', OLD.name USING ERRCODE = '23503',
+            HINT = 'Move them to another plan first (levqor.change_plan).';
+    END IF;
+    RETURN NULL;
+END
+$fn$;
+CREATE FUNCTION levqor._tenant_deleted() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF EXISTS (SELECT 1 FROM levqor.tenants t WHERE t.parent = OLD.id) THEN
+        RAISE EXCEPTION 'tenant % still has tenants under it', OLD.slug USING ERRCODE = '23503';
+    END IF;
+    DELETE FROM levqor.tenant_keys k WHERE k.tenant_id = OLD.id;
+    DELETE FROM levqor.members m WHERE m.tenant_id = OLD.id;
+    DELETE FROM levqor.tenant_sso s WHERE s.tenant_id = OLD.id;
+    DELETE FROM levqor.quota_overrides o WHERE o.tenant_id = OLD.id;
+    RETURN NULL;
+END
+$fn$;
 
 -- 3. sql/foreign_keys.sql (new in 0.4.0).
 -- Foreign keys between protected tables (docs/isolation.md, "Foreign keys").
@@ -211,46 +301,1050 @@ BEGIN
 END
 $fn$;
 
--- 4. Functions new or changed in the files 0.3.0 had.
-CREATE FUNCTION levqor._check_reference() RETURNS trigger
+-- 3. sql/billing.sql (new in 0.4.0).
+-- Per-tenant billing through Stripe (docs/billing.md). The sidecar does the
+-- talking to Stripe; the database keeps what it needs to do so exactly once:
+-- which customer and subscription belong to which tenant, how far the usage
+-- ledger has been metered, which entries Stripe refused, and which webhook
+-- events were already applied. The sidecar works through the functions below
+-- (granted to levqor_sidecar, sql/grants.sql), never on tenants' rows.
+
+-- One row per billed tenant (kind 'tenant'), kept after the tenant is purged
+-- as its billing tombstone (so no reference to levqor.tenants).
+CREATE TABLE levqor.tenant_billing (
+    tenant_id           uuid PRIMARY KEY,
+    slug                text NOT NULL,
+    customer_id         text CONSTRAINT tenant_billing_customer_key UNIQUE,
+    subscription_id     text CONSTRAINT tenant_billing_subscription_key UNIQUE,
+    subscription_status text,
+    -- The plan the subscription's items were last set for, and its items
+    -- (price id -> subscription item id).
+    plan                text,
+    items               jsonb NOT NULL DEFAULT '{}' CONSTRAINT tenant_billing_items_object CHECK (jsonb_typeof(items) = 'object'),
+    failed_payments     integer NOT NULL DEFAULT 0,
+    -- The `created` time of the last subscription event applied: older ones
+    -- arriving late are not applied over it.
+    last_event_at       timestamptz,
+    -- Bumped with every change asked of Stripe: part of its idempotency keys.
+    version             integer NOT NULL DEFAULT 0,
+    cancelled_at        timestamptz,
+    last_sync           timestamptz,
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    updated_at          timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('levqor.tenant_billing', '');
+
+-- Ledger entries Stripe would not take (a 400 for that entry, or older than
+-- its 35-day window): set aside with Stripe's message, so that one bad entry
+-- never holds the ledger up. `retry`: a levqor_admin asked to send it again.
+CREATE TABLE levqor.billing_parked (
+    ledger_id  bigint PRIMARY KEY,
+    tenant_id  uuid NOT NULL,
+    metric     text NOT NULL,
+    quantity   bigint NOT NULL,
+    reason     text NOT NULL,
+    message    text,
+    retry      boolean NOT NULL DEFAULT false,
+    parked_at  timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('levqor.billing_parked', '');
+
+-- Stripe webhook events already applied (or deliberately not): each event id
+-- is processed once, however often Stripe delivers it.
+CREATE TABLE levqor.stripe_events (
+    id          text PRIMARY KEY,
+    type        text NOT NULL,
+    created     timestamptz NOT NULL,
+    tenant_id   uuid,
+    outcome     text NOT NULL,
+    received_at timestamptz NOT NULL DEFAULT now()
+);
+SELECT pg_catalog.pg_extension_config_dump('levqor.stripe_events', '');
+
+-- Wakes the sidecar's provisioning when a tenant is created, changes plan or
+-- status. No payload: any session may LISTEN (docs/quotas.md, notifications).
+CREATE FUNCTION levqor._billing_wake() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    PERFORM pg_notify('levqor_billing', '');
+    RETURN NULL;
+END
+$fn$;
+CREATE TRIGGER levqor_billing_wake AFTER INSERT OR DELETE OR UPDATE OF plan, status ON levqor.tenants
+    FOR EACH STATEMENT EXECUTE FUNCTION levqor._billing_wake();
+
+-- What the sidecar must do in Stripe, oldest tenant first: create a
+-- customer, create a subscription, move one to the tenant's current plan, or
+-- cancel one (an offboarded or purged tenant).
+CREATE FUNCTION levqor.billing_pending(max_tenants integer DEFAULT 100)
+RETURNS TABLE (tenant_id uuid, slug text, plan text, action text, customer_id text, subscription_id text,
+               billed_plan text, items jsonb, version integer)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT x.tenant_id, x.slug, x.plan, x.action, x.customer_id, x.subscription_id, x.billed_plan, x.items, x.version
+      FROM (
+        SELECT t.id AS tenant_id, t.slug, t.plan, b.customer_id, b.subscription_id, b.plan AS billed_plan,
+               coalesce(b.items, '{}') AS items, coalesce(b.version, 0) AS version, t.created_at AS since,
+               CASE WHEN t.status = 'offboarded' THEN
+                         CASE WHEN b.subscription_id IS NOT NULL AND b.cancelled_at IS NULL THEN 'cancel' END
+                    WHEN b.customer_id IS NULL THEN 'create_customer'
+                    WHEN b.subscription_id IS NULL THEN 'create_subscription'
+                    WHEN b.cancelled_at IS NULL AND b.plan IS DISTINCT FROM t.plan THEN 'change_plan'
+               END AS action
+          FROM levqor.tenants t LEFT JOIN levqor.tenant_billing b ON b.tenant_id = t.id
+         WHERE t.kind = 'tenant'
+        UNION ALL
+        -- Purged: the tenant is gone, its subscription must go too.
+        SELECT b.tenant_id, b.slug, NULL, b.customer_id, b.subscription_id, b.plan, b.items, b.version, b.created_at, 'cancel'
+          FROM levqor.tenant_billing b
+         WHERE b.subscription_id IS NOT NULL AND b.cancelled_at IS NULL
+           AND NOT EXISTS (SELECT 1 FROM levqor.tenants t WHERE t.id = b.tenant_id)
+      ) x
+     WHERE x.action IS NOT NULL
+     ORDER BY x.since, x.tenant_id
+     LIMIT max_tenants
+$fn$;
+
+-- The sidecar records what Stripe answered. Each call is in the tenant's
+-- audit trail; ids that do not look like Stripe's are refused.
+CREATE FUNCTION levqor._billing_row(tenant uuid) RETURNS levqor.tenant_billing
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
-    val text := to_jsonb(NEW) ->> TG_ARGV[0];
-    hit int;
+    b levqor.tenant_billing;
 BEGIN
-    IF val IS NULL OR levqor._restoring() THEN
-        RETURN NULL;
+    INSERT INTO levqor.tenant_billing AS x (tenant_id, slug)
+    SELECT t.id, t.slug FROM levqor.tenants t WHERE t.id = tenant
+    ON CONFLICT (tenant_id) DO NOTHING;
+    SELECT * INTO b FROM levqor.tenant_billing x WHERE x.tenant_id = tenant FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'tenant % is not billed', tenant USING ERRCODE = '42704';
     END IF;
-    IF TG_OP = 'UPDATE' AND (to_jsonb(OLD) ->> TG_ARGV[0]) IS NOT DISTINCT FROM val THEN
-        RETURN NULL;
-    END IF;
-    EXECUTE format('SELECT 1 FROM %s WHERE %I = $1::%s FOR KEY SHARE', TG_ARGV[1], TG_ARGV[2], TG_ARGV[3]) INTO hit USING val;
-    IF hit IS NULL THEN
-        RAISE EXCEPTION 'insert or update on table "%" violates the reference of %.% to %', TG_TABLE_NAME,
-            TG_TABLE_NAME, TG_ARGV[0], TG_ARGV[1]
-            USING ERRCODE = '23503', DETAIL = format('Key (%s)=(%s) is not present in table %s.', TG_ARGV[0], val, TG_ARGV[1]);
-    END IF;
-    RETURN NULL;
+    RETURN b;
 END
 $fn$;
-CREATE FUNCTION levqor._metric_changed() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
+
+CREATE FUNCTION levqor.billing_customer(tenant uuid, customer_id text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    b levqor.tenant_billing := levqor._billing_row(tenant);
 BEGIN
-    IF TG_OP = 'UPDATE' THEN
-        IF NEW.name IS DISTINCT FROM OLD.name THEN
-            UPDATE levqor.quota_overrides o SET metric = NEW.name WHERE o.metric = OLD.name;
-            UPDATE levqor.row_limits r SET metric = NEW.name WHERE r.metric = OLD.name;
-        END IF;
+    IF customer_id IS NULL OR customer_id !~ '^cus_[A-Za-z0-9]{1,250}$' THEN
+        RAISE EXCEPTION 'not a Stripe customer id: %', coalesce(quote_literal(left(customer_id, 60)), 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF b.customer_id IS NOT DISTINCT FROM customer_id THEN
+        RETURN;
+    END IF;
+    UPDATE levqor.tenant_billing x SET customer_id = customer_id, last_sync = now(), updated_at = now()
+     WHERE x.tenant_id = tenant;
+    PERFORM levqor._log_event(tenant, 'billing_customer_created', jsonb_build_object('customer_id', customer_id));
+END
+$fn$;
+
+-- A subscription created, or moved to a plan (items: price id -> item id).
+CREATE FUNCTION levqor.billing_subscription(tenant uuid, subscription_id text, status text, plan text, items jsonb)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    b levqor.tenant_billing := levqor._billing_row(tenant);
+BEGIN
+    IF subscription_id IS NULL OR subscription_id !~ '^sub_[A-Za-z0-9]{1,250}$' THEN
+        RAISE EXCEPTION 'not a Stripe subscription id: %', coalesce(quote_literal(left(subscription_id, 60)), 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF jsonb_typeof(items) IS DISTINCT FROM 'object' THEN
+        RAISE EXCEPTION 'items must be a JSON object of price id -> subscription item id' USING ERRCODE = '22023';
+    END IF;
+    UPDATE levqor.tenant_billing x
+       SET subscription_id = subscription_id, subscription_status = status, plan = plan, items = items,
+           version = x.version + 1, last_sync = now(), updated_at = now()
+     WHERE x.tenant_id = tenant;
+    PERFORM levqor._log_event(tenant, CASE WHEN b.subscription_id IS NULL THEN 'billing_subscription_created'
+                                           ELSE 'billing_subscription_changed' END,
+        jsonb_build_object('subscription_id', subscription_id, 'plan', plan, 'from_plan', b.plan, 'status', status));
+END
+$fn$;
+
+CREATE FUNCTION levqor.billing_cancelled(tenant uuid, status text DEFAULT 'canceled') RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+BEGIN
+    UPDATE levqor.tenant_billing x SET cancelled_at = coalesce(x.cancelled_at, now()), subscription_status = status,
+           version = x.version + 1, last_sync = now(), updated_at = now()
+     WHERE x.tenant_id = tenant;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'tenant % is not billed', tenant USING ERRCODE = '42704';
+    END IF;
+    PERFORM levqor._log_event(tenant, 'billing_subscription_cancelled', jsonb_build_object('status', status));
+END
+$fn$;
+
+-- Ledger entries the meter has not taken yet, oldest first: after the
+-- consumer's cursor (but not parked), and parked ones an admin asked to retry.
+-- An organization's usage is billed to the tenant above it. customer_id
+-- NULL: that tenant has no Stripe customer yet (the meter waits for it);
+-- billable false: nobody will ever be billed for it (a platform's usage, or
+-- a purged tenant's that never had a customer).
+CREATE FUNCTION levqor.billing_ledger(consumer text, max_entries integer DEFAULT 1000)
+RETURNS TABLE (id bigint, tenant_id uuid, slug text, metric text, quantity bigint, period_end timestamptz,
+               customer_id text, billable boolean, retry boolean)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    pos bigint;
+BEGIN
+    IF max_entries IS NULL OR max_entries < 1 THEN
+        RAISE EXCEPTION 'max_entries must be at least 1' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO levqor.ledger_cursors AS c (consumer) VALUES (consumer) ON CONFLICT DO NOTHING;
+    SELECT c.position INTO pos FROM levqor.ledger_cursors c WHERE c.consumer = consumer;
+    RETURN QUERY
+    WITH todo AS (
+        SELECT l.*, false AS retry FROM levqor.usage_ledger l
+         WHERE l.id > pos AND NOT EXISTS (SELECT 1 FROM levqor.billing_parked p WHERE p.ledger_id = l.id)
+         ORDER BY l.id LIMIT max_entries
+    ), again AS (
+        SELECT l.*, true AS retry FROM levqor.billing_parked p JOIN levqor.usage_ledger l ON l.id = p.ledger_id
+         WHERE p.retry ORDER BY l.id LIMIT max_entries
+    )
+    SELECT l.id, l.tenant_id, coalesce(t.slug, b.slug), l.metric, l.quantity, l.period_end,
+           coalesce(b.customer_id, ab.customer_id), (b.tenant_id IS NOT NULL OR a.id IS NOT NULL), l.retry
+      FROM (SELECT * FROM todo UNION ALL SELECT * FROM again) l
+      LEFT JOIN levqor.tenants t ON t.id = l.tenant_id
+      LEFT JOIN levqor.tenant_billing b ON b.tenant_id = l.tenant_id
+      LEFT JOIN LATERAL (SELECT x.id FROM levqor.tenant_tree c JOIN levqor.tenants x ON x.id = c.ancestor AND x.kind = 'tenant'
+                          WHERE c.descendant = l.tenant_id ORDER BY c.depth LIMIT 1) a ON true
+      LEFT JOIN levqor.tenant_billing ab ON ab.tenant_id = a.id
+     ORDER BY l.retry, l.id;
+END
+$fn$;
+
+-- Set an entry aside (Stripe refused it); the cursor may then move past it.
+CREATE FUNCTION levqor.billing_park(ledger_id bigint, reason text, message text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    l levqor.usage_ledger;
+BEGIN
+    SELECT * INTO l FROM levqor.usage_ledger x WHERE x.id = ledger_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no ledger entry %', ledger_id USING ERRCODE = '42704';
+    END IF;
+    INSERT INTO levqor.billing_parked AS p (ledger_id, tenant_id, metric, quantity, reason, message)
+    VALUES (l.id, l.tenant_id, l.metric, l.quantity, reason, left(message, 2000))
+    ON CONFLICT ON CONSTRAINT billing_parked_pkey DO UPDATE
+       SET reason = EXCLUDED.reason, message = EXCLUDED.message, retry = false, parked_at = now();
+    PERFORM levqor._log_event(l.tenant_id, 'billing_entry_parked',
+        jsonb_build_object('ledger_id', l.id, 'metric', l.metric, 'quantity', l.quantity, 'reason', reason, 'message', left(message, 500)));
+END
+$fn$;
+
+-- A parked entry Stripe finally took (after a retry).
+CREATE FUNCTION levqor.billing_unparked(ledger_id bigint) RETURNS void
+LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    DELETE FROM levqor.billing_parked p WHERE p.ledger_id = $1;
+$fn$;
+
+-- A levqor_admin asks for a parked entry to be sent again (after fixing what
+-- Stripe refused, say a meter that did not exist yet).
+CREATE FUNCTION levqor.billing_retry(ledger_id bigint) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+BEGIN
+    UPDATE levqor.billing_parked p SET retry = true WHERE p.ledger_id = ledger_id;
+    RETURN FOUND;
+END
+$fn$;
+
+-- A Stripe webhook event, already verified and parsed by the sidecar, applied
+-- in one transaction: once per event id; subscription events older than the
+-- last one applied are not applied over it; changes go through the lifecycle
+-- functions, so each is in the tenant's audit trail. `plan`: the levqor plan
+-- the subscription's prices map to (NULL: none does). Returns the outcome.
+CREATE FUNCTION levqor.billing_webhook(event_id text, event_type text, created timestamptz, customer_id text,
+                                       plan text DEFAULT NULL, subscription_status text DEFAULT NULL,
+                                       force_plan_change boolean DEFAULT false, suspend_after integer DEFAULT 1)
+RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    b       levqor.tenant_billing;
+    t       levqor.tenants;
+    outcome text;
+BEGIN
+    IF event_id IS NULL OR event_id !~ '^evt_[A-Za-z0-9_]{1,250}$' THEN
+        RAISE EXCEPTION 'not a Stripe event id: %', coalesce(quote_literal(left(event_id, 60)), 'NULL') USING ERRCODE = '22023';
+    END IF;
+    IF EXISTS (SELECT 1 FROM levqor.stripe_events e WHERE e.id = event_id) THEN
+        RETURN 'duplicate';
+    END IF;
+    SELECT * INTO b FROM levqor.tenant_billing x WHERE x.customer_id = billing_webhook.customer_id FOR UPDATE;
+    IF NOT FOUND THEN
+        outcome := 'unknown customer';
     ELSE
-        IF EXISTS (SELECT 1 FROM levqor.row_limits r WHERE r.metric = OLD.name) THEN
-            RAISE EXCEPTION 'metric % counts the rows of a table', OLD.name USING ERRCODE = '23503',
-                HINT = 'levqor.unlimit_rows() that table first.';
+        SELECT * INTO t FROM levqor.tenants x WHERE x.id = b.tenant_id FOR UPDATE;
+        IF NOT FOUND THEN
+            outcome := 'tenant purged';
+        ELSIF event_type IN ('customer.subscription.updated', 'customer.subscription.deleted')
+              AND b.last_event_at IS NOT NULL AND created < b.last_event_at THEN
+            outcome := 'stale';
+        ELSIF event_type = 'customer.subscription.updated' THEN
+            UPDATE levqor.tenant_billing x SET last_event_at = created, subscription_status = coalesce(billing_webhook.subscription_status, x.subscription_status),
+                   updated_at = now() WHERE x.tenant_id = b.tenant_id;
+            IF plan IS NULL THEN
+                outcome := 'no plan for these prices';
+            ELSIF plan = t.plan OR t.status = 'offboarded' THEN
+                outcome := 'unchanged';
+            ELSE
+                BEGIN
+                    PERFORM levqor.change_plan(t.id::text, plan, force_plan_change);
+                    -- The subscription already has this plan's prices.
+                    UPDATE levqor.tenant_billing x SET plan = billing_webhook.plan WHERE x.tenant_id = b.tenant_id;
+                    outcome := 'plan changed';
+                EXCEPTION WHEN check_violation THEN
+                    outcome := 'plan change refused: ' || SQLERRM;
+                END;
+            END IF;
+        ELSIF event_type = 'customer.subscription.deleted' THEN
+            UPDATE levqor.tenant_billing x SET last_event_at = created, subscription_status = 'canceled',
+                   cancelled_at = coalesce(x.cancelled_at, now()), updated_at = now() WHERE x.tenant_id = b.tenant_id;
+            IF t.status IN ('active', 'trial') THEN
+                PERFORM levqor.suspend_tenant(t.id::text, 'subscription_deleted', 'read_only');
+                outcome := 'suspended';
+            ELSE
+                outcome := 'unchanged';
+            END IF;
+        ELSIF event_type = 'invoice.payment_failed' THEN
+            UPDATE levqor.tenant_billing x SET failed_payments = x.failed_payments + 1, updated_at = now()
+             WHERE x.tenant_id = b.tenant_id RETURNING * INTO b;
+            IF b.failed_payments >= greatest(suspend_after, 1) AND t.status IN ('active', 'trial') THEN
+                PERFORM levqor.suspend_tenant(t.id::text, 'payment_failed', 'read_only');
+                outcome := 'suspended';
+            ELSE
+                outcome := format('payment failure %s of %s', b.failed_payments, greatest(suspend_after, 1));
+            END IF;
+        ELSIF event_type = 'invoice.paid' THEN
+            UPDATE levqor.tenant_billing x SET failed_payments = 0, updated_at = now() WHERE x.tenant_id = b.tenant_id;
+            -- Only a tenant suspended for a failed payment: not one an
+            -- operator suspended for another reason.
+            IF t.status = 'suspended' AND t.suspension_reason = 'payment_failed' THEN
+                PERFORM levqor.resume_tenant(t.id::text);
+                outcome := 'resumed';
+            ELSE
+                outcome := 'unchanged';
+            END IF;
+        ELSE
+            outcome := 'ignored';
         END IF;
-        DELETE FROM levqor.quota_overrides o WHERE o.metric = OLD.name;
     END IF;
-    RETURN NULL;
+    INSERT INTO levqor.stripe_events (id, type, created, tenant_id, outcome) VALUES (event_id, event_type, created, b.tenant_id, outcome);
+    IF b.tenant_id IS NOT NULL AND outcome NOT IN ('ignored', 'duplicate') THEN
+        PERFORM levqor._log_event(b.tenant_id, 'billing_webhook',
+            jsonb_build_object('event_id', event_id, 'type', event_type, 'outcome', outcome));
+    END IF;
+    RETURN outcome;
 END
 $fn$;
+
+-- Ledger totals per billed tenant and metric for [since, until) by the time
+-- each entry is metered at (its period_end, to the second), split by where
+-- each entry is: sent (at or behind the cursor), pending (after it) or
+-- parked. An organization's usage counts for the tenant above it, whose
+-- customer Stripe bills (as billing_ledger sends it); usage nobody is billed
+-- for (a platform's) is left out.
+CREATE FUNCTION levqor.billing_totals(consumer text, since timestamptz, until timestamptz)
+RETURNS TABLE (tenant_id uuid, slug text, customer_id text, metric text, sent numeric, pending numeric, parked numeric)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    WITH entries AS (
+        SELECT l.id, l.metric, l.quantity, p.ledger_id IS NOT NULL AS is_parked, coalesce(b.tenant_id, a.id) AS billed
+          FROM levqor.usage_ledger l
+          LEFT JOIN levqor.billing_parked p ON p.ledger_id = l.id
+          LEFT JOIN levqor.tenant_billing b ON b.tenant_id = l.tenant_id
+          LEFT JOIN LATERAL (SELECT x.id FROM levqor.tenant_tree c JOIN levqor.tenants x ON x.id = c.ancestor AND x.kind = 'tenant'
+                              WHERE c.descendant = l.tenant_id ORDER BY c.depth LIMIT 1) a ON b.tenant_id IS NULL
+         WHERE date_trunc('second', l.period_end) >= $2 AND date_trunc('second', l.period_end) < $3
+    )
+    SELECT e.billed, coalesce(b.slug, t.slug), b.customer_id, e.metric,
+           coalesce(sum(e.quantity) FILTER (WHERE NOT e.is_parked AND e.id <= coalesce(c.position, 0)), 0),
+           coalesce(sum(e.quantity) FILTER (WHERE NOT e.is_parked AND e.id > coalesce(c.position, 0)), 0),
+           coalesce(sum(e.quantity) FILTER (WHERE e.is_parked), 0)
+      FROM entries e
+      LEFT JOIN levqor.ledger_cursors c ON c.consumer = $1
+      LEFT JOIN levqor.tenant_billing b ON b.tenant_id = e.billed
+      LEFT JOIN levqor.tenants t ON t.id = e.billed
+     WHERE e.billed IS NOT NULL
+     GROUP BY 1, 2, 3, 4
+     ORDER BY 2, 4
+$fn$;
+
+-- How far a consumer is behind the ledger: entries after its cursor and the
+-- age of the oldest of them, in seconds (the sidecar's lag metrics).
+CREATE FUNCTION levqor.ledger_lag(consumer text)
+RETURNS TABLE (entries bigint, seconds double precision)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT count(*), coalesce(extract(epoch FROM now() - min(l.recorded_at)), 0)::double precision
+      FROM levqor.usage_ledger l
+     WHERE l.id > coalesce((SELECT c.position FROM levqor.ledger_cursors c WHERE c.consumer = $1), 0)
+$fn$;
+
+-- Numbers for the sidecar's /metrics: every tenant's status and plan, and
+-- its usage against its limits (what levqor.usage shows a levqor_admin).
+CREATE FUNCTION levqor.sidecar_tenant_metrics()
+RETURNS TABLE (slug text, status text, plan text, metric text, used bigint, quota bigint, percent numeric)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.slug, t.status, t.plan, u.metric, u.used, u."limit", u.percent
+      FROM levqor.tenants t LEFT JOIN levqor.usage u ON u.tenant_id = t.id
+     ORDER BY t.slug, u.metric
+$fn$;
+
+-- 3. sql/streams.sql (new in 0.4.0).
+-- Audit streams: each tenant's sealed audit chain shipped to its SIEM by the
+-- sidecar (docs/streams.md). levqor keeps the destinations, one cursor per
+-- destination and chain (the last seq delivered), and the events a receiver
+-- refused, so that a restarted or replaced sidecar resumes exactly where the
+-- last one stopped; what is streamed is what is sealed, in seq order.
+
+-- A tenant's own destinations (levqor_admin adds them). The secret is in
+-- levqor.audit_stream_secrets, which only levqor_sidecar reads.
+CREATE TABLE levqor.audit_stream_destinations (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id   uuid NOT NULL,   -- levqor.tenants (id), removed with it
+    kind        text NOT NULL CONSTRAINT audit_stream_kind_check CHECK (kind IN ('splunk_hec', 'datadog', 'webhook')),
+    url         text NOT NULL,
+    options     jsonb NOT NULL DEFAULT '{}' CONSTRAINT audit_stream_options_object CHECK (jsonb_typeof(options) = 'object'),
+    paused      boolean NOT NULL DEFAULT false,
+    -- What the sidecar last found: active, failing (retrying) or auth_failed
+    -- (the receiver refused the secret: nothing is sent until it changes).
+    state       text NOT NULL DEFAULT 'active' CONSTRAINT audit_stream_state_check CHECK (state IN ('active', 'failing', 'auth_failed')),
+    last_error  text,
+    last_attempt_at timestamptz,
+    secret_version integer NOT NULL DEFAULT 1,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    created_by  name NOT NULL DEFAULT session_user
+);
+CREATE INDEX audit_stream_destinations_tenant_idx ON levqor.audit_stream_destinations (tenant_id);
+
+CREATE TABLE levqor.audit_stream_secrets (
+    stream_id bigint PRIMARY KEY,   -- levqor.audit_stream_destinations (id)
+    secret    text NOT NULL
+);
+
+-- Where each destination is in each chain: a tenant stream ('stream:<id>')
+-- in its tenant's chain, an operator-wide one (its name in the sidecar's
+-- file, 'siem:<name>') in every chain.
+CREATE TABLE levqor.audit_stream_cursors (
+    destination text NOT NULL,
+    chain       uuid NOT NULL,
+    seq         bigint NOT NULL DEFAULT 0,
+    delivered_at timestamptz,
+    updated_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (destination, chain)
+);
+
+-- Events a receiver refused (a 400 for that event alone), or a batch given
+-- up after [audit] max_attempts: set aside with the receiver's reply, never
+-- lost; the stream goes on past them.
+CREATE TABLE levqor.audit_stream_parked (
+    destination text NOT NULL,
+    chain       uuid NOT NULL,
+    seq         bigint NOT NULL,
+    entry_id    bigint NOT NULL,
+    reply       text,
+    parked_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (destination, chain, seq)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_stream_destinations', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_stream_destinations_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_stream_secrets', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_stream_cursors', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.audit_stream_parked', '');
+
+CREATE TRIGGER levqor_reference_tenant AFTER INSERT OR UPDATE OF tenant_id ON levqor.audit_stream_destinations
+    FOR EACH ROW EXECUTE FUNCTION levqor._check_reference('tenant_id', 'levqor.tenants', 'id', 'uuid');
+
+-- The streams, without their secrets: every one for a levqor_admin; a
+-- tenant's own for its admin or owner context. `delivered_seq` is the
+-- cursor, `lag` the sealed entries after it, `parked` the events set aside.
+CREATE VIEW levqor.audit_streams WITH (security_barrier = true) AS
+SELECT d.id, d.tenant_id, t.slug AS tenant, d.kind, d.url,
+       CASE WHEN d.paused THEN 'paused' ELSE d.state END AS state,
+       coalesce(c.seq, 0) AS delivered_seq,
+       greatest(coalesce(h.seq, 0) - coalesce(c.seq, 0), 0) AS lag,
+       d.last_error,
+       (SELECT count(*) FROM levqor.audit_stream_parked p
+         WHERE p.destination = 'stream:' || d.id AND p.chain = d.tenant_id) AS parked,
+       c.delivered_at, d.options, d.created_at
+  FROM levqor.audit_stream_destinations d
+  JOIN levqor.tenants t ON t.id = d.tenant_id
+  LEFT JOIN levqor.audit_stream_cursors c ON c.destination = 'stream:' || d.id AND c.chain = d.tenant_id
+  LEFT JOIN levqor.audit_heads h ON h.chain = d.tenant_id
+ WHERE pg_has_role(current_user, 'levqor_admin', 'USAGE')
+    OR (d.tenant_id = levqor.current_tenant() AND levqor.current_member_role() IN ('admin', 'owner'));
+
+-- https, or plain http to a loopback address (tests) or with
+-- options.allow_http = true.
+CREATE FUNCTION levqor._check_stream_url(url text, options jsonb) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF url IS NULL OR length(url) > 2000 OR url ~ '[[:space:][:cntrl:]]'
+       OR NOT (url ~ '^https://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/.*)?$'
+               OR url ~ '^http://(127\.0\.0\.1|localhost|\[::1\])(:[0-9]{1,5})?(/.*)?$'
+               OR (coalesce((options ->> 'allow_http')::boolean, false) AND url ~ '^http://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/.*)?$')) THEN
+        RAISE EXCEPTION 'an audit stream URL must be https (plain http only to a loopback address, or with options allow_http), not %',
+            coalesce(quote_literal(left(url, 100)), 'NULL') USING ERRCODE = '22023';
+    END IF;
+END
+$fn$;
+
+CREATE FUNCTION levqor._check_stream_secret(secret text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF secret IS NULL OR length(secret) NOT BETWEEN 8 AND 1000 OR secret ~ '[[:cntrl:][:space:]]' THEN
+        RAISE EXCEPTION 'an audit stream secret is 8 to 1000 characters without spaces' USING ERRCODE = '22023';
+    END IF;
+END
+$fn$;
+
+CREATE FUNCTION levqor.add_audit_stream(tenant text, kind text, url text, secret text, options jsonb DEFAULT '{}')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    t  levqor.tenants := levqor._tenant_for_update(tenant);
+    id bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM levqor.plans p WHERE p.name = t.plan AND 'audit_stream' = ANY (p.features)) THEN
+        RAISE EXCEPTION 'plan % of tenant % does not include audit streams', t.plan, t.slug USING ERRCODE = '55000',
+            HINT = 'Audit streams come with plans whose features include audit_stream (enterprise).';
+    END IF;
+    IF kind IS NULL OR kind NOT IN ('splunk_hec', 'datadog', 'webhook') THEN
+        RAISE EXCEPTION 'unknown audit stream kind %', coalesce(quote_literal(kind), 'NULL') USING ERRCODE = '22023',
+            HINT = 'kind is splunk_hec, datadog or webhook.';
+    END IF;
+    IF options IS NULL OR jsonb_typeof(options) <> 'object'
+       OR EXISTS (SELECT 1 FROM jsonb_object_keys(options) k WHERE k NOT IN ('allow_http', 'gzip', 'batch_max_events', 'host', 'index')) THEN
+        RAISE EXCEPTION 'audit stream options are a JSON object of allow_http, gzip, batch_max_events, host, index'
+            USING ERRCODE = '22023';
+    END IF;
+    PERFORM levqor._check_stream_url(url, options);
+    PERFORM levqor._check_stream_secret(secret);
+    INSERT INTO levqor.audit_stream_destinations AS d (tenant_id, kind, url, options)
+    VALUES (t.id, kind, url, options) RETURNING d.id INTO id;
+    INSERT INTO levqor.audit_stream_secrets (stream_id, secret) VALUES (id, secret);
+    -- Audited without the secret.
+    PERFORM levqor._log_event(t.id, 'audit_stream_added', jsonb_build_object('stream', id, 'kind', kind, 'url', url, 'options', options));
+    PERFORM pg_notify('levqor_streams', '');
+    RETURN id;
+END
+$fn$;
+
+-- The stream's row, locked; 42704 when there is none.
+CREATE FUNCTION levqor._audit_stream(id bigint) RETURNS levqor.audit_stream_destinations
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    d levqor.audit_stream_destinations;
+BEGIN
+    SELECT * INTO d FROM levqor.audit_stream_destinations x WHERE x.id = $1 FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'audit stream % does not exist', $1 USING ERRCODE = '42704';
+    END IF;
+    RETURN d;
+END
+$fn$;
+
+CREATE FUNCTION levqor.remove_audit_stream(id bigint) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    d levqor.audit_stream_destinations := levqor._audit_stream($1);
+BEGIN
+    DELETE FROM levqor.audit_stream_secrets s WHERE s.stream_id = d.id;
+    DELETE FROM levqor.audit_stream_cursors c WHERE c.destination = 'stream:' || d.id;
+    DELETE FROM levqor.audit_stream_parked p WHERE p.destination = 'stream:' || d.id;
+    DELETE FROM levqor.audit_stream_destinations x WHERE x.id = d.id;
+    PERFORM levqor._log_event(d.tenant_id, 'audit_stream_removed', jsonb_build_object('stream', d.id, 'kind', d.kind, 'url', d.url));
+    PERFORM pg_notify('levqor_streams', '');
+END
+$fn$;
+
+CREATE FUNCTION levqor.pause_audit_stream(id bigint) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    d levqor.audit_stream_destinations := levqor._audit_stream($1);
+BEGIN
+    UPDATE levqor.audit_stream_destinations x SET paused = true WHERE x.id = d.id;
+    PERFORM levqor._log_event(d.tenant_id, 'audit_stream_paused', jsonb_build_object('stream', d.id));
+    PERFORM pg_notify('levqor_streams', '');
+END
+$fn$;
+
+CREATE FUNCTION levqor.resume_audit_stream(id bigint) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    d levqor.audit_stream_destinations := levqor._audit_stream($1);
+BEGIN
+    UPDATE levqor.audit_stream_destinations x SET paused = false WHERE x.id = d.id;
+    PERFORM levqor._log_event(d.tenant_id, 'audit_stream_resumed', jsonb_build_object('stream', d.id));
+    PERFORM pg_notify('levqor_streams', '');
+END
+$fn$;
+
+-- A new secret (the receiver's token was rotated, or was wrong): a stream in
+-- auth_failed tries again with it.
+CREATE FUNCTION levqor.set_audit_stream_secret(id bigint, secret text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    d levqor.audit_stream_destinations := levqor._audit_stream($1);
+BEGIN
+    PERFORM levqor._check_stream_secret(secret);
+    UPDATE levqor.audit_stream_secrets s SET secret = set_audit_stream_secret.secret WHERE s.stream_id = d.id;
+    UPDATE levqor.audit_stream_destinations x
+       SET secret_version = x.secret_version + 1, state = 'active', last_error = NULL WHERE x.id = d.id;
+    PERFORM levqor._log_event(d.tenant_id, 'audit_stream_secret_changed', jsonb_build_object('stream', d.id));
+    PERFORM pg_notify('levqor_streams', '');
+END
+$fn$;
+
+-- For the sidecar: every tenant stream, with its secret.
+CREATE FUNCTION levqor.stream_destinations()
+RETURNS TABLE (id bigint, tenant_id uuid, tenant text, kind text, url text, secret text, options jsonb,
+               paused boolean, state text, secret_version integer, seq bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT d.id, d.tenant_id, t.slug, d.kind, d.url, s.secret, d.options, d.paused, d.state, d.secret_version, coalesce(c.seq, 0)
+      FROM levqor.audit_stream_destinations d
+      JOIN levqor.tenants t ON t.id = d.tenant_id
+      JOIN levqor.audit_stream_secrets s ON s.stream_id = d.id
+      LEFT JOIN levqor.audit_stream_cursors c ON c.destination = 'stream:' || d.id AND c.chain = d.tenant_id
+     ORDER BY d.id
+$fn$;
+
+-- Every chain with its head and the cursor of `destination` in it, for an
+-- operator-wide stream (the platform's chain is the nil uuid).
+CREATE FUNCTION levqor.stream_chains(destination text)
+RETURNS TABLE (chain uuid, tenant text, head bigint, seq bigint)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT h.chain, t.slug, h.seq, coalesce(c.seq, 0)
+      FROM levqor.audit_heads h
+      LEFT JOIN levqor.tenants t ON t.id = h.chain
+      LEFT JOIN levqor.audit_stream_cursors c ON c.destination = $1 AND c.chain = h.chain
+     ORDER BY h.chain
+$fn$;
+
+-- The sealed entries of one chain after `after_seq`, in seq order, as the
+-- events a receiver gets (DESIGN.md, "The sidecar"). Only entries whose
+-- sealing is durable: the worker commits its sealing asynchronously, so the
+-- WAL is flushed after the entries are read and before they are returned; a
+-- sealing that a crash could still undo is never handed out, and no receiver
+-- ever sees two different entries at one seq.
+CREATE FUNCTION levqor.audit_events(chain uuid, after_seq bigint, max_events integer DEFAULT 500)
+RETURNS TABLE (seq bigint, id bigint, at timestamptz, event jsonb)
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    prev   bytea;
+    floor  record;
+    seqs   bigint[];
+    ids    bigint[];
+    ats    timestamptz[];
+    events jsonb[];
+BEGIN
+    IF max_events IS NULL OR max_events < 1 OR max_events > 10000 THEN
+        RAISE EXCEPTION 'max_events must be 1 to 10000' USING ERRCODE = '22023';
+    END IF;
+    -- The hash before the first entry returned.
+    SELECT hd.floor_seq, hd.floor_hash INTO floor FROM levqor.audit_heads hd WHERE hd.chain = $1;
+    IF after_seq <= coalesce(floor.floor_seq, 0) THEN
+        prev := coalesce(CASE WHEN after_seq = coalesce(floor.floor_seq, 0) THEN floor.floor_hash END,
+                         '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
+        after_seq := greatest(after_seq, coalesce(floor.floor_seq, 0));
+    ELSE
+        SELECT substr(c.hashes, (after_seq - c.first_seq) * 32 + 1, 32) INTO prev
+          FROM levqor.audit_chain c
+         WHERE c.chain = $1 AND c.first_seq <= after_seq AND c.first_seq > after_seq - 96
+           AND c.first_seq + cardinality(c.ids) > after_seq
+         ORDER BY c.first_seq DESC LIMIT 1;
+    END IF;
+    SELECT array_agg(x.seq ORDER BY x.seq), array_agg(x.id ORDER BY x.seq), array_agg(x.at ORDER BY x.seq),
+           array_agg(x.event ORDER BY x.seq)
+      INTO seqs, ids, ats, events
+      FROM (
+        SELECT p.seq, a.id, a.at,
+               jsonb_build_object(
+                   'id', a.id, 'tenant_id', a.tenant_id, 'tenant', t.slug, 'seq', p.seq,
+                   'hash', encode(p.hash, 'hex'),
+                   'prev_hash', encode(coalesce(lag(p.hash) OVER (ORDER BY p.seq), prev), 'hex'),
+                   'at', to_char(a.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+                   'kind', a.kind, 'table', a.table_name, 'operation', a.operation, 'pk', a.pk,
+                   'old', a.old_row, 'new', a.new_row, 'changed', to_jsonb(a.changed),
+                   'event', a.event, 'detail', a.detail, 'db_role', a.db_role, 'user_id', a.user_id,
+                   'member_role', a.member_role) AS event
+          FROM (SELECT c.first_seq + k.o - 1 AS seq, k.id, substr(c.hashes, (k.o::int - 1) * 32 + 1, 32) AS hash
+                  FROM levqor.audit_chain c, unnest(c.ids) WITH ORDINALITY AS k(id, o)
+                 WHERE c.chain = $1 AND c.first_seq > after_seq - 96 AND c.first_seq + cardinality(c.ids) - 1 > after_seq
+                 ORDER BY c.first_seq, k.o LIMIT max_events + 96) p
+          JOIN levqor.audit_log a ON a.id = p.id
+          LEFT JOIN levqor.tenants t ON t.id = a.tenant_id
+         WHERE p.seq > after_seq
+         ORDER BY p.seq
+         LIMIT max_events) x;
+    -- Everything read above was committed before this flush returns.
+    PERFORM levqor._flush_wal();
+    RETURN QUERY SELECT * FROM unnest(seqs, ids, ats, events) ORDER BY 1;
+END
+$fn$;
+
+-- Sealed entries of a chain after `after_seq` (a stream's lag, for metrics).
+CREATE FUNCTION levqor.stream_lag(chain uuid, after_seq bigint) RETURNS bigint
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT greatest(coalesce((SELECT h.seq FROM levqor.audit_heads h WHERE h.chain = $1), 0) - $2, 0)
+$fn$;
+
+-- The sidecar moves a destination's cursor in a chain, only forward.
+CREATE FUNCTION levqor.stream_advance(destination text, chain uuid, seq bigint) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+BEGIN
+    IF destination IS NULL OR destination !~ '^(stream:[0-9]+|siem:[A-Za-z0-9_.:-]{1,100})$' THEN
+        RAISE EXCEPTION 'not a stream destination: %', coalesce(quote_literal(left(destination, 60)), 'NULL') USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO levqor.audit_stream_cursors AS c (destination, chain, seq, delivered_at)
+    VALUES (destination, chain, seq, now())
+    ON CONFLICT ON CONSTRAINT audit_stream_cursors_pkey DO UPDATE
+       SET seq = greatest(c.seq, EXCLUDED.seq), delivered_at = now(), updated_at = now();
+END
+$fn$;
+
+CREATE FUNCTION levqor.stream_park(destination text, chain uuid, seq bigint, entry_id bigint, reply text) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+BEGIN
+    INSERT INTO levqor.audit_stream_parked AS p (destination, chain, seq, entry_id, reply)
+    VALUES (destination, chain, seq, entry_id, left(reply, 2000))
+    ON CONFLICT ON CONSTRAINT audit_stream_parked_pkey DO UPDATE SET reply = EXCLUDED.reply, parked_at = now();
+END
+$fn$;
+
+-- What the sidecar found: active, failing or auth_failed, and why.
+CREATE FUNCTION levqor.stream_report(id bigint, state text, last_error text DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    was text;
+BEGIN
+    SELECT d.state INTO was FROM levqor.audit_stream_destinations d WHERE d.id = $1;
+    UPDATE levqor.audit_stream_destinations d
+       SET state = stream_report.state, last_error = left(stream_report.last_error, 2000), last_attempt_at = now()
+     WHERE d.id = $1;
+    IF was IS DISTINCT FROM state AND state = 'auth_failed' THEN
+        PERFORM levqor._log_event((SELECT d.tenant_id FROM levqor.audit_stream_destinations d WHERE d.id = $1),
+            'audit_stream_auth_failed', jsonb_build_object('stream', $1, 'reply', left(last_error, 500)));
+    END IF;
+END
+$fn$;
+
+-- 3. sql/backup.sql (new in 0.4.0).
+-- Per-tenant backups, verified restores and DR drills (docs/backups.md).
+-- The sidecar does the work as a login role granted levqor_backup: it reads a
+-- tenant's rows through that tenant's own context (row level security
+-- decides, so an archive cannot hold another tenant's row), and restores
+-- them the same way. The functions below are what that role may do beyond
+-- the table privileges enable_tenancy grants it; the catalog of backups and
+-- the coverage view are here too.
+
+-- Every backup, restore and drill, good or failed.
+CREATE TABLE levqor.backups (
+    id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    tenant_id   uuid NOT NULL,
+    slug        text NOT NULL,
+    kind        text NOT NULL DEFAULT 'backup' CONSTRAINT backups_kind_check CHECK (kind IN ('backup', 'restore', 'drill')),
+    taken_at    timestamptz NOT NULL DEFAULT now(),
+    file        text,
+    bytes       bigint,
+    sha256      text,
+    rows        bigint,
+    duration_ms bigint,
+    encrypted   boolean,
+    status      text NOT NULL CONSTRAINT backups_status_check CHECK (status IN ('ok', 'failed')),
+    error       text,
+    detail      jsonb NOT NULL DEFAULT '{}'
+);
+CREATE INDEX backups_tenant_idx ON levqor.backups (tenant_id, taken_at);
+SELECT pg_catalog.pg_extension_config_dump('levqor.backups', '');
+SELECT pg_catalog.pg_extension_config_dump('levqor.backups_id_seq', '');
+
+-- Per tenant: its last good backup and how old it is (the RPO achieved),
+-- and how its drills went (the seeds' "DR coverage and backup restore
+-- success %").
+CREATE VIEW levqor.backup_coverage AS
+SELECT t.id AS tenant_id, t.slug, t.status,
+       g.taken_at AS last_good_backup, g.file AS last_good_file,
+       now() - g.taken_at AS age,
+       (SELECT max(b.taken_at) FROM levqor.backups b WHERE b.tenant_id = t.id AND b.kind = 'backup' AND b.status = 'failed'
+         AND b.taken_at > coalesce(g.taken_at, '-infinity')) AS failed_since,
+       d.drills, d.drills_ok,
+       CASE WHEN d.drills > 0 THEN round(100.0 * d.drills_ok / d.drills, 1) END AS drill_success_percent,
+       d.last_drill
+  FROM levqor.tenants t
+  LEFT JOIN LATERAL (SELECT b.taken_at, b.file FROM levqor.backups b
+                      WHERE b.tenant_id = t.id AND b.kind = 'backup' AND b.status = 'ok'
+                      ORDER BY b.taken_at DESC LIMIT 1) g ON true
+  LEFT JOIN LATERAL (SELECT count(*) AS drills, count(*) FILTER (WHERE b.status = 'ok') AS drills_ok, max(b.taken_at) AS last_drill
+                       FROM levqor.backups b WHERE b.tenant_id = t.id AND b.kind = 'drill') d ON true
+ WHERE t.kind <> 'platform';
+
+CREATE FUNCTION levqor.backup_record(tenant uuid, kind text, file text, bytes bigint, sha256 text, rows bigint,
+                                     duration_ms bigint, encrypted boolean, status text, error text DEFAULT NULL,
+                                     detail jsonb DEFAULT '{}')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    id bigint;
+    s  text := coalesce((SELECT t.slug FROM levqor.tenants t WHERE t.id = tenant), detail ->> 'slug', tenant::text);
+BEGIN
+    INSERT INTO levqor.backups AS b (tenant_id, slug, kind, file, bytes, sha256, rows, duration_ms, encrypted, status, error, detail)
+    VALUES (tenant, s, kind, file, bytes, sha256, rows, duration_ms, encrypted, status, left(error, 2000), coalesce(detail, '{}'))
+    RETURNING b.id INTO id;
+    IF EXISTS (SELECT 1 FROM levqor.tenants t WHERE t.id = tenant) THEN
+        PERFORM levqor._log_event(tenant, 'tenant_' || kind || CASE status WHEN 'ok' THEN '' ELSE '_failed' END,
+            jsonb_build_object('file', file, 'rows', rows, 'sha256', sha256, 'error', left(error, 500)));
+    END IF;
+    RETURN id;
+END
+$fn$;
+
+-- The tenants a scheduled run backs up, and what a backup starts from.
+CREATE FUNCTION levqor.backup_tenants() RETURNS TABLE (tenant_id uuid, slug text, isolation text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT t.id, t.slug, t.isolation FROM levqor.tenants t
+     WHERE t.kind <> 'platform' AND t.status <> 'offboarded' ORDER BY t.slug
+$fn$;
+
+-- What a backup needs besides rows, read in the caller's REPEATABLE READ
+-- transaction (the caller has set the tenant's context with
+-- levqor.backup_context(), so its rows are all it can read): the tenant's
+-- catalog rows and the tables to copy, with their columns.
+CREATE FUNCTION levqor.backup_begin(tenant text, include_secrets boolean DEFAULT false) RETURNS jsonb
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    t      levqor.tenants;
+    tables jsonb;
+BEGIN
+    IF current_setting('transaction_isolation') NOT IN ('repeatable read', 'serializable') THEN
+        RAISE EXCEPTION 'a backup runs in one REPEATABLE READ transaction' USING ERRCODE = '25000',
+            HINT = 'BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; then levqor.backup_begin().';
+    END IF;
+    SELECT * INTO t FROM levqor.tenants x WHERE x.id = levqor._tenant_id(tenant);
+    IF levqor.current_tenant() IS DISTINCT FROM t.id THEN
+        RAISE EXCEPTION 'a backup reads the tenant''s rows through its context' USING ERRCODE = '55000',
+            HINT = 'SELECT levqor.backup_context(tenant) first, in the same transaction.';
+    END IF;
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'table', s.tbl::text, 'schema', n.nspname, 'name', c.relname, 'tenant_column', s.tenant_column,
+               'scope_column', (SELECT pt.scope_column FROM levqor.protected_tables pt WHERE pt.tbl = s.tbl),
+               'columns', (SELECT jsonb_agg(a.attname ORDER BY a.attnum) FROM pg_attribute a
+                            WHERE a.attrelid = s.tbl AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''))
+               ORDER BY s.tbl::text), '[]')
+      INTO tables
+      FROM levqor._export_sources(t.id) s
+      JOIN pg_class c ON c.oid = s.tbl JOIN pg_namespace n ON n.oid = c.relnamespace;
+    RETURN jsonb_build_object(
+        'tenant', to_jsonb(t),
+        'members', (SELECT coalesce(jsonb_agg(to_jsonb(m) ORDER BY m.user_id), '[]') FROM levqor.members m WHERE m.tenant_id = t.id),
+        'keys', (SELECT coalesce(jsonb_agg(to_jsonb(k) - 'key_hash' || jsonb_build_object('key_hash', encode(k.key_hash, 'hex'))
+                                  ORDER BY k.key_id), '[]') FROM levqor.tenant_keys k WHERE k.tenant_id = t.id),
+        'quota_overrides', (SELECT coalesce(jsonb_agg(to_jsonb(o) ORDER BY o.metric), '[]') FROM levqor.quota_overrides o WHERE o.tenant_id = t.id),
+        'sso', (SELECT CASE WHEN include_secrets THEN to_jsonb(s) ELSE to_jsonb(s) - 'client_secret' END
+                  FROM levqor.tenant_sso s WHERE s.tenant_id = t.id),
+        'billing', (SELECT to_jsonb(b) FROM levqor.tenant_billing b WHERE b.tenant_id = t.id),
+        'plan', (SELECT to_jsonb(p) FROM levqor.plans p WHERE p.name = t.plan),
+        'audit_head', (SELECT to_jsonb(h) - 'hash' - 'floor_hash' || jsonb_build_object('hash', encode(h.hash, 'hex'), 'floor_hash', encode(h.floor_hash, 'hex'))
+                         FROM levqor.audit_heads h WHERE h.chain = t.id),
+        'tables', tables,
+        'snapshot_at', now(),
+        'levqor_version', (SELECT e.extversion FROM pg_extension e WHERE e.extname = 'levqor'),
+        'server_version_num', current_setting('server_version_num')::int,
+        'secrets_included', include_secrets);
+END
+$fn$;
+
+-- The tenant's audit entries and chain runs, for the archive (the backup
+-- context has no member role, so it could not read them itself).
+CREATE FUNCTION levqor.backup_audit_log(tenant uuid) RETURNS SETOF levqor.audit_log
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT * FROM levqor.audit_log a WHERE a.tenant_id = $1 ORDER BY a.id
+$fn$;
+
+CREATE FUNCTION levqor.backup_audit_chain(tenant uuid) RETURNS SETOF levqor.audit_chain
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT * FROM levqor.audit_chain c WHERE c.chain = $1 ORDER BY c.first_seq
+$fn$;
+
+-- Restore a tenant's catalog rows from an archive, in the caller's
+-- transaction (which then acts for the tenant, levqor.backup_context(), for
+-- the rows that follow). A tenant that exists is refused unless `replace`;
+-- replaced, only its own catalog rows change.
+CREATE FUNCTION levqor.restore_begin(catalog jsonb, replace boolean DEFAULT false) RETURNS uuid
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    t       levqor.tenants := jsonb_populate_record(NULL::levqor.tenants, catalog -> 'tenant');
+    had     levqor.tenants;
+BEGIN
+    IF t.id IS NULL OR t.slug IS NULL THEN
+        RAISE EXCEPTION 'the archive holds no tenant' USING ERRCODE = '22023';
+    END IF;
+    SELECT * INTO had FROM levqor.tenants x WHERE x.id = t.id FOR UPDATE;
+    IF FOUND AND NOT replace THEN
+        RAISE EXCEPTION 'tenant % exists here (status %)', had.slug, had.status USING ERRCODE = '55000',
+            HINT = 'Pass --replace to replace its rows (only its own), or restore into another database.';
+    END IF;
+    IF NOT FOUND AND EXISTS (SELECT 1 FROM levqor.tenants x WHERE x.slug = t.slug) THEN
+        RAISE EXCEPTION 'another tenant is called % here', t.slug USING ERRCODE = '23505';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM levqor.plans p WHERE p.name = t.plan) THEN
+        IF catalog -> 'plan' IS NULL OR jsonb_typeof(catalog -> 'plan') <> 'object' THEN
+            RAISE EXCEPTION 'plan % does not exist here', t.plan USING ERRCODE = '22023';
+        END IF;
+        INSERT INTO levqor.plans SELECT * FROM jsonb_populate_record(NULL::levqor.plans, catalog -> 'plan');
+    END IF;
+    IF t.parent IS NOT NULL AND NOT EXISTS (SELECT 1 FROM levqor.tenants x WHERE x.id = t.parent) THEN
+        RAISE EXCEPTION 'the parent of % is not here', t.slug USING ERRCODE = '55000',
+            HINT = 'Restore the tenant above it first.';
+    END IF;
+    -- Active while its rows come back (a suspended tenant's writes would be
+    -- refused); restore_finish sets the archived status.
+    IF had.id IS NULL THEN
+        INSERT INTO levqor.tenants SELECT (jsonb_populate_record(t, '{"status": "active", "suspension_mode": null}')).*;
+    ELSE
+        UPDATE levqor.tenants x SET slug = t.slug, name = t.name, plan = t.plan, region = t.region, settings = t.settings,
+               status = 'active', suspension_mode = NULL, suspension_reason = NULL, storage_exceeded = false,
+               updated_at = now()
+         WHERE x.id = t.id;
+    END IF;
+    DELETE FROM levqor.members m WHERE m.tenant_id = t.id;
+    INSERT INTO levqor.members SELECT * FROM jsonb_populate_recordset(NULL::levqor.members, coalesce(catalog -> 'members', '[]'));
+    DELETE FROM levqor.tenant_keys k WHERE k.tenant_id = t.id;
+    INSERT INTO levqor.tenant_keys (key_id, tenant_id, key_hash, role, user_id, label, created_at, created_by, expires_at, revoked_at)
+    SELECT k.key_id, t.id, decode(k.key_hash, 'hex'), k.role, k.user_id, k.label, k.created_at, k.created_by, k.expires_at, k.revoked_at
+      FROM jsonb_to_recordset(coalesce(catalog -> 'keys', '[]'))
+           AS k(key_id text, key_hash text, role text, user_id uuid, label text, created_at timestamptz, created_by name,
+                expires_at timestamptz, revoked_at timestamptz)
+     WHERE NOT EXISTS (SELECT 1 FROM levqor.tenant_keys x WHERE x.key_id = k.key_id);
+    DELETE FROM levqor.quota_overrides o WHERE o.tenant_id = t.id;
+    INSERT INTO levqor.quota_overrides SELECT * FROM jsonb_populate_recordset(NULL::levqor.quota_overrides, coalesce(catalog -> 'quota_overrides', '[]'));
+    IF jsonb_typeof(catalog -> 'sso') = 'object' THEN
+        DELETE FROM levqor.tenant_sso s WHERE s.tenant_id = t.id;
+        INSERT INTO levqor.tenant_sso SELECT * FROM jsonb_populate_record(NULL::levqor.tenant_sso, catalog -> 'sso');
+    END IF;
+    IF jsonb_typeof(catalog -> 'billing') = 'object' AND NOT EXISTS (SELECT 1 FROM levqor.tenant_billing b WHERE b.tenant_id = t.id) THEN
+        INSERT INTO levqor.tenant_billing SELECT * FROM jsonb_populate_record(NULL::levqor.tenant_billing, catalog -> 'billing');
+    END IF;
+    RETURN t.id;
+END
+$fn$;
+
+-- A schema tenant's schema, when it is missing here: cloned from
+-- levqor_template (as create_tenant does). False when the template lacks a
+-- table the archive has: the archive's DDL must create them.
+CREATE FUNCTION levqor.restore_schema(tenant uuid, tables text[]) RETURNS boolean
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    t levqor.tenants;
+BEGIN
+    SELECT * INTO t FROM levqor.tenants x WHERE x.id = tenant;
+    IF t.schema_name IS NULL OR to_regnamespace(quote_ident(t.schema_name)) IS NOT NULL THEN
+        RETURN true;
+    END IF;
+    IF EXISTS (SELECT 1 FROM unnest(tables) x
+                WHERE to_regclass(format('levqor_template.%I', split_part(x, '.', 2))) IS NULL) THEN
+        RETURN false;
+    END IF;
+    PERFORM levqor._clone_template(t.schema_name, t.id);
+    RETURN true;
+END
+$fn$;
+
+-- Sequences of a restored table past every id it holds (all tenants').
+CREATE FUNCTION levqor.restore_sequences(tbl regclass) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    c   record;
+    top bigint;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM levqor._protected() p WHERE p.tbl = $1)
+       AND NOT EXISTS (SELECT 1 FROM levqor.tenants t JOIN pg_class k ON k.oid = $1
+                        WHERE k.relnamespace = to_regnamespace(quote_ident(t.schema_name))) THEN
+        RAISE EXCEPTION '% holds no tenant data', $1 USING ERRCODE = '42501';
+    END IF;
+    FOR c IN SELECT a.attname, pg_get_serial_sequence($1::text, a.attname) AS seq
+               FROM pg_attribute a WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped LOOP
+        CONTINUE WHEN c.seq IS NULL;
+        EXECUTE format('SELECT max(%I)::bigint FROM %s', c.attname, $1) INTO top;
+        IF top IS NOT NULL AND top > coalesce(pg_sequence_last_value(c.seq::regclass), 0) THEN
+            PERFORM setval(c.seq, top);
+        END IF;
+    END LOOP;
+END
+$fn$;
+
+-- The tenant's audit trail from an archive, from the caller's temporary
+-- tables levqor_restore_audit (entries, as audit_log rows) and
+-- levqor_restore_chain (runs). Where this database already has the
+-- tenant's chain (a restore after purge_tenant, which keeps the trail), it
+-- stays as it is. Where it has none: the entries come back with their ids,
+-- positions and hashes if those ids are free here (the chain verifies as it
+-- did), else they are entered again, as new entries that the sealer chains
+-- anew (the archive keeps the original hashes). Returns what it did.
+CREATE FUNCTION levqor.restore_audit(tenant uuid, head jsonb) RETURNS text
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    n    bigint;
+    top  bigint;
+BEGIN
+    IF EXISTS (SELECT 1 FROM levqor.audit_heads h WHERE h.chain = tenant) THEN
+        RETURN 'kept: the chain here';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_temp.levqor_restore_audit r WHERE r.tenant_id IS DISTINCT FROM tenant)
+       OR EXISTS (SELECT 1 FROM pg_temp.levqor_restore_chain r WHERE r.chain IS DISTINCT FROM tenant) THEN
+        RAISE EXCEPTION 'the archive''s audit trail holds entries of another tenant' USING ERRCODE = '42501';
+    END IF;
+    SELECT count(*), max(r.id) INTO n, top FROM pg_temp.levqor_restore_audit r;
+    IF n = 0 THEN
+        RETURN 'none';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM levqor.audit_log a JOIN pg_temp.levqor_restore_audit r ON r.id = a.id) THEN
+        INSERT INTO levqor.audit_log SELECT * FROM pg_temp.levqor_restore_audit;
+        INSERT INTO levqor.audit_chain SELECT * FROM pg_temp.levqor_restore_chain;
+        INSERT INTO levqor.audit_heads (chain, seq, hash, floor_seq, floor_hash)
+        VALUES (tenant, (head ->> 'seq')::bigint, decode(head ->> 'hash', 'hex'),
+                coalesce((head ->> 'floor_seq')::bigint, 0), decode(coalesce(head ->> 'floor_hash', repeat('00', 32)), 'hex'));
+        PERFORM setval('levqor.audit_log_id_seq', greatest(top, coalesce(pg_sequence_last_value('levqor.audit_log_id_seq'), 1)));
+        RETURN format('restored: %s entries with their chain', n);
+    END IF;
+    INSERT INTO levqor.audit_log (tenant_id, at, xid, db_role, user_id, member_role, application_name, client_addr, kind,
+                                  table_name, operation, pk, old_row, new_row, changed, event, detail)
+    SELECT r.tenant_id, r.at, r.xid, r.db_role, r.user_id, r.member_role, r.application_name, r.client_addr, r.kind,
+           r.table_name, r.operation, r.pk, r.old_row, r.new_row, r.changed, r.event, r.detail
+      FROM pg_temp.levqor_restore_audit r ORDER BY r.id;
+    RETURN format('entered again: %s entries, to be sealed as a new chain', n);
+END
+$fn$;
+
+-- The end of a restore: the archived status comes back, the restore is in
+-- the tenant's audit trail.
+CREATE FUNCTION levqor.restore_finish(catalog jsonb, detail jsonb DEFAULT '{}') RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    t levqor.tenants := jsonb_populate_record(NULL::levqor.tenants, catalog -> 'tenant');
+BEGIN
+    UPDATE levqor.tenants x SET status = t.status, suspension_mode = t.suspension_mode, suspension_reason = t.suspension_reason,
+           trial_ends_at = t.trial_ends_at, offboarded_at = t.offboarded_at, purge_after = t.purge_after, updated_at = now()
+     WHERE x.id = t.id;
+    PERFORM levqor._log_event(t.id, 'tenant_restored', coalesce(detail, '{}'));
+END
+$fn$;
+
+-- 4. Functions new or changed in the files 0.3.0 had.
 CREATE FUNCTION levqor._notice_unsealed(as_warning boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -266,20 +1360,6 @@ BEGIN
     ELSE
         RAISE NOTICE '%', msg USING DETAIL = detail, HINT = hint;
     END IF;
-END
-$fn$;
-CREATE FUNCTION levqor._plan_changed() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    IF TG_OP = 'UPDATE' THEN
-        IF NEW.name IS DISTINCT FROM OLD.name THEN
-            UPDATE levqor.tenants t SET plan = NEW.name WHERE t.plan = OLD.name;
-        END IF;
-    ELSIF EXISTS (SELECT 1 FROM levqor.tenants t WHERE t.plan = OLD.name) THEN
-        RAISE EXCEPTION 'plan % is in use by tenants', OLD.name USING ERRCODE = '23503',
-            HINT = 'Move them to another plan first (levqor.change_plan).';
-    END IF;
-    RETURN NULL;
 END
 $fn$;
 CREATE FUNCTION levqor._protect_partitions() RETURNS event_trigger
@@ -323,19 +1403,6 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT levqor.preloaded()
            AND current_database() = ANY (regexp_split_to_array(btrim(coalesce(current_setting('levqor.audit_database', true), '')), '\s*,\s*'))
 $fn$;
-CREATE FUNCTION levqor._tenant_deleted() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS $fn$
-BEGIN
-    IF EXISTS (SELECT 1 FROM levqor.tenants t WHERE t.parent = OLD.id) THEN
-        RAISE EXCEPTION 'tenant % still has tenants under it', OLD.slug USING ERRCODE = '23503';
-    END IF;
-    DELETE FROM levqor.tenant_keys k WHERE k.tenant_id = OLD.id;
-    DELETE FROM levqor.members m WHERE m.tenant_id = OLD.id;
-    DELETE FROM levqor.tenant_sso s WHERE s.tenant_id = OLD.id;
-    DELETE FROM levqor.quota_overrides o WHERE o.tenant_id = OLD.id;
-    RETURN NULL;
-END
-$fn$;
 CREATE FUNCTION levqor.isolation_report(format text) RETURNS jsonb
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
@@ -374,6 +1441,53 @@ BEGIN
             'metric', a.metric, 'threshold', a.threshold, 'used', a.used, 'limit', a.quota,
             'window_start', CASE WHEN a.window_start = '-infinity' THEN NULL ELSE a.window_start END));
     END LOOP;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._export(tid uuid) RETURNS TABLE (table_name text, row_data jsonb)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_column
+DECLARE
+    t      levqor.tenants;
+    p      record;
+    counts jsonb := '{}';
+    n      bigint;
+BEGIN
+    SELECT * INTO t FROM levqor.tenants WHERE id = tid;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'tenant % does not exist', tid USING ERRCODE = '42704';
+    END IF;
+    FOR p IN SELECT * FROM levqor._export_sources(tid) LOOP
+        IF p.tenant_column IS NULL THEN
+            EXECUTE format('SELECT count(*) FROM %s', p.tbl) INTO n;
+        ELSE
+            EXECUTE format('SELECT count(*) FROM %s WHERE %I = $1', p.tbl, p.tenant_column) INTO n USING tid;
+        END IF;
+        counts := counts || jsonb_build_object(p.tbl::text, n);
+    END LOOP;
+    counts := counts
+        || jsonb_build_object('levqor.tenants', 1,
+                              'levqor.tenant_keys', (SELECT count(*) FROM levqor.tenant_keys k WHERE k.tenant_id = tid),
+                              'levqor.members', (SELECT count(*) FROM levqor.members m WHERE m.tenant_id = tid),
+                              'levqor.audit_log', (SELECT count(*) FROM levqor.audit_log a WHERE a.tenant_id = tid));
+
+    table_name := 'manifest';
+    row_data := jsonb_build_object('tenant', tid, 'slug', t.slug, 'exported_at', now(), 'format', 'levqor-export/1',
+                              'rows', counts);
+    RETURN NEXT;
+    RETURN QUERY SELECT 'levqor.tenants', to_jsonb(x) FROM levqor.tenants x WHERE x.id = tid;
+    -- Key metadata, never the hashes.
+    RETURN QUERY SELECT 'levqor.tenant_keys', to_jsonb(k) - 'key_hash'
+                   FROM levqor.tenant_keys k WHERE k.tenant_id = tid ORDER BY k.created_at;
+    RETURN QUERY SELECT 'levqor.members', to_jsonb(m) FROM levqor.members m WHERE m.tenant_id = tid ORDER BY m.added_at, m.user_id;
+    FOR p IN SELECT * FROM levqor._export_sources(tid) LOOP
+        IF p.tenant_column IS NULL THEN
+            RETURN QUERY EXECUTE format('SELECT %L::text, to_jsonb(x) FROM %s x', p.tbl::text, p.tbl);
+        ELSE
+            RETURN QUERY EXECUTE format('SELECT %L::text, to_jsonb(x) FROM %s x WHERE x.%I = $1',
+                                        p.tbl::text, p.tbl, p.tenant_column) USING tid;
+        END IF;
+    END LOOP;
+    RETURN QUERY SELECT 'levqor.audit_log', to_jsonb(a) FROM levqor.audit_trail a WHERE a.tenant_id = tid ORDER BY a.id;
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor._guard_ddl() RETURNS event_trigger
@@ -487,10 +1601,55 @@ BEGIN
         EXECUTE format('CREATE POLICY levqor_base ON %s AS PERMISSIVE FOR ALL TO PUBLIC USING %s WITH CHECK %s',
                        tbl, qual, qual);
     END IF;
+    EXECUTE format('GRANT SELECT, INSERT, DELETE ON %s TO levqor_backup', tbl);
     IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_schema_guard') THEN
         EXECUTE format('CREATE TRIGGER levqor_schema_guard BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s
                         FOR EACH STATEMENT EXECUTE FUNCTION levqor._schema_guard(%L)', tbl, tenant);
     END IF;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._record_usage(tenants uuid[], counters integer[], is_rows boolean[], windows bigint[],
+                                     used bigint[], billable bigint[])
+RETURNS void LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    t uuid[];
+    m text[];
+    w timestamptz[];
+    u bigint[];
+    b bigint[];
+BEGIN
+    SELECT array_agg(x.tenant_id), array_agg(coalesce(r.metric, k.name)), array_agg(levqor._ts(x.w)),
+           array_agg(x.used), array_agg(x.billable)
+      INTO t, m, w, u, b
+      FROM unnest(tenants, counters, is_rows, windows, used, billable) AS x(tenant_id, counter, is_rows, w, used, billable)
+      LEFT JOIN levqor.row_limits r ON x.is_rows AND r.id = x.counter
+      LEFT JOIN levqor.metrics k ON NOT x.is_rows AND k.id = x.counter
+     WHERE coalesce(r.metric, k.name) IS NOT NULL
+       AND EXISTS (SELECT 1 FROM levqor.tenants tt WHERE tt.id = x.tenant_id);
+    IF t IS NULL THEN
+        RETURN;
+    END IF;
+
+    INSERT INTO levqor.usage_counters AS c (tenant_id, metric, window_start, used)
+    SELECT * FROM unnest(t, m, w, u)
+    ON CONFLICT (tenant_id, metric, window_start) DO UPDATE SET used = EXCLUDED.used, updated_at = now();
+    DELETE FROM levqor.usage_counters c USING unnest(t, m, w) AS x(tenant_id, metric, window_start)
+     WHERE c.tenant_id = x.tenant_id AND c.metric = x.metric AND c.window_start < x.window_start;
+
+    -- Wakes the sidecar's meter (no payload: any session may LISTEN).
+    IF EXISTS (SELECT 1 FROM unnest(b) AS x(q) WHERE x.q > 0) THEN
+        PERFORM pg_notify('levqor_ledger', '');
+    END IF;
+    INSERT INTO levqor.usage_ledger (tenant_id, metric, quantity, period_start, period_end)
+    SELECT x.tenant_id, x.metric, x.billable,
+           coalesce((SELECT max(l.period_end) FROM levqor.usage_ledger l
+                      WHERE l.tenant_id = x.tenant_id AND l.metric = x.metric),
+                    (SELECT tt.created_at FROM levqor.tenants tt WHERE tt.id = x.tenant_id)),
+           now()
+      FROM unnest(t, m, b) AS x(tenant_id, metric, billable)
+     WHERE x.billable > 0;
+
+    PERFORM levqor._check_thresholds(t, m, w, u);
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor._register_scope(tbl regclass, scope_column name) RETURNS void
@@ -902,6 +2061,9 @@ BEGIN
         PERFORM levqor.enable_tenancy(child, tenant_column);
     END LOOP;
 
+    -- Backups read a tenant's rows, and restores write them back, through the
+    -- tenant's context (docs/backups.md): row level security still decides.
+    EXECUTE format('GRANT SELECT, INSERT, DELETE ON %s TO levqor_backup', tbl);
     PERFORM levqor._register_protected(tbl, tenant_column);
     PERFORM levqor._warn_unscoped_foreign_keys(tbl);
 END
@@ -1151,6 +2313,52 @@ BEGIN
     END LOOP;
 END
 $fn$;
+CREATE OR REPLACE FUNCTION levqor.seal_audit(max_entries int DEFAULT 10000) RETURNS int
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    st       record;
+    now_id   bigint;
+    now_xid  bigint;
+    settled  boolean;
+    upto     bigint;
+    n        int;
+    last_id  bigint;
+BEGIN
+    -- One sealer at a time; a second one has nothing to do.
+    IF max_entries < 1 OR NOT pg_try_advisory_xact_lock(hashtext('levqor.seal_audit')) THEN
+        RETURN 0;
+    END IF;
+    SELECT s.through, s.horizon_id, s.horizon_xid INTO st FROM levqor.audit_seal_state s;
+    settled := st.horizon_xid IS NOT NULL
+               AND st.horizon_xid <= pg_snapshot_xmin(pg_current_snapshot())::text::bigint;
+    -- A later statement, a later snapshot: it sees every entry of the
+    -- transactions found ended above. The batch (read, hashed, appended to
+    -- levqor.audit_chain, heads moved) is src/seal.rs.
+    SELECT b.sealed, b.last_id INTO n, last_id FROM levqor._seal_batch(st.through, max_entries) b;
+    -- Wakes the sidecar's audit streams (no payload: any session may LISTEN).
+    IF n > 0 THEN
+        PERFORM pg_notify('levqor_sealed', '');
+    END IF;
+    -- The next horizon, read after the batch so that the next pass can move
+    -- the watermark past what this one sealed. In this order: an id taken up
+    -- to now_id was taken by a transaction whose id is below now_xid.
+    now_id := coalesce(pg_sequence_last_value('levqor.audit_log_id_seq'), 0);
+    now_xid := levqor._next_xid();
+    -- Move the watermark: up to the horizon once it is settled, but not past
+    -- what this pass sealed if it stopped at max_entries.
+    upto := st.through;
+    IF settled THEN
+        upto := greatest(upto, CASE WHEN n < max_entries THEN st.horizon_id
+                                          ELSE least(st.horizon_id, last_id) END);
+    END IF;
+    IF st.horizon_xid IS NULL OR (settled AND upto >= st.horizon_id) THEN
+        UPDATE levqor.audit_seal_state SET through = upto, horizon_id = now_id, horizon_xid = now_xid;
+    ELSIF upto <> st.through THEN
+        UPDATE levqor.audit_seal_state SET through = upto;
+    END IF;
+    RETURN n;
+END
+$fn$;
 CREATE OR REPLACE FUNCTION levqor.tenant_storage_bytes(tenant text) RETURNS bigint
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -1250,6 +2458,18 @@ CREATE EVENT TRIGGER levqor_protect_partitions ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
     EXECUTE FUNCTION levqor._protect_partitions();
 
+-- Backups read and restore protected tables' rows through the tenant's context.
+DO $backup_grants$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT p.tbl::regclass AS tbl FROM levqor._protected() p
+             UNION SELECT pol.polrelid::regclass FROM pg_catalog.pg_policy pol WHERE pol.polname = 'levqor_schema_tenant' LOOP
+        EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON %s TO levqor_backup', r.tbl);
+    END LOOP;
+END
+$backup_grants$;
+
 -- 6. New catalog tables reach every backend's cache; privileges as in a fresh install.
 CREATE TRIGGER levqor_catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON levqor.members
     FOR EACH STATEMENT EXECUTE FUNCTION levqor._catalog_changed();
@@ -1340,6 +2560,40 @@ GRANT EXECUTE ON FUNCTION
     levqor.set_sso_saml(text, text, text, text, text[]),
     levqor.clear_sso(text)
 TO levqor_admin;
+
+-- The sidecar (docs/sidecar.md): exactly what billing, audit streams and
+-- /metrics use; nothing that sets a tenant's context or reads tenants' rows.
+GRANT EXECUTE ON FUNCTION
+    levqor.billing_pending(integer), levqor.billing_customer(uuid, text),
+    levqor.billing_subscription(uuid, text, text, text, jsonb), levqor.billing_cancelled(uuid, text),
+    levqor.billing_ledger(text, integer), levqor.billing_park(bigint, text, text), levqor.billing_unparked(bigint),
+    levqor.billing_webhook(text, text, timestamptz, text, text, text, boolean, integer),
+    levqor.billing_totals(text, timestamptz, timestamptz), levqor.sidecar_tenant_metrics(),
+    levqor.ledger_advance(text, bigint), levqor.ledger_lag(text),
+    levqor.stream_destinations(), levqor.stream_lag(uuid, bigint), levqor.stream_chains(text), levqor.audit_events(uuid, bigint, integer),
+    levqor.stream_advance(text, uuid, bigint), levqor.stream_park(text, uuid, bigint, bigint, text),
+    levqor.stream_report(bigint, text, text)
+TO levqor_sidecar;
+GRANT SELECT ON levqor.plans, levqor.metrics, levqor.tenant_billing, levqor.billing_parked, levqor.backup_coverage TO levqor_sidecar;
+-- Backups (docs/backups.md): one tenant's rows at a time, through its context
+-- (the table privileges come with enable_tenancy).
+GRANT EXECUTE ON FUNCTION
+    levqor.backup_context(text, boolean), levqor.backup_begin(text, boolean), levqor.backup_audit_log(uuid), levqor.backup_audit_chain(uuid),
+    levqor.backup_tenants(), levqor.backup_record(uuid, text, text, bigint, text, bigint, bigint, boolean, text, text, jsonb),
+    levqor.restore_begin(jsonb, boolean), levqor.restore_schema(uuid, text[]), levqor.restore_sequences(regclass),
+    levqor.restore_audit(uuid, jsonb), levqor.restore_finish(jsonb, jsonb), levqor.export_tenant(text)
+TO levqor_backup;
+GRANT SELECT ON levqor.backups, levqor.backup_coverage TO levqor_backup;
+-- Billing, streams and backups for levqor_admin.
+GRANT EXECUTE ON FUNCTION
+    levqor.billing_retry(bigint),
+    levqor.add_audit_stream(text, text, text, text, jsonb), levqor.remove_audit_stream(bigint),
+    levqor.pause_audit_stream(bigint), levqor.resume_audit_stream(bigint), levqor.set_audit_stream_secret(bigint, text)
+TO levqor_admin;
+GRANT SELECT ON levqor.tenant_billing, levqor.billing_parked, levqor.stripe_events, levqor.audit_stream_parked,
+    levqor.backups, levqor.backup_coverage TO levqor_admin;
+-- A tenant's admin reads its streams' state (the view filters).
+GRANT SELECT ON levqor.audit_streams TO PUBLIC;
 
 -- SSO: a login page reads its tenant's settings (never the secret); the
 -- trusted server that exchanges codes reads the secret.

@@ -459,6 +459,10 @@ BEGIN
     DELETE FROM levqor.usage_counters c USING unnest(t, m, w) AS x(tenant_id, metric, window_start)
      WHERE c.tenant_id = x.tenant_id AND c.metric = x.metric AND c.window_start < x.window_start;
 
+    -- Wakes the sidecar's meter (no payload: any session may LISTEN).
+    IF EXISTS (SELECT 1 FROM unnest(b) AS x(q) WHERE x.q > 0) THEN
+        PERFORM pg_notify('levqor_ledger', '');
+    END IF;
     INSERT INTO levqor.usage_ledger (tenant_id, metric, quantity, period_start, period_end)
     SELECT x.tenant_id, x.metric, x.billable,
            coalesce((SELECT max(l.period_end) FROM levqor.usage_ledger l

@@ -374,6 +374,9 @@ BEGIN
         PERFORM levqor.enable_tenancy(child, tenant_column);
     END LOOP;
 
+    -- Backups read a tenant's rows, and restores write them back, through the
+    -- tenant's context (docs/backups.md): row level security still decides.
+    EXECUTE format('GRANT SELECT, INSERT, DELETE ON %s TO levqor_backup', tbl);
     PERFORM levqor._register_protected(tbl, tenant_column);
     PERFORM levqor._warn_unscoped_foreign_keys(tbl);
 END

@@ -238,6 +238,31 @@ fn set_tenant(
     from_uuid(t.id)
 }
 
+/// For levqor_backup only (the sidecar's backups and restores): act for
+/// `tenant` for the rest of this transaction, so that reading or writing its
+/// rows goes through row level security like any of its own sessions. Never
+/// session-scoped; no user and no member role.
+#[pg_extern(volatile, parallel_unsafe)]
+fn backup_context(tenant: &str, restore: default!(bool, false)) -> pgrx::Uuid {
+    if !current_role_has("levqor_backup") {
+        errors::not_allowed(
+            "permission denied to set a backup's tenant context",
+            Some("Only members of levqor_backup (the sidecar's backup role) may call levqor.backup_context()."),
+        );
+    }
+    let Some(t) = lookup_tenant(tenant) else { errors::unknown_tenant(tenant) };
+    // Whatever its status: an offboarded or suspended tenant's rows are
+    // backed up too (and a restore makes it active while its rows come back).
+    let ctx = Context { tenant: t.id, user: None, role: None, source: Source::Backup };
+    if restore {
+        // The rows that come back were audited and counted when first
+        // written; the restore itself is one audited event (restore_finish).
+        crate::privilege::restoring_in_this_transaction();
+    }
+    context::apply_for(&ctx, t.schema.as_deref(), false);
+    from_uuid(t.id)
+}
+
 /// Act for the tenant named in a signed token (see `levqor.token_secret`).
 #[pg_extern(volatile, parallel_unsafe)]
 fn set_tenant_token(token: Option<&str>, session: default!(bool, false)) -> pgrx::Uuid {

@@ -73,6 +73,8 @@ pub enum Source {
     ApiKey,
     SetTenant,
     Token,
+    /// levqor.backup_context(): a backup or restore transaction.
+    Backup,
 }
 
 impl Source {
@@ -81,10 +83,11 @@ impl Source {
             Source::ApiKey => "api_key",
             Source::SetTenant => "set_tenant",
             Source::Token => "token",
+            Source::Backup => "backup",
         }
     }
     fn parse(s: &str) -> Option<Source> {
-        [Source::ApiKey, Source::SetTenant, Source::Token]
+        [Source::ApiKey, Source::SetTenant, Source::Token, Source::Backup]
             .into_iter()
             .find(|x| x.as_str() == s)
     }

@@ -19,7 +19,8 @@
 //! * `errors`    — every refusal, with a stable SQLSTATE.
 //!
 //! SQL that reads better as SQL lives in `sql/`: the catalog, tenant creation,
-//! table protection and its guards, and the grants.
+//! table protection and its guards, what the sidecar works through (billing,
+//! audit streams, backups), and the grants.
 
 use pgrx::prelude::*;
 
@@ -62,6 +63,9 @@ extension_sql_file!("../sql/quota.sql", name = "quota", requires = ["export", _u
 extension_sql_file!("../sql/hierarchy.sql", name = "hierarchy", requires = ["quota", _caller_is_admin]);
 extension_sql_file!("../sql/members.sql", name = "members", requires = ["hierarchy", _caller_has]);
 extension_sql_file!("../sql/policy.sql", name = "policy", requires = ["members"]);
+extension_sql_file!("../sql/billing.sql", name = "billing", requires = ["policy"]);
+extension_sql_file!("../sql/streams.sql", name = "streams", requires = ["billing"]);
+extension_sql_file!("../sql/backup.sql", name = "backup", requires = ["streams", backup_context]);
 extension_sql_file!("../sql/grants.sql", name = "grants", finalize);
 
 thread_local! {

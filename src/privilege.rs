@@ -64,7 +64,20 @@ pub fn as_catalog_owner<R>(f: impl FnOnce() -> R) -> R {
 /// are the dump's rows, audited and counted when they were first written;
 /// sql/catalog.sql ("References") says why levqor must know.
 pub fn restoring() -> bool {
-    unsafe { !pg_sys::row_security && pg_sys::superuser_arg(pg_sys::GetSessionUserId()) }
+    let lxid = unsafe { (*pg_sys::MyProc).lxid };
+    RESTORING.with(|r| r.get() == Some(lxid))
+        || unsafe { !pg_sys::row_security && pg_sys::superuser_arg(pg_sys::GetSessionUserId()) }
+}
+
+thread_local! {
+    /// The local transaction that levqor.backup_context(…, restore => true) marked.
+    static RESTORING: std::cell::Cell<Option<pg_sys::LocalTransactionId>> = const { std::cell::Cell::new(None) };
+}
+
+/// The sidecar's restore transaction (levqor_backup only, auth.rs).
+pub fn restoring_in_this_transaction() {
+    let lxid = unsafe { (*pg_sys::MyProc).lxid };
+    RESTORING.with(|r| r.set(Some(lxid)));
 }
 
 /// Whether `user` has the privileges of `role` (superusers always do).

@@ -73,3 +73,15 @@ CREATE TRIGGER levqor_reference_metric AFTER INSERT OR UPDATE OF metric ON levqo
 CREATE EVENT TRIGGER levqor_protect_partitions ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'ALTER TABLE')
     EXECUTE FUNCTION levqor._protect_partitions();
+
+-- Backups read and restore protected tables' rows through the tenant's context.
+DO $backup_grants$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN SELECT p.tbl::regclass AS tbl FROM levqor._protected() p
+             UNION SELECT pol.polrelid::regclass FROM pg_catalog.pg_policy pol WHERE pol.polname = 'levqor_schema_tenant' LOOP
+        EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON %s TO levqor_backup', r.tbl);
+    END LOOP;
+END
+$backup_grants$;

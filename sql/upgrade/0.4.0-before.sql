@@ -14,3 +14,15 @@ CREATE TABLE levqor.derived_tables (
     created_at timestamptz NOT NULL DEFAULT now()
 );
 SELECT pg_catalog.pg_extension_config_dump('levqor.derived_tables', '');
+
+-- The sidecar's roles (sql/catalog.sql).
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'levqor_sidecar') THEN
+        CREATE ROLE levqor_sidecar NOLOGIN NOBYPASSRLS;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'levqor_backup') THEN
+        CREATE ROLE levqor_backup NOLOGIN NOBYPASSRLS;
+    END IF;
+END
+$roles$;
