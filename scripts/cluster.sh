@@ -41,7 +41,7 @@ start)
     if [ "$preload" = preload ]; then
       echo "shared_preload_libraries = 'levqor'"
       # levqor's workers, for the databases the worker test uses.
-      echo "levqor.audit_database = 'levqor_sealer, levqor_sealer2, levqor_dropped'"
+      echo "levqor.audit_database = 'levqor_sealer, levqor_sealer2, levqor_dropped, levqor_streams'"
       echo "levqor.audit_seal_interval = 200"
     fi
     echo "levqor.token_secret = 'e2e-token-secret-please-change-0123456789'"

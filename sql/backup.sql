@@ -210,8 +210,10 @@ BEGIN
     IF t.schema_name IS NULL OR to_regnamespace(quote_ident(t.schema_name)) IS NOT NULL THEN
         RETURN true;
     END IF;
+    -- Only the tables of its schema (its rows in shared tables are in tables too).
     IF EXISTS (SELECT 1 FROM unnest(tables) x
-                WHERE to_regclass(format('levqor_template.%I', split_part(x, '.', 2))) IS NULL) THEN
+                WHERE split_part(x, '.', 1) = t.schema_name
+                  AND to_regclass(format('levqor_template.%I', split_part(x, '.', 2))) IS NULL) THEN
         RETURN false;
     END IF;
     PERFORM levqor._clone_template(t.schema_name, t.id);
@@ -269,10 +271,14 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT 1 FROM levqor.audit_log a JOIN pg_temp.levqor_restore_audit r ON r.id = a.id) THEN
         INSERT INTO levqor.audit_log SELECT * FROM pg_temp.levqor_restore_audit;
-        INSERT INTO levqor.audit_chain SELECT * FROM pg_temp.levqor_restore_chain;
-        INSERT INTO levqor.audit_heads (chain, seq, hash, floor_seq, floor_hash)
-        VALUES (tenant, (head ->> 'seq')::bigint, decode(head ->> 'hash', 'hex'),
-                coalesce((head ->> 'floor_seq')::bigint, 0), decode(coalesce(head ->> 'floor_hash', repeat('00', 32)), 'hex'));
+        -- Entries not sealed when the backup was taken are sealed here later,
+        -- continuing the chain from the archived head.
+        IF jsonb_typeof(head) = 'object' AND head ->> 'seq' IS NOT NULL THEN
+            INSERT INTO levqor.audit_chain SELECT * FROM pg_temp.levqor_restore_chain;
+            INSERT INTO levqor.audit_heads (chain, seq, hash, floor_seq, floor_hash)
+            VALUES (tenant, (head ->> 'seq')::bigint, decode(head ->> 'hash', 'hex'),
+                    coalesce((head ->> 'floor_seq')::bigint, 0), decode(coalesce(head ->> 'floor_hash', repeat('00', 32)), 'hex'));
+        END IF;
         PERFORM setval('levqor.audit_log_id_seq', greatest(top, coalesce(pg_sequence_last_value('levqor.audit_log_id_seq'), 1)));
         RETURN format('restored: %s entries with their chain', n);
     END IF;

@@ -958,7 +958,7 @@ BEGIN
                          '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
         after_seq := greatest(after_seq, coalesce(floor.floor_seq, 0));
     ELSE
-        SELECT substr(c.hashes, (after_seq - c.first_seq) * 32 + 1, 32) INTO prev
+        SELECT substr(c.hashes, ((after_seq - c.first_seq) * 32 + 1)::int, 32) INTO prev
           FROM levqor.audit_chain c
          WHERE c.chain = $1 AND c.first_seq <= after_seq AND c.first_seq > after_seq - 96
            AND c.first_seq + cardinality(c.ids) > after_seq
@@ -1255,8 +1255,10 @@ BEGIN
     IF t.schema_name IS NULL OR to_regnamespace(quote_ident(t.schema_name)) IS NOT NULL THEN
         RETURN true;
     END IF;
+    -- Only the tables of its schema (its rows in shared tables are in tables too).
     IF EXISTS (SELECT 1 FROM unnest(tables) x
-                WHERE to_regclass(format('levqor_template.%I', split_part(x, '.', 2))) IS NULL) THEN
+                WHERE split_part(x, '.', 1) = t.schema_name
+                  AND to_regclass(format('levqor_template.%I', split_part(x, '.', 2))) IS NULL) THEN
         RETURN false;
     END IF;
     PERFORM levqor._clone_template(t.schema_name, t.id);
@@ -1314,10 +1316,14 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT 1 FROM levqor.audit_log a JOIN pg_temp.levqor_restore_audit r ON r.id = a.id) THEN
         INSERT INTO levqor.audit_log SELECT * FROM pg_temp.levqor_restore_audit;
-        INSERT INTO levqor.audit_chain SELECT * FROM pg_temp.levqor_restore_chain;
-        INSERT INTO levqor.audit_heads (chain, seq, hash, floor_seq, floor_hash)
-        VALUES (tenant, (head ->> 'seq')::bigint, decode(head ->> 'hash', 'hex'),
-                coalesce((head ->> 'floor_seq')::bigint, 0), decode(coalesce(head ->> 'floor_hash', repeat('00', 32)), 'hex'));
+        -- Entries not sealed when the backup was taken are sealed here later,
+        -- continuing the chain from the archived head.
+        IF jsonb_typeof(head) = 'object' AND head ->> 'seq' IS NOT NULL THEN
+            INSERT INTO levqor.audit_chain SELECT * FROM pg_temp.levqor_restore_chain;
+            INSERT INTO levqor.audit_heads (chain, seq, hash, floor_seq, floor_hash)
+            VALUES (tenant, (head ->> 'seq')::bigint, decode(head ->> 'hash', 'hex'),
+                    coalesce((head ->> 'floor_seq')::bigint, 0), decode(coalesce(head ->> 'floor_hash', repeat('00', 32)), 'hex'));
+        END IF;
         PERFORM setval('levqor.audit_log_id_seq', greatest(top, coalesce(pg_sequence_last_value('levqor.audit_log_id_seq'), 1)));
         RETURN format('restored: %s entries with their chain', n);
     END IF;
@@ -1441,6 +1447,71 @@ BEGIN
             'metric', a.metric, 'threshold', a.threshold, 'used', a.used, 'limit', a.quota,
             'window_start', CASE WHEN a.window_start = '-infinity' THEN NULL ELSE a.window_start END));
     END LOOP;
+END
+$fn$;
+CREATE OR REPLACE FUNCTION levqor._clone_template(target name, tenant uuid) RETURNS int
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    tb     record;
+    col    record;
+    fk     record;
+    gr     record;
+    seq    name;
+    cloned int := 0;
+BEGIN
+    EXECUTE format('CREATE SCHEMA %I', target);
+    -- Backups read and restore the tenant's tables (docs/backups.md).
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO levqor_backup', target);
+    FOR gr IN SELECT a.grantee, a.privilege_type
+               FROM pg_namespace n, aclexplode(n.nspacl) a
+              WHERE n.nspname = 'levqor_template' AND a.grantee <> n.nspowner LOOP
+        EXECUTE format('GRANT %s ON SCHEMA %I TO %s', gr.privilege_type, target,
+                       CASE WHEN gr.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(gr.grantee::regrole::text) END);
+    END LOOP;
+
+    FOR tb IN SELECT c.oid, c.relname, c.relkind FROM pg_class c
+              WHERE c.relnamespace = 'levqor_template'::regnamespace AND c.relkind IN ('r', 'p')
+              ORDER BY c.oid LOOP
+        IF tb.relkind = 'p' THEN
+            RAISE EXCEPTION 'levqor_template.% is partitioned; partitioned template tables are not supported yet', tb.relname
+                USING ERRCODE = '0A000';
+        END IF;
+        EXECUTE format('CREATE TABLE %I.%I (LIKE levqor_template.%I INCLUDING ALL)', target, tb.relname, tb.relname);
+        -- serial columns: a sequence of the tenant's own, not the template's
+        FOR col IN SELECT a.attname, pg_get_serial_sequence(format('levqor_template.%I', tb.relname), a.attname) AS s
+                   FROM pg_attribute a
+                  WHERE a.attrelid = tb.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attidentity = '' LOOP
+            CONTINUE WHEN col.s IS NULL;
+            seq := (SELECT relname FROM pg_class WHERE oid = col.s::regclass);
+            EXECUTE format('CREATE SEQUENCE %I.%I OWNED BY %I.%I.%I', target, seq, target, tb.relname, col.attname);
+            EXECUTE format('ALTER TABLE %I.%I ALTER COLUMN %I SET DEFAULT nextval(%L::regclass)',
+                           target, tb.relname, col.attname, format('%I.%I', target, seq));
+            PERFORM levqor._copy_grants(col.s::regclass, format('%I.%I', target, seq)::regclass, 'SEQUENCE');
+        END LOOP;
+        FOR col IN SELECT a.attname FROM pg_attribute a
+                  WHERE a.attrelid = tb.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attidentity <> '' LOOP
+            FOR gr IN SELECT a.privilege_type, a.grantee
+                       FROM pg_class s, aclexplode(s.relacl) a
+                      WHERE s.oid = pg_get_serial_sequence(format('levqor_template.%I', tb.relname), col.attname)::regclass
+                        AND a.grantee <> s.relowner LOOP
+                EXECUTE format('GRANT %s ON SEQUENCE %s TO %s', gr.privilege_type,
+                               pg_get_serial_sequence(format('%I.%I', target, tb.relname), col.attname),
+                               CASE WHEN gr.grantee = 0 THEN 'PUBLIC' ELSE quote_ident(gr.grantee::regrole::text) END);
+            END LOOP;
+        END LOOP;
+        PERFORM levqor._copy_grants(tb.oid, format('%I.%I', target, tb.relname)::regclass, 'TABLE');
+        PERFORM levqor._protect_schema_table(format('%I.%I', target, tb.relname)::regclass, tenant);
+        cloned := cloned + 1;
+    END LOOP;
+
+    -- Foreign keys between template tables point at the tenant's own copies.
+    FOR fk IN SELECT con.conname, cl.relname, pg_get_constraintdef(con.oid) AS def
+               FROM pg_constraint con JOIN pg_class cl ON cl.oid = con.conrelid
+              WHERE con.contype = 'f' AND cl.relnamespace = 'levqor_template'::regnamespace LOOP
+        EXECUTE format('ALTER TABLE %I.%I ADD CONSTRAINT %I %s', target, fk.relname, fk.conname,
+                       replace(fk.def, 'REFERENCES levqor_template.', format('REFERENCES %I.', target)));
+    END LOOP;
+    RETURN cloned;
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor._export(tid uuid) RETURNS TABLE (table_name text, row_data jsonb)
@@ -2466,6 +2537,10 @@ BEGIN
     FOR r IN SELECT p.tbl::regclass AS tbl FROM levqor._protected() p
              UNION SELECT pol.polrelid::regclass FROM pg_catalog.pg_policy pol WHERE pol.polname = 'levqor_schema_tenant' LOOP
         EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON %s TO levqor_backup', r.tbl);
+    END LOOP;
+    FOR r IN SELECT t.schema_name FROM levqor.tenants t
+              WHERE t.schema_name IS NOT NULL AND pg_catalog.to_regnamespace(pg_catalog.quote_ident(t.schema_name)) IS NOT NULL LOOP
+        EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA %I TO levqor_backup', r.schema_name);
     END LOOP;
 END
 $backup_grants$;

@@ -61,6 +61,8 @@ DECLARE
     cloned int := 0;
 BEGIN
     EXECUTE format('CREATE SCHEMA %I', target);
+    -- Backups read and restore the tenant's tables (docs/backups.md).
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO levqor_backup', target);
     FOR gr IN SELECT a.grantee, a.privilege_type
                FROM pg_namespace n, aclexplode(n.nspacl) a
               WHERE n.nspname = 'levqor_template' AND a.grantee <> n.nspowner LOOP

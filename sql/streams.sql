@@ -259,7 +259,7 @@ BEGIN
                          '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
         after_seq := greatest(after_seq, coalesce(floor.floor_seq, 0));
     ELSE
-        SELECT substr(c.hashes, (after_seq - c.first_seq) * 32 + 1, 32) INTO prev
+        SELECT substr(c.hashes, ((after_seq - c.first_seq) * 32 + 1)::int, 32) INTO prev
           FROM levqor.audit_chain c
          WHERE c.chain = $1 AND c.first_seq <= after_seq AND c.first_seq > after_seq - 96
            AND c.first_seq + cardinality(c.ids) > after_seq

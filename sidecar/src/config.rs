@@ -222,7 +222,7 @@ pub struct Backup {
     pub database_url: Option<String>,
     pub password_env: Option<String>,
     pub dir: PathBuf,
-    /// Daily at HH:MM UTC; absent: no scheduled backups.
+    /// Daily at HH:MM UTC, or `every 15m`; absent: no scheduled backups.
     pub schedule: Option<String>,
     #[serde(default = "default_keep_daily")]
     pub keep_daily: usize,
@@ -380,7 +380,9 @@ impl Config {
                 check_env_name("backup.encryption_key_env", k)?;
             }
             if let Some(s) = &b.schedule {
-                parse_schedule(s).ok_or_else(|| ConfigError::Invalid(format!("backup.schedule: expected HH:MM (UTC), got {s:?}")))?;
+                parse_schedule(s).ok_or_else(|| {
+                    ConfigError::Invalid(format!("backup.schedule: expected HH:MM (daily, UTC) or \"every N[s|m|h]\" (at least 10 s), got {s:?}"))
+                })?;
             }
             if b.keep_daily == 0 {
                 return Err(ConfigError::Invalid("backup.keep_daily must be at least 1".into()));
@@ -417,10 +419,32 @@ impl Config {
 }
 
 /// "02:00" -> (2, 0).
-pub fn parse_schedule(s: &str) -> Option<(u32, u32)> {
+/// When scheduled backups run.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Schedule {
+    /// Every day at HH:MM UTC.
+    Daily { hour: u32, minute: u32 },
+    /// Every so often, from the daemon's start (`every 15m`: an RPO of 15 minutes).
+    Every(std::time::Duration),
+}
+
+/// `HH:MM` (daily, UTC) or `every N[s|m|h]` (at least 10 s).
+pub fn parse_schedule(s: &str) -> Option<Schedule> {
+    if let Some(rest) = s.strip_prefix("every ") {
+        let rest = rest.trim();
+        let (n, unit) = rest.split_at(rest.find(|c: char| !c.is_ascii_digit())?);
+        let n: u64 = n.parse().ok()?;
+        let secs = match unit {
+            "s" => n,
+            "m" => n.checked_mul(60)?,
+            "h" => n.checked_mul(3600)?,
+            _ => return None,
+        };
+        return (secs >= 10).then(|| Schedule::Every(std::time::Duration::from_secs(secs)));
+    }
     let (h, m) = s.split_once(':')?;
     let (h, m) = (h.parse::<u32>().ok()?, m.parse::<u32>().ok()?);
-    (h < 24 && m < 60 && s.len() == 5).then_some((h, m))
+    (h < 24 && m < 60 && s.len() == 5).then_some(Schedule::Daily { hour: h, minute: m })
 }
 
 #[cfg(test)]
@@ -462,6 +486,10 @@ mod tests {
         assert!(Config::parse("t", url_password).is_err());
         let schedule = "[database]\nurl = 'x'\n[backup]\ndir = '/tmp'\nschedule = '25:00'\n";
         assert!(Config::parse("t", schedule).is_err());
+        assert_eq!(parse_schedule("every 15m"), Some(Schedule::Every(std::time::Duration::from_secs(900))));
+        assert_eq!(parse_schedule("02:30"), Some(Schedule::Daily { hour: 2, minute: 30 }));
+        assert_eq!(parse_schedule("every 5s"), None, "too often");
+        assert_eq!(parse_schedule("every 3d"), None);
         let kinds = "[database]\nurl = 'x'\n[[siem]]\nkind = 'syslog'\nurl = 'https://x'\ntoken_env = 'S'\n";
         assert!(Config::parse("t", kinds).is_err());
     }

@@ -18,7 +18,7 @@ use serde_json::json;
 use crate::billing::webhook;
 use crate::config::secret;
 use crate::daemon::App;
-use crate::metrics::{TenantRow, WebhookLabels};
+use crate::metrics::{TenantLabels, TenantRow, WebhookLabels};
 
 pub async fn serve(app: Arc<App>, listener: tokio::net::TcpListener) {
     let router = Router::new()
@@ -64,27 +64,44 @@ async fn healthz(State(app): State<Arc<App>>) -> Response {
 async fn metrics(State(app): State<Arc<App>>) -> Response {
     let mut tenants = Vec::new();
     match connect(&app).await {
-        Ok(db) => match db
-            .client
-            .query("SELECT slug, status, plan, metric, used, quota, percent::text AS percent_text FROM levqor.sidecar_tenant_metrics()", &[]).await {
-            Ok(rows) => {
-                for r in rows {
-                    tenants.push(TenantRow {
-                        slug: r.get("slug"),
-                        status: r.get("status"),
-                        plan: r.get("plan"),
-                        metric: r.get("metric"),
-                        used: r.get("used"),
-                        limit: r.get("quota"),
-                        percent: r.get::<_, Option<String>>("percent_text").and_then(|p| p.parse().ok()),
-                    });
+        Ok(db) => {
+            match db
+                .client
+                .query("SELECT slug, status, plan, metric, used, quota, percent::text AS percent_text FROM levqor.sidecar_tenant_metrics()", &[])
+                .await
+            {
+                Ok(rows) => {
+                    for r in rows {
+                        tenants.push(TenantRow {
+                            slug: r.get("slug"),
+                            status: r.get("status"),
+                            plan: r.get("plan"),
+                            metric: r.get("metric"),
+                            used: r.get("used"),
+                            limit: r.get("quota"),
+                            percent: r.get::<_, Option<String>>("percent_text").and_then(|p| p.parse().ok()),
+                        });
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %crate::db::describe(&e), "metrics: tenant gauges unavailable");
+                    app.metrics.error("metrics", "database");
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %crate::db::describe(&e), "metrics: tenant gauges unavailable");
-                app.metrics.error("metrics", "database");
+            // The achieved RPO: each tenant's last good backup, by age.
+            match db
+                .client
+                .query("SELECT slug, extract(epoch FROM age)::bigint FROM levqor.backup_coverage WHERE last_good_backup IS NOT NULL", &[])
+                .await
+            {
+                Ok(rows) => {
+                    for r in rows {
+                        app.metrics.backup_age_seconds.get_or_create(&TenantLabels { tenant: r.get(0) }).set(r.get(1));
+                    }
+                }
+                Err(e) => tracing::debug!(error = %crate::db::describe(&e), "metrics: backup ages unavailable"),
             }
-        },
+        }
         Err(e) => {
             tracing::warn!(error = %e, "metrics: database unreachable");
             app.metrics.error("metrics", "database");

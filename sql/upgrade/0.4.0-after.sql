@@ -83,5 +83,9 @@ BEGIN
              UNION SELECT pol.polrelid::regclass FROM pg_catalog.pg_policy pol WHERE pol.polname = 'levqor_schema_tenant' LOOP
         EXECUTE pg_catalog.format('GRANT SELECT, INSERT, DELETE ON %s TO levqor_backup', r.tbl);
     END LOOP;
+    FOR r IN SELECT t.schema_name FROM levqor.tenants t
+              WHERE t.schema_name IS NOT NULL AND pg_catalog.to_regnamespace(pg_catalog.quote_ident(t.schema_name)) IS NOT NULL LOOP
+        EXECUTE pg_catalog.format('GRANT USAGE ON SCHEMA %I TO levqor_backup', r.schema_name);
+    END LOOP;
 END
 $backup_grants$;

@@ -217,7 +217,8 @@ pub async fn take(cfg: &Config, tenant: &str, dir: Option<&Path>) -> Result<Take
         }
     };
     let dir = dir.map(Path::to_path_buf).unwrap_or_else(|| b.dir.join(&slug));
-    let name = format!("{slug}-{}.levqor.tar{}", now.format("%Y%m%dT%H%M%SZ"), if key.is_some() { ".enc" } else { "" });
+    // UTC to the millisecond: two backups in one second do not collide.
+    let name = format!("{slug}-{}.levqor.tar{}", now.format("%Y%m%dT%H%M%S%.3fZ"), if key.is_some() { ".enc" } else { "" });
     let path = archive::write_atomically(&dir, &name, &data).map_err(|e| format!("{}: {e}", dir.display()))?;
     // What was written is checked before it counts.
     archive::open(&path, key.as_ref())?;
@@ -276,7 +277,9 @@ async fn pg_dump_schema(
     if !out.status.success() {
         return Err(format!("pg_dump failed: {}", String::from_utf8_lossy(&out.stderr).lines().next().unwrap_or("")));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    // psql meta-commands (pg_dump's \restrict since 15.14) are not SQL: the
+    // restore runs this text over the protocol, without psql.
+    Ok(String::from_utf8_lossy(&out.stdout).lines().filter(|l| !l.starts_with('\\')).map(|l| format!("{l}\n")).collect())
 }
 
 async fn record(cfg: &Config, tenant: &str, kind: &str, taken: Option<&Taken>, status: &str, error: Option<&str>, detail: Value) {
@@ -331,7 +334,9 @@ pub fn apply_retention(dir: &Path, slug: &str, keep_daily: usize, keep_weekly: u
             if !name.contains(".levqor.tar") {
                 return None;
             }
-            let at = chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ").ok()?;
+            let at = chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%S%.3fZ")
+                .or_else(|_| chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%dT%H%M%SZ"))
+                .ok()?;
             Some((at, e.path()))
         })
         .collect();
@@ -403,7 +408,7 @@ pub fn cli_verify(cfg: Option<&Config>, from: &Path) -> ExitCode {
         Ok(o) => {
             let rows: u64 = o.manifest.tables.iter().map(|t| t.rows).sum();
             println!(
-                "{}: ok: tenant {} ({}), {} tables, {rows} rows, {} audit entries, {} members checked{}",
+                "{}: ok: tenant {} ({}), {} tables, {rows} rows, {} audit entries, {} files checked{}",
                 from.display(),
                 o.manifest.slug,
                 o.manifest.tenant_id,
@@ -471,7 +476,7 @@ pub async fn restore(cfg: &Config, tenant: &str, from: &Path, into: Option<Targe
     }
     let fail = |e: tokio_postgres::Error| {
         let msg = pg_err(e);
-        if msg.contains("(55000)") || msg.contains("(23505)") {
+        if msg.contains("SQLSTATE 55000") || msg.contains("SQLSTATE 23505") {
             RestoreError::Refused(msg)
         } else {
             RestoreError::Failed(msg)
@@ -505,7 +510,9 @@ pub async fn restore(cfg: &Config, tenant: &str, from: &Path, into: Option<Targe
         }
         let ddl = String::from_utf8_lossy(opened.members.get("ddl.sql").map(Vec::as_slice).unwrap_or_default()).into_owned();
         client.batch_execute(&ddl).await.map_err(fail)?;
-        client.batch_execute("SELECT pg_catalog.set_config('search_path', 'public', true)").await.map_err(fail)?;
+        // pg_dump's preamble SETs row_security off, an empty search_path and
+        // more: back to the session's defaults before any row is written.
+        client.batch_execute("RESET ALL").await.map_err(fail)?;
         for e in m.tables.iter().filter(|e| e.tenant_column.is_some()) {
             let tbl = qualified(&e.schema, &e.name);
             match &e.scope_column {
@@ -589,20 +596,28 @@ pub async fn restore(cfg: &Config, tenant: &str, from: &Path, into: Option<Targe
 
 pub async fn cli_restore(cfg: &Config, tenant: &str, from: &Path, into: Option<&str>, replace: bool) -> ExitCode {
     let into = into.map(|url| Target { url: url.to_string(), password_env: cfg.backup.as_ref().and_then(|b| b.password_env.clone()) });
+    let elsewhere = into.is_some();
     match restore(cfg, tenant, from, into, replace).await {
         Ok(r) => {
             println!(
                 "restored tenant {}: {} tables, {} rows, audit trail {}, in {:.1} s; rows and checksums match the archive",
                 r.tenant, r.tables, r.rows, r.audit, r.elapsed.as_secs_f64()
             );
+            if !elsewhere {
+                let detail = json!({"archive": from.display().to_string(), "tables": r.tables, "replace": replace});
+                record(cfg, &r.tenant, "restore", None, "ok", None, detail).await;
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("levqor-sidecar: restore of {tenant}: {e}");
-            match e {
-                RestoreError::Refused(_) => ExitCode::from(2),
-                RestoreError::Mismatch(_) | RestoreError::Failed(_) => ExitCode::from(1),
+            if let RestoreError::Refused(why) = &e {
+                if why.contains("--replace") || why.contains("exists here") {
+                    eprintln!("hint: pass --replace to replace that tenant's rows (only its own), or --into another database");
+                }
             }
+            // Refused, or rolled back: nothing was changed; a failed check either way.
+            ExitCode::from(1)
         }
     }
 }

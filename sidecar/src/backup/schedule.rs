@@ -1,5 +1,6 @@
 //! Scheduled backups in the daemon: every day at `[backup] schedule` (UTC),
-//! every tenant that is not offboarded, one after the other. A failed backup
+//! or every so often (`every 15m`), every tenant that is not offboarded, one
+//! after the other. A failed backup
 //! is recorded (`levqor.backups`), logged and counted, and the next tenant
 //! still gets its backup; retention runs after each good one.
 
@@ -9,7 +10,7 @@ use std::time::Duration;
 use chrono::{Timelike, Utc};
 use serde_json::json;
 
-use crate::config::parse_schedule;
+use crate::config::{parse_schedule, Schedule};
 use crate::daemon::App;
 use crate::metrics::OutcomeLabels;
 
@@ -21,11 +22,27 @@ pub fn until_next(now: chrono::DateTime<Utc>, hour: u32, minute: u32) -> Duratio
 }
 
 pub async fn run(app: Arc<App>) {
+    let mut first = true;
     loop {
         let cfg = app.cfg();
-        let Some((h, m)) = cfg.backup.as_ref().and_then(|b| b.schedule.as_deref()).and_then(parse_schedule) else { return };
-        let wait = until_next(Utc::now(), h, m);
-        tracing::info!(next_in_s = wait.as_secs(), at = %format!("{h:02}:{m:02} UTC"), "next scheduled backup");
+        let Some(schedule) = cfg.backup.as_ref().and_then(|b| b.schedule.as_deref()).and_then(parse_schedule) else { return };
+        let wait = match schedule {
+            Schedule::Daily { hour, minute } => {
+                let w = until_next(Utc::now(), hour, minute);
+                tracing::info!(next_in_s = w.as_secs(), at = %format!("{hour:02}:{minute:02} UTC"), "next scheduled backup");
+                w
+            }
+            // The first run right away, then one every interval.
+            Schedule::Every(d) => {
+                if first {
+                    Duration::ZERO
+                } else {
+                    tracing::info!(next_in_s = d.as_secs(), "next scheduled backup");
+                    d
+                }
+            }
+        };
+        first = false;
         // Alive while waiting: beat at least once a minute.
         let mut left = wait;
         while !left.is_zero() {
@@ -38,7 +55,7 @@ pub async fn run(app: Arc<App>) {
         }
         run_once(&app).await;
         // Past the minute, so the same HH:MM is not taken twice.
-        if Utc::now().second() < 59 && !app.pause(Duration::from_secs(61)).await {
+        if matches!(schedule, Schedule::Daily { .. }) && Utc::now().second() < 59 && !app.pause(Duration::from_secs(61)).await {
             return;
         }
     }

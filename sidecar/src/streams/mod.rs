@@ -234,14 +234,24 @@ async fn deliver(app: Arc<App>, client: Arc<Client>, spec: Spec, wake: Arc<Notif
         let chains: Vec<(Uuid, String, i64)> = match &spec.tenant {
             Some((id, slug)) => match client.query_one("SELECT seq FROM levqor.stream_destinations() WHERE id = $1", &[&spec.stream_id]).await {
                 Ok(r) => vec![(*id, slug.clone(), r.get(0))],
-                Err(_) => return,
+                Err(e) => {
+                    if !db_trouble(&app, &client, &spec, &e, &stop).await {
+                        return;
+                    }
+                    continue;
+                }
             },
             None => match client.query("SELECT chain, tenant, head, seq FROM levqor.stream_chains($1) WHERE head > seq", &[&spec.name]).await {
                 Ok(rows) => rows
                     .iter()
                     .map(|r| (r.get::<_, Uuid>(0), r.get::<_, Option<String>>(1).unwrap_or_else(|| "platform".into()), r.get::<_, i64>(3)))
                     .collect(),
-                Err(_) => return,
+                Err(e) => {
+                    if !db_trouble(&app, &client, &spec, &e, &stop).await {
+                        return;
+                    }
+                    continue;
+                }
             },
         };
         let mut worked = false;
@@ -254,7 +264,13 @@ async fn deliver(app: Arc<App>, client: Arc<Client>, spec: Spec, wake: Arc<Notif
                 .await
             {
                 Ok(r) => r,
-                Err(_) => return,
+                Err(e) => {
+                    if !db_trouble(&app, &client, &spec, &e, &stop).await {
+                        return;
+                    }
+                    worked = true;
+                    break;
+                }
             };
             let lag: i64 = client
                 .query_one("SELECT levqor.stream_lag($1, $2)", &[&chain, &seq])
@@ -302,9 +318,26 @@ async fn deliver(app: Arc<App>, client: Arc<Client>, spec: Spec, wake: Arc<Notif
     }
 }
 
+/// A statement of the delivery loop failed: logged and counted; true when it
+/// is worth going on after a pause (false: the connection is gone, and the
+/// supervisor reconnects and restarts every stream, or we are stopping).
+async fn db_trouble(app: &App, client: &Client, spec: &Spec, e: &tokio_postgres::Error, stop: &CancellationToken) -> bool {
+    tracing::warn!(stream = %spec.name, error = %crate::db::describe(e), "audit stream: database error");
+    app.metrics.error("streams", "database");
+    if client.is_closed() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(2)) => true,
+        _ = stop.cancelled() => false,
+    }
+}
+
 async fn report(client: &Client, spec: &Spec, state: &str, why: Option<&str>) {
     if let Some(id) = spec.stream_id {
-        let _ = client.execute("SELECT levqor.stream_report($1, $2, $3)", &[&id, &state, &why]).await;
+        if let Err(e) = client.execute("SELECT levqor.stream_report($1, $2, $3)", &[&id, &state, &why]).await {
+            tracing::warn!(stream = %spec.name, error = %crate::db::describe(&e), "cannot record the stream's state");
+        }
     }
 }
 
@@ -385,9 +418,15 @@ async fn send_batch(
             }
             Answer::Refused(why) => {
                 let e = &part[0];
-                let _ = client
+                // Parked first, then the cursor past it: never past an event
+                // that is neither delivered nor parked.
+                if let Err(err) = client
                     .execute("SELECT levqor.stream_park($1, $2, $3, $4, $5)", &[&spec.name, &chain, &e.seq, &e.id, &why])
-                    .await;
+                    .await
+                {
+                    tracing::warn!(stream = %spec.name, error = %crate::db::describe(&err), "cannot park the refused event");
+                    return Outcome::Stopped;
+                }
                 if client.execute("SELECT levqor.stream_advance($1, $2, $3)", &[&spec.name, &chain, &e.seq]).await.is_err() {
                     return Outcome::Stopped;
                 }
@@ -408,9 +447,13 @@ async fn send_batch(
                 if attempts >= max_attempts {
                     for e in &part {
                         let reply = format!("given up after {attempts} attempts: {why}");
-                        let _ = client
+                        if let Err(err) = client
                             .execute("SELECT levqor.stream_park($1, $2, $3, $4, $5)", &[&spec.name, &chain, &e.seq, &e.id, &reply])
-                            .await;
+                            .await
+                        {
+                            tracing::warn!(stream = %spec.name, error = %crate::db::describe(&err), "cannot park the batch");
+                            return Outcome::Stopped;
+                        }
                     }
                     if client.execute("SELECT levqor.stream_advance($1, $2, $3)", &[&spec.name, &chain, &last]).await.is_err() {
                         return Outcome::Stopped;
