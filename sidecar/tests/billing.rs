@@ -538,6 +538,28 @@ fn check_config_checks_the_plan_mapping_against_the_database() {
 }
 
 #[test]
+fn sighup_reloads_the_configuration_and_a_broken_file_keeps_the_running_one() {
+    let b = Billing::new("bill_hup");
+    let t = b.db.tenant("press", "starter");
+    let sidecar = b.sidecar("");
+    b.wait_provisioned(1);
+    // A typo: refused, the daemon goes on with what it had.
+    std::fs::write(&sidecar.config, b.config("concurrenzy = 3").replace("{http}", &sidecar.http)).unwrap();
+    sidecar.hup();
+    wait_until("the refusal logged", Duration::from_secs(10), || sidecar.log().contains("configuration not reloaded"));
+    // A good file: reloaded, and used (the plan mapping changed).
+    let changed = b.config("").replace("{http}", &sidecar.http).replace(r#"prices = ["price_pro_base", "price_api_calls"]"#, r#"prices = ["price_pro_v2", "price_api_calls"]"#);
+    std::fs::write(&sidecar.config, changed).unwrap();
+    sidecar.hup();
+    wait_until("reloaded", Duration::from_secs(10), || sidecar.log().contains("configuration reloaded"));
+    b.db.admin().execute("SELECT levqor.change_plan($1::uuid, 'professional')", &[&t.id]).unwrap();
+    let mut want = vec!["price_api_calls".to_string(), "price_pro_v2".to_string()];
+    want.sort();
+    wait_until("the new prices in Stripe", Duration::from_secs(30), || b.subscription_prices(&t) == want);
+    assert_eq!(sidecar.get("/healthz").unwrap().0, 200);
+}
+
+#[test]
 fn sigterm_stops_the_daemon_within_ten_seconds_and_secrets_stay_out_of_the_log() {
     let b = Billing::new("bill_term");
     let _t = b.db.tenant("agency", "starter");
@@ -558,4 +580,5 @@ fn sigterm_stops_the_daemon_within_ten_seconds_and_secrets_stay_out_of_the_log()
     assert!(!b.cursor_at_end(), "an abandoned request is not recorded as delivered");
     let log = sidecar.log();
     assert!(!log.contains(STRIPE_KEY) && !log.contains(WEBHOOK_SECRET), "a secret in the log");
+    assert!(log.contains("levqor-sidecar stopped"));
 }

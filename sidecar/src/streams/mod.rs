@@ -103,7 +103,15 @@ pub async fn run(app: Arc<App>) {
                     Some("levqor_sealed") => wake.notify_waiters(),
                     Some(_) => {}
                 },
-                _ = config.changed() => {}
+                // A reloaded file may carry a fixed token (the environment is
+                // read again): the operator's streams start over.
+                _ = config.changed() => running.retain(|name, (_, stop)| {
+                    let keep = !name.starts_with("siem:");
+                    if !keep {
+                        stop.cancel();
+                    }
+                    keep
+                }),
                 _ = tokio::time::sleep(poll) => wake.notify_waiters(),
                 _ = app.stop.cancelled() => return,
             }

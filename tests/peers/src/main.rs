@@ -22,6 +22,9 @@ enum Peer {
         /// Meter event names, comma separated.
         #[arg(long, value_delimiter = ',', default_value = "api_calls")]
         meters: Vec<String>,
+        /// Milliseconds each meter event request takes (a stand-in for the network).
+        #[arg(long, default_value_t = 0.2)]
+        latency_ms: f64,
     },
     /// A SIEM receiver: splunk_hec, datadog or webhook.
     Siem {
@@ -38,9 +41,10 @@ enum Peer {
 async fn main() {
     let cli = Cli::parse();
     let _keep: Box<dyn std::any::Any> = match cli.peer {
-        Peer::Stripe { listen, api_key, meters } => {
+        Peer::Stripe { listen, api_key, meters, latency_ms } => {
             let m: Vec<&str> = meters.iter().map(String::as_str).collect();
             let s = stripe::FakeStripe::start(listen, &api_key, &m).await.unwrap_or_else(|e| die(&e));
+            s.state.lock().unwrap().meter_latency = std::time::Duration::from_secs_f64(latency_ms.max(0.0) / 1000.0);
             println!("fake Stripe on {}", s.url());
             Box::new(s)
         }

@@ -56,7 +56,7 @@ pub struct State {
     /// Every accepted event (the levqor event object), in arrival order.
     pub events: Vec<Value>,
     /// When each event arrived (same index as `events`).
-    pub arrived: Vec<std::time::Instant>,
+    pub arrived: Vec<std::time::SystemTime>,
     pub deliveries: Vec<Delivery>,
     /// Every request that reached the handler, accepted or not.
     pub requests: u64,
@@ -279,7 +279,7 @@ async fn handle(kind: Kind, state: Arc<Mutex<State>>, r: Req) -> Reply {
             };
         }
     }
-    let now = std::time::Instant::now();
+    let now = std::time::SystemTime::now();
     st.deliveries.push(Delivery {
         delivery_id: r.header("levqor-delivery").map(str::to_owned),
         events: events.len(),

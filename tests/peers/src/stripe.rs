@@ -52,6 +52,9 @@ pub struct State {
     pub refuse_value: Option<i64>,
     /// Extra usage per (customer, event_name) that Stripe "has" (injected drift).
     pub drift: HashMap<(String, String), i64>,
+    /// How long a meter event request takes (default 200 µs): a stand-in
+    /// for the round trip to Stripe, so that concurrency shows.
+    pub meter_latency: Duration,
     /// Meter requests in flight per (customer, event_name), and the most seen at once.
     in_flight: HashMap<(String, String), u32>,
     pub max_in_flight_per_customer: u32,
@@ -97,7 +100,7 @@ pub struct FakeStripe {
 
 impl FakeStripe {
     pub async fn start(addr: SocketAddr, api_key: &str, meters: &[&str]) -> std::io::Result<FakeStripe> {
-        let mut st = State { api_key: api_key.into(), ..State::default() };
+        let mut st = State { api_key: api_key.into(), meter_latency: Duration::from_micros(200), ..State::default() };
         for (i, m) in meters.iter().enumerate() {
             st.meters.push((format!("mtr_fake{i:04}"), m.to_string()));
         }
@@ -326,7 +329,7 @@ async fn meter_event(state: &Arc<Mutex<State>>, p: &[(String, String)]) -> (u16,
     let timestamp = get(p, "timestamp").and_then(|t| t.parse::<i64>().ok()).unwrap_or_else(now);
     let identifier = get(p, "identifier").map(str::to_owned).unwrap_or_else(|| format!("gen_{}", rand::random::<u64>()));
     let key = (customer.clone(), event_name.clone());
-    {
+    let latency = {
         let mut st = state.lock().unwrap();
         if !st.meters.iter().any(|(_, e)| *e == event_name) {
             return err(400, format!("No active meter was found for event_name '{event_name}'"));
@@ -344,9 +347,10 @@ async fn meter_event(state: &Arc<Mutex<State>>, p: &[(String, String)]) -> (u16,
         *n += 1;
         let seen = *n;
         st.max_in_flight_per_customer = st.max_in_flight_per_customer.max(seen);
-    }
+        st.meter_latency
+    };
     // The request takes a moment, so concurrency shows.
-    tokio::time::sleep(Duration::from_micros(200)).await;
+    tokio::time::sleep(latency).await;
     let mut st = state.lock().unwrap();
     if let Some(n) = st.in_flight.get_mut(&key) {
         *n -= 1;
