@@ -133,6 +133,9 @@ GRANT EXECUTE ON FUNCTION
     levqor.restore_audit(uuid, jsonb), levqor.restore_finish(jsonb, jsonb), levqor.export_tenant(text)
 TO levqor_backup;
 GRANT SELECT ON levqor.backups, levqor.backup_coverage TO levqor_backup;
+-- A schema tenant restored from its archive's DDL into another database gets
+-- its guard trigger back (a trigger function: nothing to call directly).
+GRANT EXECUTE ON FUNCTION levqor._schema_guard() TO levqor_backup;
 -- Billing, streams and backups for levqor_admin.
 GRANT EXECUTE ON FUNCTION
     levqor.billing_retry(bigint),

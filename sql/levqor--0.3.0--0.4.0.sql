@@ -487,7 +487,7 @@ $fn$;
 CREATE FUNCTION levqor.billing_ledger(consumer text, max_entries integer DEFAULT 1000)
 RETURNS TABLE (id bigint, tenant_id uuid, slug text, metric text, quantity bigint, period_end timestamptz,
                customer_id text, billable boolean, retry boolean)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
 #variable_conflict use_variable
 DECLARE
     pos bigint;
@@ -511,8 +511,12 @@ BEGIN
       FROM (SELECT * FROM todo UNION ALL SELECT * FROM again) l
       LEFT JOIN levqor.tenants t ON t.id = l.tenant_id
       LEFT JOIN levqor.tenant_billing b ON b.tenant_id = l.tenant_id
-      LEFT JOIN LATERAL (SELECT x.id FROM levqor.tenant_tree c JOIN levqor.tenants x ON x.id = c.ancestor AND x.kind = 'tenant'
-                          WHERE c.descendant = l.tenant_id ORDER BY c.depth LIMIT 1) a ON true
+      -- The tenant above an organization, looked up only for entries whose
+      -- own tenant is not billed (index lookups whatever the statistics).
+      LEFT JOIN LATERAL (SELECT c.ancestor AS id FROM levqor.tenant_tree c
+                          WHERE b.tenant_id IS NULL AND c.descendant = l.tenant_id
+                            AND (SELECT x.kind FROM levqor.tenants x WHERE x.id = c.ancestor) = 'tenant'
+                          ORDER BY c.depth LIMIT 1) a ON true
       LEFT JOIN levqor.tenant_billing ab ON ab.tenant_id = a.id
      ORDER BY l.retry, l.id;
 END
@@ -653,14 +657,16 @@ $fn$;
 -- for (a platform's) is left out.
 CREATE FUNCTION levqor.billing_totals(consumer text, since timestamptz, until timestamptz)
 RETURNS TABLE (tenant_id uuid, slug text, customer_id text, metric text, sent numeric, pending numeric, parked numeric)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
     WITH entries AS (
         SELECT l.id, l.metric, l.quantity, p.ledger_id IS NOT NULL AS is_parked, coalesce(b.tenant_id, a.id) AS billed
           FROM levqor.usage_ledger l
           LEFT JOIN levqor.billing_parked p ON p.ledger_id = l.id
           LEFT JOIN levqor.tenant_billing b ON b.tenant_id = l.tenant_id
-          LEFT JOIN LATERAL (SELECT x.id FROM levqor.tenant_tree c JOIN levqor.tenants x ON x.id = c.ancestor AND x.kind = 'tenant'
-                              WHERE c.descendant = l.tenant_id ORDER BY c.depth LIMIT 1) a ON b.tenant_id IS NULL
+          LEFT JOIN LATERAL (SELECT c.ancestor AS id FROM levqor.tenant_tree c
+                              WHERE b.tenant_id IS NULL AND c.descendant = l.tenant_id
+                                AND (SELECT x.kind FROM levqor.tenants x WHERE x.id = c.ancestor) = 'tenant'
+                              ORDER BY c.depth LIMIT 1) a ON true
          WHERE date_trunc('second', l.period_end) >= $2 AND date_trunc('second', l.period_end) < $3
     )
     SELECT e.billed, coalesce(b.slug, t.slug), b.customer_id, e.metric,
@@ -938,15 +944,11 @@ $fn$;
 -- ever sees two different entries at one seq.
 CREATE FUNCTION levqor.audit_events(chain uuid, after_seq bigint, max_events integer DEFAULT 500)
 RETURNS TABLE (seq bigint, id bigint, at timestamptz, event jsonb)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
 #variable_conflict use_variable
 DECLARE
     prev   bytea;
     floor  record;
-    seqs   bigint[];
-    ids    bigint[];
-    ats    timestamptz[];
-    events jsonb[];
 BEGIN
     IF max_events IS NULL OR max_events < 1 OR max_events > 10000 THEN
         RAISE EXCEPTION 'max_events must be 1 to 10000' USING ERRCODE = '22023';
@@ -964,32 +966,30 @@ BEGIN
            AND c.first_seq + cardinality(c.ids) > after_seq
          ORDER BY c.first_seq DESC LIMIT 1;
     END IF;
-    SELECT array_agg(x.seq ORDER BY x.seq), array_agg(x.id ORDER BY x.seq), array_agg(x.at ORDER BY x.seq),
-           array_agg(x.event ORDER BY x.seq)
-      INTO seqs, ids, ats, events
-      FROM (
-        SELECT p.seq, a.id, a.at,
-               jsonb_build_object(
-                   'id', a.id, 'tenant_id', a.tenant_id, 'tenant', t.slug, 'seq', p.seq,
-                   'hash', encode(p.hash, 'hex'),
-                   'prev_hash', encode(coalesce(lag(p.hash) OVER (ORDER BY p.seq), prev), 'hex'),
-                   'at', to_char(a.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-                   'kind', a.kind, 'table', a.table_name, 'operation', a.operation, 'pk', a.pk,
-                   'old', a.old_row, 'new', a.new_row, 'changed', to_jsonb(a.changed),
-                   'event', a.event, 'detail', a.detail, 'db_role', a.db_role, 'user_id', a.user_id,
-                   'member_role', a.member_role) AS event
-          FROM (SELECT c.first_seq + k.o - 1 AS seq, k.id, substr(c.hashes, (k.o::int - 1) * 32 + 1, 32) AS hash
-                  FROM levqor.audit_chain c, unnest(c.ids) WITH ORDINALITY AS k(id, o)
-                 WHERE c.chain = $1 AND c.first_seq > after_seq - 96 AND c.first_seq + cardinality(c.ids) - 1 > after_seq
-                 ORDER BY c.first_seq, k.o LIMIT max_events + 96) p
-          JOIN levqor.audit_log a ON a.id = p.id
-          LEFT JOIN levqor.tenants t ON t.id = a.tenant_id
-         WHERE p.seq > after_seq
-         ORDER BY p.seq
-         LIMIT max_events) x;
+    -- Collected into the function's result first; handed out only when the
+    -- function returns, after the flush below.
+    RETURN QUERY
+    SELECT p.seq, a.id, a.at,
+           jsonb_build_object(
+               'id', a.id, 'tenant_id', a.tenant_id, 'tenant', t.slug, 'seq', p.seq,
+               'hash', encode(p.hash, 'hex'),
+               'prev_hash', encode(coalesce(lag(p.hash) OVER (ORDER BY p.seq), prev), 'hex'),
+               'at', to_char(a.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+               'kind', a.kind, 'table', a.table_name, 'operation', a.operation, 'pk', a.pk,
+               'old', a.old_row, 'new', a.new_row, 'changed', to_jsonb(a.changed),
+               'event', a.event, 'detail', a.detail, 'db_role', a.db_role, 'user_id', a.user_id,
+               'member_role', a.member_role)
+      FROM (SELECT c.first_seq + k.o - 1 AS seq, k.id, substr(c.hashes, (k.o::int - 1) * 32 + 1, 32) AS hash
+              FROM levqor.audit_chain c, unnest(c.ids) WITH ORDINALITY AS k(id, o)
+             WHERE c.chain = $1 AND c.first_seq > after_seq - 96 AND c.first_seq + cardinality(c.ids) - 1 > after_seq
+             ORDER BY c.first_seq, k.o LIMIT max_events + 96) p
+      JOIN levqor.audit_log a ON a.id = p.id
+      LEFT JOIN levqor.tenants t ON t.id = a.tenant_id
+     WHERE p.seq > after_seq
+     ORDER BY p.seq
+     LIMIT max_events;
     -- Everything read above was committed before this flush returns.
     PERFORM levqor._flush_wal();
-    RETURN QUERY SELECT * FROM unnest(seqs, ids, ats, events) ORDER BY 1;
 END
 $fn$;
 
@@ -2659,6 +2659,9 @@ GRANT EXECUTE ON FUNCTION
     levqor.restore_audit(uuid, jsonb), levqor.restore_finish(jsonb, jsonb), levqor.export_tenant(text)
 TO levqor_backup;
 GRANT SELECT ON levqor.backups, levqor.backup_coverage TO levqor_backup;
+-- A schema tenant restored from its archive's DDL into another database gets
+-- its guard trigger back (a trigger function: nothing to call directly).
+GRANT EXECUTE ON FUNCTION levqor._schema_guard() TO levqor_backup;
 -- Billing, streams and backups for levqor_admin.
 GRANT EXECUTE ON FUNCTION
     levqor.billing_retry(bigint),

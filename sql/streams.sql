@@ -239,15 +239,11 @@ $fn$;
 -- ever sees two different entries at one seq.
 CREATE FUNCTION levqor.audit_events(chain uuid, after_seq bigint, max_events integer DEFAULT 500)
 RETURNS TABLE (seq bigint, id bigint, at timestamptz, event jsonb)
-LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET jit = off AS $fn$
 #variable_conflict use_variable
 DECLARE
     prev   bytea;
     floor  record;
-    seqs   bigint[];
-    ids    bigint[];
-    ats    timestamptz[];
-    events jsonb[];
 BEGIN
     IF max_events IS NULL OR max_events < 1 OR max_events > 10000 THEN
         RAISE EXCEPTION 'max_events must be 1 to 10000' USING ERRCODE = '22023';
@@ -265,32 +261,30 @@ BEGIN
            AND c.first_seq + cardinality(c.ids) > after_seq
          ORDER BY c.first_seq DESC LIMIT 1;
     END IF;
-    SELECT array_agg(x.seq ORDER BY x.seq), array_agg(x.id ORDER BY x.seq), array_agg(x.at ORDER BY x.seq),
-           array_agg(x.event ORDER BY x.seq)
-      INTO seqs, ids, ats, events
-      FROM (
-        SELECT p.seq, a.id, a.at,
-               jsonb_build_object(
-                   'id', a.id, 'tenant_id', a.tenant_id, 'tenant', t.slug, 'seq', p.seq,
-                   'hash', encode(p.hash, 'hex'),
-                   'prev_hash', encode(coalesce(lag(p.hash) OVER (ORDER BY p.seq), prev), 'hex'),
-                   'at', to_char(a.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
-                   'kind', a.kind, 'table', a.table_name, 'operation', a.operation, 'pk', a.pk,
-                   'old', a.old_row, 'new', a.new_row, 'changed', to_jsonb(a.changed),
-                   'event', a.event, 'detail', a.detail, 'db_role', a.db_role, 'user_id', a.user_id,
-                   'member_role', a.member_role) AS event
-          FROM (SELECT c.first_seq + k.o - 1 AS seq, k.id, substr(c.hashes, (k.o::int - 1) * 32 + 1, 32) AS hash
-                  FROM levqor.audit_chain c, unnest(c.ids) WITH ORDINALITY AS k(id, o)
-                 WHERE c.chain = $1 AND c.first_seq > after_seq - 96 AND c.first_seq + cardinality(c.ids) - 1 > after_seq
-                 ORDER BY c.first_seq, k.o LIMIT max_events + 96) p
-          JOIN levqor.audit_log a ON a.id = p.id
-          LEFT JOIN levqor.tenants t ON t.id = a.tenant_id
-         WHERE p.seq > after_seq
-         ORDER BY p.seq
-         LIMIT max_events) x;
+    -- Collected into the function's result first; handed out only when the
+    -- function returns, after the flush below.
+    RETURN QUERY
+    SELECT p.seq, a.id, a.at,
+           jsonb_build_object(
+               'id', a.id, 'tenant_id', a.tenant_id, 'tenant', t.slug, 'seq', p.seq,
+               'hash', encode(p.hash, 'hex'),
+               'prev_hash', encode(coalesce(lag(p.hash) OVER (ORDER BY p.seq), prev), 'hex'),
+               'at', to_char(a.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+               'kind', a.kind, 'table', a.table_name, 'operation', a.operation, 'pk', a.pk,
+               'old', a.old_row, 'new', a.new_row, 'changed', to_jsonb(a.changed),
+               'event', a.event, 'detail', a.detail, 'db_role', a.db_role, 'user_id', a.user_id,
+               'member_role', a.member_role)
+      FROM (SELECT c.first_seq + k.o - 1 AS seq, k.id, substr(c.hashes, (k.o::int - 1) * 32 + 1, 32) AS hash
+              FROM levqor.audit_chain c, unnest(c.ids) WITH ORDINALITY AS k(id, o)
+             WHERE c.chain = $1 AND c.first_seq > after_seq - 96 AND c.first_seq + cardinality(c.ids) - 1 > after_seq
+             ORDER BY c.first_seq, k.o LIMIT max_events + 96) p
+      JOIN levqor.audit_log a ON a.id = p.id
+      LEFT JOIN levqor.tenants t ON t.id = a.tenant_id
+     WHERE p.seq > after_seq
+     ORDER BY p.seq
+     LIMIT max_events;
     -- Everything read above was committed before this flush returns.
     PERFORM levqor._flush_wal();
-    RETURN QUERY SELECT * FROM unnest(seqs, ids, ats, events) ORDER BY 1;
 END
 $fn$;
 

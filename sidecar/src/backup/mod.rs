@@ -183,9 +183,15 @@ pub async fn take(cfg: &Config, tenant: &str, dir: Option<&Path>) -> Result<Take
     let audit_entries = archive::rows_checksum(&audit).0;
     w.add("audit/log.copy.zst", &archive::compress(&audit));
     w.add("audit/chain.copy.zst", &archive::compress(&chain));
-    // The DDL, from the real pg_dump, of the same snapshot.
-    let ddl = pg_dump_schema(cfg, &t, &snapshot, server_version, schema.as_deref(), &entries).await?;
+    // The DDL, from the real pg_dump, of the same snapshot: the shared tables
+    // (ddl.sql) and, for a schema tenant, its schema (ddl-schema.sql).
+    let shared: Vec<TableEntry> = entries.iter().filter(|e| schema.as_deref() != Some(e.schema.as_str())).cloned().collect();
+    let ddl = pg_dump_schema(cfg, &t, &snapshot, server_version, None, &shared).await?;
     w.add("ddl.sql", ddl.as_bytes());
+    if let Some(s) = schema.as_deref() {
+        let ddl = pg_dump_schema(cfg, &t, &snapshot, server_version, Some(s), &[]).await?;
+        w.add("ddl-schema.sql", ddl.as_bytes());
+    }
     w.add("catalog.json", &serde_json::to_vec_pretty(&catalog).expect("json"));
     client.batch_execute("COMMIT").await.map_err(pg_err)?;
 
@@ -486,11 +492,22 @@ pub async fn restore(cfg: &Config, tenant: &str, from: &Path, into: Option<Targe
     let tenant_id: uuid::Uuid = client.query_one("SELECT levqor.restore_begin($1, $2)", &[&catalog, &replace]).await.map_err(fail)?.get(0);
     // Tables: there, cloned from the template (a schema tenant), or made from the archive's DDL.
     let names: Vec<String> = m.tables.iter().map(|e| e.table.clone()).collect();
-    if m.schema.is_some() {
-        client.execute("SELECT levqor.restore_schema($1, $2)", &[&tenant_id, &names]).await.map_err(fail)?;
+    let ddl_of = |member: &str| String::from_utf8_lossy(opened.members.get(member).map(Vec::as_slice).unwrap_or_default()).into_owned();
+    if let Some(schema) = &m.schema {
+        let there: bool = client.query_one("SELECT levqor.restore_schema($1, $2)", &[&tenant_id, &names]).await.map_err(fail)?.get(0);
+        if !there {
+            // No such schema here and a template that does not match: its own DDL.
+            client.batch_execute(&ddl_of("ddl-schema.sql")).await.map_err(fail)?;
+            client.batch_execute("RESET ALL").await.map_err(fail)?;
+            let made: bool = client.query_one("SELECT to_regnamespace($1) IS NOT NULL", &[&ident(schema)]).await.map_err(fail)?.get(0);
+            if !made {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(RestoreError::Refused(format!("the archive has no DDL for schema {schema}")));
+            }
+        }
     }
     let mut missing = Vec::new();
-    for e in &m.tables {
+    for e in m.tables.iter().filter(|e| m.schema.as_deref() != Some(e.schema.as_str())) {
         let there: bool = client
             .query_one("SELECT to_regclass($1) IS NOT NULL", &[&qualified(&e.schema, &e.name)])
             .await
@@ -500,16 +517,16 @@ pub async fn restore(cfg: &Config, tenant: &str, from: &Path, into: Option<Targe
             missing.push(e.table.clone());
         }
     }
+    let shared_tables = m.tables.iter().filter(|e| m.schema.as_deref() != Some(e.schema.as_str())).count();
     if !missing.is_empty() {
-        if missing.len() != m.tables.len() {
+        if missing.len() != shared_tables {
             let _ = client.batch_execute("ROLLBACK").await;
             return Err(RestoreError::Refused(format!(
                 "tables {} are missing here while the others exist: create them first",
                 missing.join(", ")
             )));
         }
-        let ddl = String::from_utf8_lossy(opened.members.get("ddl.sql").map(Vec::as_slice).unwrap_or_default()).into_owned();
-        client.batch_execute(&ddl).await.map_err(fail)?;
+        client.batch_execute(&ddl_of("ddl.sql")).await.map_err(fail)?;
         // pg_dump's preamble SETs row_security off, an empty search_path and
         // more: back to the session's defaults before any row is written.
         client.batch_execute("RESET ALL").await.map_err(fail)?;
