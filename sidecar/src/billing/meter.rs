@@ -130,7 +130,9 @@ const PAGE: i32 = 2000;
 async fn pass(app: &App, client: &Client, accepted: &mut HashSet<i64>, probe: bool) -> Result<Pass, tokio_postgres::Error> {
     let cfg = app.cfg();
     let s = cfg.stripe.as_ref().expect("billing configured");
+    let started = std::time::Instant::now();
     let rows = client.query("SELECT * FROM levqor.billing_ledger($1, $2)", &[&s.consumer, &PAGE]).await?;
+    let read_ms = started.elapsed().as_millis() as u64;
     let entries: Vec<Entry> = rows
         .iter()
         .map(|r| Entry {
@@ -228,6 +230,7 @@ async fn pass(app: &App, client: &Client, accepted: &mut HashSet<i64>, probe: bo
         }
     }
 
+    let sent_ms = started.elapsed().as_millis() as u64 - read_ms;
     // Record what was settled, then move the cursor through the settled prefix.
     let mut through: Option<i64> = None;
     let mut holding = false;
@@ -268,6 +271,7 @@ async fn pass(app: &App, client: &Client, accepted: &mut HashSet<i64>, probe: bo
         client.execute("SELECT levqor.ledger_advance($1, $2)", &[&s.consumer, &t]).await?;
         accepted.retain(|id| *id > t);
     }
+    tracing::debug!(entries = entries.len(), read_ms, sent_ms, total_ms = started.elapsed().as_millis() as u64, "metering pass");
     Ok(Pass { full: fresh >= i64::from(PAGE) && !holding, failed })
 }
 

@@ -166,13 +166,24 @@ async fn step(
             client.execute("SELECT levqor.billing_customer($1, $2)", &[&p.tenant, &id]).await?;
             tracing::info!(tenant = %p.slug, customer = %id, "Stripe customer created");
         }
-        "create_subscription" => {
+        "create_subscription" | "change_plan" => {
             let prices = match prices(&p.plan) {
                 Ok(x) => x,
                 Err(e) => return Ok(Err(e)),
             };
-            let customer = p.customer.clone().unwrap_or_default();
-            let sub = match stripe.create_subscription(&tenant, &customer, &prices, p.version).await {
+            let answer = if p.action == "create_subscription" {
+                let customer = p.customer.clone().unwrap_or_default();
+                stripe.create_subscription(&tenant, &customer, &prices, p.version).await
+            } else {
+                let current: Vec<(String, String)> = p
+                    .items
+                    .as_object()
+                    .map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+                    .unwrap_or_default();
+                let sub_id = p.subscription.clone().unwrap_or_default();
+                stripe.set_subscription_prices(&tenant, &sub_id, &current, &prices, p.version).await
+            };
+            let sub = match answer {
                 Ok(x) => x,
                 Err(e) => return Ok(Err(e)),
             };
@@ -182,30 +193,7 @@ async fn step(
                     &[&p.tenant, &sub.id, &sub.status, &p.plan, &sub.items_json()],
                 )
                 .await?;
-            tracing::info!(tenant = %p.slug, subscription = %sub.id, plan = ?p.plan, "Stripe subscription created");
-        }
-        "change_plan" => {
-            let prices = match prices(&p.plan) {
-                Ok(x) => x,
-                Err(e) => return Ok(Err(e)),
-            };
-            let current: Vec<(String, String)> = p
-                .items
-                .as_object()
-                .map(|o| o.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
-                .unwrap_or_default();
-            let sub_id = p.subscription.clone().unwrap_or_default();
-            let sub = match stripe.set_subscription_prices(&tenant, &sub_id, &current, &prices, p.version).await {
-                Ok(x) => x,
-                Err(e) => return Ok(Err(e)),
-            };
-            client
-                .execute(
-                    "SELECT levqor.billing_subscription($1, $2, $3, $4, $5)",
-                    &[&p.tenant, &sub.id, &sub.status, &p.plan, &sub.items_json()],
-                )
-                .await?;
-            tracing::info!(tenant = %p.slug, plan = ?p.plan, "Stripe subscription moved to the tenant's plan");
+            tracing::info!(tenant = %p.slug, subscription = %sub.id, plan = ?p.plan, action = %p.action, "Stripe subscription on the tenant's plan");
         }
         "cancel" => {
             let sub_id = p.subscription.clone().unwrap_or_default();

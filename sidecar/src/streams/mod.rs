@@ -32,6 +32,9 @@ use crate::metrics::StreamLabels;
 use crate::retry::Backoff;
 use wire::{Answer, Destination, Event};
 
+/// The next sealed entries of a chain after a position, as events.
+const AUDIT_EVENTS: &str = "SELECT seq, id, at, event FROM levqor.audit_events($1, $2, $3)";
+
 /// What a stream is, for the supervisor to notice a change.
 #[derive(Clone, Debug, PartialEq)]
 struct Spec {
@@ -263,58 +266,83 @@ async fn deliver(app: Arc<App>, client: Arc<Client>, spec: Spec, wake: Arc<Notif
             },
         };
         let mut worked = false;
-        for (chain, slug, seq) in chains {
-            if stop.is_cancelled() {
-                return;
-            }
-            let rows = match client
-                .query("SELECT seq, id, at, event FROM levqor.audit_events($1, $2, $3)", &[&chain, &seq, &(max_events as i32)])
-                .await
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    if !db_trouble(&app, &client, &spec, &e, &stop).await {
-                        return;
-                    }
-                    worked = true;
-                    break;
-                }
-            };
-            let lag: i64 = client
-                .query_one("SELECT levqor.stream_lag($1, $2)", &[&chain, &seq])
-                .await
-                .map(|r| r.get(0))
-                .unwrap_or(0);
-            app.metrics.stream_lag_entries.get_or_create(&labels).set(lag.max(0));
-            if rows.is_empty() {
-                continue;
-            }
-            let mut events: Vec<Event> = rows
-                .iter()
-                .map(|r| wire::fit(Event { seq: r.get(0), id: r.get(1), at: r.get(2), body: r.get(3) }, max_bytes.saturating_sub(512)))
-                .collect();
-            // Keep the batch under the byte bound.
-            let mut total = 0;
-            let keep = events
-                .iter()
-                .position(|e| {
-                    total += e.body.to_string().len() + 200;
-                    total > max_bytes
-                })
-                .unwrap_or(events.len())
-                .max(1);
-            events.truncate(keep);
-            worked = true;
-            match send_batch(&app, &client, &http, &dest, &spec, &labels, chain, &slug, events, &mut backoff, &mut state, &stop).await {
-                Outcome::Done => backoff.reset(),
-                Outcome::AuthFailed(why) => {
-                    tracing::error!(stream = %spec.name, reply = %why, "the receiver refused the stream's secret: nothing is sent until it changes");
-                    app.metrics.error("streams", "auth_failed");
-                    report(&client, &spec, "auth_failed", Some(&why)).await;
-                    stop.cancelled().await;
+        for (chain, slug, mut seq) in chains {
+            // The next batch of this chain, read while the current one is on
+            // its way: it starts after the current one whatever becomes of
+            // it (delivered, or parked), so order and the cursor are as if
+            // read afterwards.
+            let mut prefetched: Option<tokio::task::JoinHandle<Result<Vec<tokio_postgres::Row>, tokio_postgres::Error>>> = None;
+            loop {
+                if stop.is_cancelled() {
                     return;
                 }
-                Outcome::Stopped => return,
+                let read_started = std::time::Instant::now();
+                let rows = match prefetched.take() {
+                    Some(next) => match next.await {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    },
+                    None => client.query(AUDIT_EVENTS, &[&chain, &seq, &(max_events as i32)]).await,
+                };
+                let rows = match rows {
+                    Ok(r) => r,
+                    Err(e) => {
+                        if !db_trouble(&app, &client, &spec, &e, &stop).await {
+                            return;
+                        }
+                        worked = true;
+                        break;
+                    }
+                };
+                if rows.is_empty() {
+                    let lag: i64 = client.query_one("SELECT levqor.stream_lag($1, $2)", &[&chain, &seq]).await.map(|r| r.get(0)).unwrap_or(0);
+                    app.metrics.stream_lag_entries.get_or_create(&labels).set(lag.max(0));
+                    break;
+                }
+                let full = rows.len() >= max_events;
+                let mut events: Vec<Event> = rows
+                    .iter()
+                    .map(|r| wire::fit(Event { seq: r.get(0), id: r.get(1), at: r.get(2), body: r.get(3), size: 0 }, max_bytes.saturating_sub(512)))
+                    .collect();
+                // Keep the batch under the byte bound.
+                let mut total = 0;
+                let keep = events
+                    .iter()
+                    .position(|e| {
+                        total += e.size + 200;
+                        total > max_bytes
+                    })
+                    .unwrap_or(events.len())
+                    .max(1);
+                let more = full || keep < events.len();
+                events.truncate(keep);
+                worked = true;
+                let last = events.last().expect("a batch").seq;
+                if more {
+                    let (c, max) = (client.clone(), max_events as i32);
+                    prefetched = Some(tokio::spawn(async move { c.query(AUDIT_EVENTS, &[&chain, &last, &max]).await }));
+                }
+                let read_ms = read_started.elapsed().as_millis() as u64;
+                let (n, send_started) = (events.len(), std::time::Instant::now());
+                let outcome = send_batch(&app, &client, &http, &dest, &spec, &labels, chain, &slug, events, &mut backoff, &mut state, &stop).await;
+                tracing::debug!(stream = %spec.name, events = n, read_ms, send_ms = send_started.elapsed().as_millis() as u64, "audit batch");
+                match outcome {
+                    Outcome::Done => {
+                        backoff.reset();
+                        seq = last;
+                    }
+                    Outcome::AuthFailed(why) => {
+                        tracing::error!(stream = %spec.name, reply = %why, "the receiver refused the stream's secret: nothing is sent until it changes");
+                        app.metrics.error("streams", "auth_failed");
+                        report(&client, &spec, "auth_failed", Some(&why)).await;
+                        stop.cancelled().await;
+                        return;
+                    }
+                    Outcome::Stopped => return,
+                }
+                if !more {
+                    break;
+                }
             }
         }
         if !worked {

@@ -21,6 +21,8 @@ pub struct Event {
     pub id: i64,
     pub at: chrono::DateTime<chrono::Utc>,
     pub body: Value,
+    /// The body's size as JSON, measured once (by `fit`).
+    pub size: usize,
 }
 
 pub struct Destination {
@@ -38,7 +40,8 @@ pub struct Destination {
 /// chain, with the bulky parts replaced by a marker: never dropped silently
 /// (its hash then cannot be recomputed by the receiver, which the marker says).
 pub fn fit(mut e: Event, max: usize) -> Event {
-    let size = e.body.to_string().len();
+    let size = json_len(&e.body);
+    e.size = size;
     if size <= max {
         return e;
     }
@@ -50,7 +53,25 @@ pub fn fit(mut e: Event, max: usize) -> Event {
         }
         o.insert("truncated".into(), json!({"original_bytes": size, "reason": "larger than the stream's batch limit"}));
     }
+    e.size = json_len(&e.body);
     e
+}
+
+/// The length of a value's JSON text, without keeping the text.
+fn json_len(v: &Value) -> usize {
+    struct Count(usize);
+    impl Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    serde_json::to_writer(&mut c, v).expect("JSON of a JSON value");
+    c.0
 }
 
 /// The request body (and content type) for a batch of events of one chain.
@@ -145,7 +166,7 @@ mod tests {
     use super::*;
 
     fn ev(seq: i64) -> Event {
-        Event { seq, id: seq * 10, at: chrono::Utc::now(), body: json!({"seq": seq, "new": {"x": "y".repeat(100)}}) }
+        Event { seq, id: seq * 10, at: chrono::Utc::now(), body: json!({"seq": seq, "new": {"x": "y".repeat(100)}}), size: 0 }
     }
 
     #[test]
@@ -179,6 +200,7 @@ mod tests {
         assert_eq!(e.body["seq"], 1);
         assert!(e.body["new"].is_null());
         assert!(e.body["truncated"]["original_bytes"].as_u64().unwrap() > 50);
+        assert_eq!(e.size, e.body.to_string().len());
     }
 
     #[test]
