@@ -14,17 +14,6 @@ use levqor_peers::stripe::{signed_event, unix_now, Fault, FakeStripe, State};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-const PLANS: &str = r#"
-[stripe.plans.free]
-prices = ["price_free_base"]
-[stripe.plans.starter]
-prices = ["price_starter_base", "price_api_calls"]
-[stripe.plans.professional]
-prices = ["price_pro_base", "price_api_calls"]
-[stripe.plans.enterprise]
-prices = ["price_enterprise_base", "price_api_calls"]
-"#;
-
 fn prices(plan: &str) -> Vec<String> {
     let p: &[&str] = match plan {
         "free" => &["price_free_base"],
@@ -66,7 +55,7 @@ meter_interval_seconds = 1
 retry_max_seconds = 2
 timeout_seconds = 5
 {extra}
-{PLANS}
+{STRIPE_PLANS}
 [stripe.meters]
 api_calls_per_15min = "api_calls"
 "#,
@@ -480,6 +469,24 @@ fn stripe_faults_are_retried_and_a_refused_entry_is_parked_without_blocking_the_
     });
     let (code, out, _) = b.reconcile(&sidecar);
     assert_eq!(code, 0, "{out}");
+
+    // Usage older than Stripe's 35-day window: parked with that reason, not retried forever.
+    let old: i64 = b
+        .db
+        .su()
+        .query_one(
+            "INSERT INTO levqor.usage_ledger (tenant_id, metric, quantity, period_start, period_end)
+             VALUES ($1, 'api_calls_per_15min', 9, now() - interval '41 days', now() - interval '40 days') RETURNING id",
+            &[&u.id],
+        )
+        .unwrap()
+        .get(0);
+    b.use_api(&u, 2);
+    b.flush();
+    b.wait_metered();
+    let reason: String = b.db.admin().query_one("SELECT reason FROM levqor.billing_parked WHERE ledger_id = $1", &[&old]).unwrap().get(0);
+    assert_eq!(reason, "too old");
+    assert_eq!(b.stripe_total(&u), 9, "the later entry was billed, the old one not");
 }
 
 #[test]

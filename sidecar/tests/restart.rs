@@ -129,14 +129,7 @@ api_key_env = "STRIPE_SECRET_KEY"
 sweep_seconds = 1
 meter_interval_seconds = 1
 retry_max_seconds = 2
-[stripe.plans.free]
-prices = ["price_free"]
-[stripe.plans.starter]
-prices = ["price_starter", "price_calls"]
-[stripe.plans.professional]
-prices = ["price_pro", "price_calls"]
-[stripe.plans.enterprise]
-prices = ["price_ent", "price_calls"]
+{STRIPE_PLANS}
 [stripe.meters]
 api_calls_per_15min = "api_calls"
 "#,

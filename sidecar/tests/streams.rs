@@ -196,6 +196,40 @@ fn a_receiver_down_then_back_or_busy_loses_nothing_and_keeps_the_order() {
 }
 
 #[test]
+fn a_dead_destination_delays_no_other_and_a_failing_batch_is_parked_after_max_attempts() {
+    let s = Streams::new("st_isolate");
+    let a = s.db.tenant("dead-end", "enterprise");
+    let b = s.db.tenant("healthy", "enterprise");
+    let dead = start(Kind::Webhook, "webhook-signing-secret");
+    let alive = start(Kind::Webhook, "webhook-signing-secret");
+    dead.set_delay(Some(Duration::from_secs(30)));
+    let id_a = s.add_stream(&a, &dead, "webhook-signing-secret", json!({}));
+    s.add_stream(&b, &alive, "webhook-signing-secret", json!({}));
+    let _sidecar = Sidecar::start(&s.config(""), &[]);
+    s.orders(&a, 5, "stuck");
+    s.orders(&b, 5, "flows");
+    // B's receiver gets everything while A's hangs on its first request.
+    s.wait_delivered(&alive, &b, Duration::from_secs(20));
+    assert!(dead.events().is_empty());
+
+    // 500s for every request to A's receiver: parked after max_attempts (4), not lost, and A goes on.
+    dead.set_delay(None);
+    dead.fail(500, 1000);
+    wait_until("the batch parked", Duration::from_secs(60), || s.view(id_a).2 > 0);
+    let (_, delivered, parked, _) = s.view(id_a);
+    assert!(parked > 0 && delivered > 0, "parked {parked}, cursor past them at {delivered}");
+    let replies: Vec<String> = s
+        .db
+        .admin()
+        .query("SELECT reply FROM levqor.audit_stream_parked WHERE destination = $1", &[&format!("stream:{id_a}")])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(replies.iter().all(|r| r.contains("given up after 4 attempts")), "{replies:?}");
+}
+
+#[test]
 fn kill_9_in_the_middle_of_a_delivery_redelivers_at_most_one_batch_and_loses_none() {
     let s = Streams::new("st_kill");
     let a = s.db.tenant("umbrella", "enterprise");

@@ -20,6 +20,18 @@ pub const SIDECAR: &str = "e2e_sidecar";
 pub const BACKUP: &str = "e2e_backup";
 
 pub const STRIPE_KEY: &str = "sk_test_levqor_e2e_4242";
+
+/// `[stripe.plans.*]` for every seeded plan, and the API-call meter.
+pub const STRIPE_PLANS: &str = r#"
+[stripe.plans.free]
+prices = ["price_free_base"]
+[stripe.plans.starter]
+prices = ["price_starter_base", "price_api_calls"]
+[stripe.plans.professional]
+prices = ["price_pro_base", "price_api_calls"]
+[stripe.plans.enterprise]
+prices = ["price_enterprise_base", "price_api_calls"]
+"#;
 pub const WEBHOOK_SECRET: &str = "whsec_levqor_e2e_secret";
 
 pub fn runtime() -> &'static tokio::runtime::Runtime {
