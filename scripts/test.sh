@@ -4,7 +4,9 @@
 #   2. #[pg_test] units inside a real PostgreSQL 15 (cargo pgrx test),
 #   3. installs the extension and starts three throwaway clusters (with and
 #      without shared_preload_libraries, and one the durability test crashes),
-#   4. the end-to-end suite (as non-superuser roles over TCP) and the sidecar's tests.
+#   4. the end-to-end suite (as non-superuser roles over TCP) and the sidecar's
+#      (the real binary against the clusters and HTTP peers on loopback: a
+#      fake Stripe, Splunk HEC, Datadog and webhook receivers).
 # The clusters are stopped whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +40,8 @@ cleanup() {
 trap cleanup EXIT
 scripts/cluster.sh start e2e "$LEVQOR_E2E_PORT" preload
 scripts/cluster.sh start e2e-nopreload "$LEVQOR_E2E_NOPRELOAD_PORT" nopreload
-# Restarted and crashed by the quota durability test, so nothing else uses it.
+# Restarted and crashed by the durability tests and the sidecar's restart
+# tests (one test binary at a time), so nothing else uses it.
 scripts/cluster.sh start e2e-restart "$LEVQOR_E2E_RESTART_PORT" preload
 
 step "end-to-end suite and sidecar"

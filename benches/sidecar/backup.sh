@@ -11,18 +11,19 @@ BIN=/usr/lib/postgresql/15/bin
 SIDECAR=target/release/levqor-sidecar
 work=$(mktemp -d /tmp/levqor-bench-backup.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-sql() { "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres "$@"; }
+sql() { PGOPTIONS='-c client_min_messages=warning' "$BIN/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PORT" -U postgres "$@"; }
 now() { date +%s.%N; }
 secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 size() { du -m "$1" | cut -f1; }
 fresh() {  # a database with levqor, as a restore target
   sql -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" -c "CREATE DATABASE $1" >/dev/null
-  sql -d "$1" -c "SET client_min_messages = error" -c "CREATE EXTENSION levqor" -c "GRANT CREATE ON SCHEMA public TO bench_backup" >/dev/null
+  sql -d "$1" -c "SET client_min_messages = error" -c "CREATE EXTENSION levqor" -c "GRANT CREATE ON SCHEMA public TO bench_backup" -c "GRANT CREATE ON DATABASE $1 TO bench_backup" >/dev/null
 }
 
 echo "loading: 3 shared tenants x $ROWS rows (orders + events), a schema tenant of $ROWS rows…"
+sql -c "DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'bench_backup') THEN CREATE ROLE bench_backup LOGIN; END IF; END \$\$" >/dev/null
 fresh bench_backup
-sql -c "DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'bench_backup') THEN CREATE ROLE bench_backup LOGIN IN ROLE levqor_backup; END IF; END \$\$" >/dev/null
+sql -c "GRANT levqor_backup TO bench_backup" >/dev/null
 sql -d bench_backup >/dev/null <<SQL
 CREATE TABLE orders (id bigserial PRIMARY KEY, tenant_id uuid NOT NULL, customer text NOT NULL, total numeric(12,2) NOT NULL,
                      status text NOT NULL, created_at timestamptz NOT NULL);
@@ -55,6 +56,7 @@ url = "host=127.0.0.1 port=$PORT dbname=bench_backup user=bench_backup"
 dir = "$work/archives"
 encryption_key_env = "LEVQOR_BACKUP_KEY"
 TOML
+export LEVQOR_SIDECAR_LOG=warn
 export LEVQOR_BACKUP_KEY=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
 
 row() { printf '| %s | %s s | %s MiB | %s s |\n' "$1" "$2" "$3" "$4"; }
@@ -62,10 +64,10 @@ echo
 echo "| what | backup | size | restore into a fresh database |"
 echo "|---|---:|---:|---:|"
 # The shared tenant: levqor.
-t0=$(now); a=$($SIDECAR backup --config "$work/sidecar.toml" --tenant big-a 2>/dev/null | tail -1); t1=$(now)
+t0=$(now); a=$($SIDECAR backup --config "$work/sidecar.toml" --tenant big-a | tail -1); t1=$(now)
 fresh bench_restore_a
 sed "s/dbname=bench_backup/dbname=bench_restore_a/" "$work/sidecar.toml" >"$work/restore.toml"
-t2=$(now); $SIDECAR restore --config "$work/restore.toml" --tenant big-a --from "$a" >/dev/null 2>&1; t3=$(now)
+t2=$(now); $SIDECAR restore --config "$work/restore.toml" --tenant big-a --from "$a" >/dev/null; t3=$(now)
 row "levqor, shared tenant big-a ($ROWS of $((3 * ROWS)) rows)" "$(secs "$t0" "$t1")" "$(size "$a")" "$(secs "$t2" "$t3")"
 lb=$(secs "$t0" "$t1")
 # What people do today: pg_dump of the whole tables, pg_restore.
@@ -75,10 +77,10 @@ t2=$(now); "$BIN/pg_restore" -h 127.0.0.1 -p "$PORT" -U postgres -d bench_restor
 row "pg_dump -Fc of the whole tables ($((3 * ROWS)) rows)" "$(secs "$t0" "$t1")" "$(size "$work/tables.dump")" "$(secs "$t2" "$t3")"
 pb=$(secs "$t0" "$t1")
 # The schema tenant.
-t0=$(now); s=$($SIDECAR backup --config "$work/sidecar.toml" --tenant schema-s 2>/dev/null | tail -1); t1=$(now)
+t0=$(now); s=$($SIDECAR backup --config "$work/sidecar.toml" --tenant schema-s | tail -1); t1=$(now)
 fresh bench_restore_c
 sed "s/dbname=bench_backup/dbname=bench_restore_c/" "$work/sidecar.toml" >"$work/restore_c.toml"
-t2=$(now); $SIDECAR restore --config "$work/restore_c.toml" --tenant schema-s --from "$s" >/dev/null 2>&1; t3=$(now)
+t2=$(now); $SIDECAR restore --config "$work/restore_c.toml" --tenant schema-s --from "$s" >/dev/null; t3=$(now)
 row "levqor, schema tenant schema-s ($ROWS rows)" "$(secs "$t0" "$t1")" "$(size "$s")" "$(secs "$t2" "$t3")"
 t0=$(now); "$BIN/pg_dump" -h 127.0.0.1 -p "$PORT" -U postgres -Fc -n tenant_schema_s -f "$work/schema.dump" bench_backup; t1=$(now)
 fresh bench_restore_d
