@@ -4,7 +4,9 @@
 # on 127.0.0.1 and a private socket directory, and trust local connections:
 # never point this at anything but a scratch directory.
 #
-#   scripts/cluster.sh start NAME PORT [preload|nopreload]
+#   scripts/cluster.sh start NAME PORT [preload|nopreload|citus]
+# (citus: a node of a Citus cluster, with citus loaded before levqor; needs
+# Citus installed, which nothing here does for you.)
 #   scripts/cluster.sh stop NAME
 #   scripts/cluster.sh psql NAME [psql args...]
 set -euo pipefail
@@ -38,6 +40,14 @@ start)
     echo "max_worker_processes = 16"
     echo "max_parallel_workers = 8"
     echo "log_min_messages = warning"
+    if [ "$preload" = citus ]; then
+      echo "shared_preload_libraries = 'citus,levqor'"
+      echo "citus.propagate_set_commands = 'local'"
+      echo "levqor.cluster_secret = 'e2e-cluster-secret-please-change-0123456789'"
+      echo "max_prepared_transactions = 100"
+      echo "citus.node_conninfo = 'sslmode=disable'"
+      echo "wal_level = logical"
+    fi
     if [ "$preload" = preload ]; then
       echo "shared_preload_libraries = 'levqor'"
       # levqor's workers, for the databases the worker test uses.

@@ -36,6 +36,8 @@ cleanup() {
   scripts/cluster.sh stop e2e || true
   scripts/cluster.sh stop e2e-nopreload || true
   scripts/cluster.sh stop e2e-restart || true
+  # Started by tests/e2e/tests/citus.rs, when Citus is installed.
+  for n in 0 1 2; do scripts/cluster.sh stop "citus$n-e2e" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 scripts/cluster.sh start e2e "$LEVQOR_E2E_PORT" preload
@@ -45,4 +47,9 @@ scripts/cluster.sh start e2e-nopreload "$LEVQOR_E2E_NOPRELOAD_PORT" nopreload
 scripts/cluster.sh start e2e-restart "$LEVQOR_E2E_RESTART_PORT" preload
 
 step "end-to-end suite and sidecar"
+if [ -f "$("$PG_CONFIG" --pkglibdir)/citus.so" ]; then
+  echo "Citus found: tests/e2e/tests/citus.rs starts a coordinator and two workers"
+else
+  echo "Citus not installed: the Citus tests are skipped (they say so); docs/citus.md"
+fi
 cargo test -p levqor-e2e -p levqor-sidecar

@@ -393,6 +393,7 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_audit_insert') THEN
         RETURN;
     END IF;
+    PERFORM levqor._refuse_on_citus(tbl, 'auditing');
     EXECUTE format('CREATE TRIGGER levqor_audit_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS levqor_new
                     FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
     EXECUTE format('CREATE TRIGGER levqor_audit_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS levqor_old

@@ -48,7 +48,9 @@ GRANT EXECUTE ON FUNCTION
     levqor._row_limit_column(regclass, text, name), levqor._register_row_limit(regclass, text, name),
     levqor.scope_foreign_keys(regclass), levqor._unscoped_foreign_keys(regclass), levqor._scoped_key_sql(oid),
     levqor._key_columns(regclass, name, int2[]), levqor._key_actions(oid), levqor._crossing_references(oid, integer),
-    levqor._warn_unscoped_foreign_keys(regclass), levqor._caller()
+    levqor._warn_unscoped_foreign_keys(regclass), levqor._caller(),
+    levqor.distribute(regclass, name, regclass), levqor._distribution(regclass), levqor._refuse_on_citus(regclass, text),
+    levqor._citus_active(), levqor._tenant_column_of(regclass), levqor._owner_has_rows(regclass), levqor._shard_problems(regclass), levqor.shard_problems(regclass)
 TO PUBLIC;
 
 -- Usage: the view and its live source show a tenant only its own numbers

@@ -260,6 +260,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION '% is not protected by levqor', tbl USING ERRCODE = '55000';
     END IF;
+    PERFORM levqor._refuse_on_citus(tbl, 'a scope column');
     IF NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = tbl AND k.conname = 'levqor_scope_check'
                       AND pg_get_constraintdef(k.oid) = format('CHECK ((%I = ANY (ARRAY[''organization''::text, ''tenant''::text, ''platform''::text])))', scope_column)) THEN
         RAISE EXCEPTION '% has no levqor scope check on %', tbl, quote_ident(scope_column) USING ERRCODE = '55000',

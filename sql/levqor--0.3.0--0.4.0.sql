@@ -42,6 +42,13 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_caller_wrapper';
 
+-- src/citus.rs:144
+-- levqor::citus::_citus_active
+CREATE  FUNCTION "_citus_active"() RETURNS bool /* bool */
+STRICT STABLE PARALLEL SAFE
+LANGUAGE c /* Rust */
+AS 'MODULE_PATHNAME', '_citus_active_wrapper';
+
 -- src/auth.rs:245
 -- levqor::auth::backup_context
 CREATE  FUNCTION "backup_context"(
@@ -1351,6 +1358,44 @@ END
 $fn$;
 
 -- 4. Functions new or changed in the files 0.3.0 had.
+CREATE FUNCTION levqor._distribution(tbl regclass, OUT method text, OUT column_name name)
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF NOT levqor._citus_active() THEN
+        RETURN;
+    END IF;
+    EXECUTE $q$SELECT CASE p.partmethod WHEN 'h' THEN 'hash' WHEN 'n' THEN
+                         CASE p.repmodel WHEN 't' THEN 'reference' ELSE
+                              CASE WHEN p.colocationid = 0 THEN 'local' ELSE 'single shard' END END
+                         ELSE p.partmethod::text END,
+                      CASE WHEN p.partkey IS NOT NULL THEN pg_catalog.column_to_column_name(p.logicalrelid, p.partkey) END
+                 FROM pg_catalog.pg_dist_partition p WHERE p.logicalrelid = $1$q$
+       INTO method, column_name USING tbl;
+END
+$fn$;
+CREATE FUNCTION levqor._make_restrictive(tbl oid, policy oid) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    p record;
+BEGIN
+    SELECT pol.polname, pol.polcmd, pg_get_expr(pol.polqual, pol.polrelid) AS qual,
+           pg_get_expr(pol.polwithcheck, pol.polrelid) AS chk INTO p
+      FROM pg_policy pol
+     WHERE pol.oid = policy AND pol.polrelid = tbl AND pol.polpermissive AND pol.polname LIKE 'levqor\_tenant\_%';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
+    EXECUTE format('DROP POLICY %I ON %s', p.polname, tbl::regclass);
+    EXECUTE format('CREATE POLICY %I ON %s AS RESTRICTIVE FOR %s TO PUBLIC %s %s', p.polname, tbl::regclass,
+                   CASE p.polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
+                                 WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
+                   CASE WHEN p.qual IS NOT NULL THEN 'USING (' || p.qual || ')' ELSE '' END,
+                   CASE WHEN p.chk IS NOT NULL THEN 'WITH CHECK (' || p.chk || ')' ELSE '' END);
+    DELETE FROM levqor._disabling d WHERE d.tbl = $1;
+END
+$fn$;
 CREATE FUNCTION levqor._notice_unsealed(as_warning boolean DEFAULT false) RETURNS void
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
@@ -1368,8 +1413,21 @@ BEGIN
     END IF;
 END
 $fn$;
+CREATE FUNCTION levqor._owner_has_rows(tbl regclass) RETURNS boolean
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+DECLARE
+    found boolean;
+BEGIN
+    IF NOT pg_has_role(levqor._caller(), (SELECT c.relowner FROM pg_class c WHERE c.oid = tbl), 'USAGE') THEN
+        RAISE EXCEPTION 'must be owner of table %', tbl USING ERRCODE = '42501';
+    END IF;
+    EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s)', tbl) INTO found;
+    RETURN found;
+END
+$fn$;
 CREATE FUNCTION levqor._protect_partitions() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET citus.override_table_visibility = off AS $fn$
 #variable_conflict use_variable
 DECLARE
     cmd  record;
@@ -1399,6 +1457,21 @@ BEGIN
     END LOOP;
 END
 $fn$;
+CREATE FUNCTION levqor._refuse_on_citus(tbl regclass, feature text) RETURNS void
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF (levqor._distribution(tbl)).method IS NULL THEN
+        RETURN;
+    END IF;
+    RAISE EXCEPTION '% is a Citus distributed table: % cannot run on its shards', tbl, feature
+        USING ERRCODE = '0A000',
+              HINT = CASE feature
+                  WHEN 'auditing' THEN 'Keep audited tables on the coordinator (not distributed): their entries join the tenant''s sealed chain there.'
+                  WHEN 'a row limit' THEN 'Keep row-limited tables on the coordinator; API-call quotas work whatever the tables.'
+                  WHEN 'a scope column' THEN 'Scoped tables read levqor''s organisation tree, which lives on the coordinator: keep them local.'
+                  ELSE 'See docs/citus.md for what levqor supports on distributed tables.' END;
+END
+$fn$;
 CREATE FUNCTION levqor._restoring() RETURNS boolean
 LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT current_setting('row_security') = 'off'
@@ -1409,6 +1482,76 @@ LANGUAGE sql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
     SELECT levqor.preloaded()
            AND current_database() = ANY (regexp_split_to_array(btrim(coalesce(current_setting('levqor.audit_database', true), '')), '\s*,\s*'))
 $fn$;
+CREATE FUNCTION levqor._shard_problems(shard regclass) RETURNS text
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT coalesce(string_agg(x, ', '), '') FROM levqor._tenancy_problems(shard, true) x
+     WHERE x <> 'the TRUNCATE guard trigger is missing'
+$fn$;
+CREATE FUNCTION levqor._tenant_column_of(tbl regclass) RETURNS name
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+    SELECT pt.tenant_column FROM levqor.protected_tables pt WHERE pt.tbl = $1
+$fn$;
+CREATE FUNCTION levqor.distribute(tbl regclass, tenant_column name DEFAULT 'tenant_id', colocate_with regclass DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    dist     record;
+    col      name;
+    problems text;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'distribute: table must not be NULL' USING ERRCODE = '22023';
+    END IF;
+    IF NOT levqor._citus_active() THEN
+        RAISE EXCEPTION 'Citus is not installed in this database' USING ERRCODE = '0A000',
+            HINT = 'Load citus before levqor (shared_preload_libraries = ''citus,levqor''), CREATE EXTENSION citus, add the worker nodes, then call levqor.distribute again.';
+    END IF;
+    IF levqor._scope_of(tbl) IS NOT NULL THEN
+        RAISE EXCEPTION '% has a scope column: scoped tables cannot be distributed', tbl USING ERRCODE = '0A000',
+            HINT = 'Scoped tables read levqor''s organisation tree, which lives on the coordinator: keep them local.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname LIKE 'levqor\_audit\_%') THEN
+        RAISE EXCEPTION '% is audited: levqor''s audit trigger cannot run on Citus shards', tbl USING ERRCODE = '0A000',
+            HINT = 'Keep audited tables on the coordinator, or call levqor.disable_audit() first.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname LIKE 'levqor\_limit\_%') THEN
+        RAISE EXCEPTION '% has a row limit: row counters cannot run on Citus shards', tbl USING ERRCODE = '0A000',
+            HINT = 'Keep row-limited tables on the coordinator, or call levqor.unlimit_rows() first.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_policy p WHERE p.polrelid = tbl AND p.polname = 'levqor_schema_tenant') THEN
+        RAISE EXCEPTION '% belongs to a schema tenant: only shared tables are distributed', tbl USING ERRCODE = '0A000';
+    END IF;
+
+    col := levqor._tenant_column_of(tbl);
+    IF col IS NULL THEN
+        PERFORM levqor.enable_tenancy(tbl, tenant_column);
+        col := tenant_column;
+    END IF;
+    dist := levqor._distribution(tbl);
+    IF dist.method IS NULL AND NOT (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.oid = levqor._caller())
+       AND levqor._owner_has_rows(tbl) THEN
+        RAISE EXCEPTION '% has rows: Citus copies them into the shards with COPY, which row level security refuses', tbl
+            USING ERRCODE = '55000',
+                  HINT = 'Distribute it empty and load its rows through tenant contexts, or have a superuser (or a role with BYPASSRLS) call levqor.distribute().';
+    END IF;
+    IF dist.method IS NULL THEN
+        -- levqor's statement triggers (write guard, TRUNCATE guard) go to the
+        -- shards with the table; Citus asks for this to allow that.
+        PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
+        EXECUTE 'SELECT pg_catalog.create_distributed_table($1, $2, colocate_with => $3)'
+          USING tbl, col::text, coalesce(colocate_with::text, 'default');
+    ELSIF dist.method <> 'hash' OR dist.column_name IS DISTINCT FROM col THEN
+        RAISE EXCEPTION '% is already a Citus % table%', tbl, dist.method,
+            coalesce(' distributed by ' || quote_ident(dist.column_name), '') USING ERRCODE = '55000',
+            HINT = format('levqor distributes protected tables by their tenant column %I: undistribute_table(%L) first.', col, tbl::text);
+    END IF;
+
+    -- The DDL guard on each worker checked every shard as Citus made it (and
+    -- made the policies Citus copied permissive restrictive again);
+    -- levqor.shard_problems(tbl) shows it again once this commits.
+END
+$fn$;
 CREATE FUNCTION levqor.isolation_report(format text) RETURNS jsonb
 LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
@@ -1418,6 +1561,17 @@ BEGIN
     END IF;
     RETURN coalesce((SELECT jsonb_agg(to_jsonb(r) ORDER BY CASE r.severity WHEN 'high' THEN 0 WHEN 'medium' THEN 1 ELSE 2 END, r.kind, r.object)
                        FROM levqor.isolation_report() r), '[]'::jsonb);
+END
+$fn$;
+CREATE FUNCTION levqor.shard_problems(tbl regclass) RETURNS TABLE (shard_id bigint, problems text)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+BEGIN
+    IF (levqor._distribution(tbl)).method IS NULL THEN
+        RAISE EXCEPTION '% is not a Citus distributed table', tbl USING ERRCODE = '55000';
+    END IF;
+    RETURN QUERY EXECUTE $q$SELECT r.shardid, r.result FROM pg_catalog.run_command_on_shards($1,
+                 'SELECT levqor._shard_problems(''%s''::regclass)') r
+               WHERE NOT r.success OR coalesce(r.result, '') <> '' ORDER BY 1$q$ USING tbl;
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor._check_thresholds(tenants uuid[], metrics text[], windows timestamptz[], used bigint[])
@@ -1562,7 +1716,8 @@ BEGIN
 END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor._guard_ddl() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET citus.override_table_visibility = off AS $fn$
 #variable_conflict use_variable
 DECLARE
     cmd      record;
@@ -1587,6 +1742,14 @@ BEGIN
                 USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.unlimit_rows().';
         END IF;
         CONTINUE WHEN NOT levqor._is_protected(tbl);
+        -- Citus copies a table's policies to its shards (and to the other
+        -- nodes' copies of the table) without AS RESTRICTIVE. A levqor policy
+        -- arriving permissive is made restrictive again: strengthening is
+        -- never refused, and a permissive copy would let any other policy
+        -- widen what a tenant sees.
+        IF cmd.command_tag = 'CREATE POLICY' AND cmd.classid = 'pg_policy'::regclass THEN
+            PERFORM levqor._make_restrictive(tbl, cmd.objid);
+        END IF;
         -- A policy of levqor's arriving on a table whose row level security
         -- is off (pg_restore re-creates policies before it re-enables row
         -- level security when the table's name sorts after "levqor_"):
@@ -1622,6 +1785,8 @@ BEGIN
          WHERE o.object_type IN ('policy', 'trigger')
            AND (o.address_names[3] LIKE 'levqor\_tenant\_%'
                 OR o.address_names[3] IN ('levqor_base', 'levqor_base_shared', 'levqor_no_truncate', 'levqor_write_guard')
+                -- on a Citus shard, its triggers carry the shard's id
+                OR o.address_names[3] ~ '^levqor_(no_truncate|write_guard)_[0-9]+$'
                 OR o.address_names[3] LIKE 'levqor\_audit\_%'
                 OR o.address_names[3] LIKE 'levqor\_limit\_%')
     LOOP
@@ -1734,6 +1899,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION '% is not protected by levqor', tbl USING ERRCODE = '55000';
     END IF;
+    PERFORM levqor._refuse_on_citus(tbl, 'a scope column');
     IF NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conrelid = tbl AND k.conname = 'levqor_scope_check'
                       AND pg_get_constraintdef(k.oid) = format('CHECK ((%I = ANY (ARRAY[''organization''::text, ''tenant''::text, ''platform''::text])))', scope_column)) THEN
         RAISE EXCEPTION '% has no levqor scope check on %', tbl, quote_ident(scope_column) USING ERRCODE = '55000',
@@ -1764,7 +1930,8 @@ END
 $fn$;
 CREATE OR REPLACE FUNCTION levqor._tenancy_problems(tbl regclass, complete boolean)
 RETURNS SETOF text
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET citus.override_table_visibility = off AS $fn$
 #variable_conflict use_variable
 DECLARE
     c        record;
@@ -1903,20 +2070,21 @@ BEGIN
                 RETURN NEXT format('policy %I is missing', p.polname);
             END IF;
         END LOOP;
-        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname ~ '^levqor_no_truncate(_[0-9]+)?$') THEN
             RETURN NEXT 'the TRUNCATE guard trigger is missing';
         END IF;
-        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard') THEN
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname ~ '^levqor_write_guard(_[0-9]+)?$') THEN
             RETURN NEXT 'the write guard trigger is missing';
         END IF;
     END IF;
+    -- (On a Citus shard the triggers' names end in the shard's id.)
     -- A trigger fires in ordinary sessions only when enabled 'O' (origin) or
     -- 'A' (always): 'D' (disabled) and 'R' (ENABLE REPLICA) both switch it off.
-    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate'
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname ~ '^levqor_no_truncate(_[0-9]+)?$'
                                            AND t.tgenabled NOT IN ('O', 'A')) THEN
         RETURN NEXT 'the TRUNCATE guard trigger is disabled';
     END IF;
-    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard'
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname ~ '^levqor_write_guard(_[0-9]+)?$'
                                            AND t.tgenabled NOT IN ('O', 'A')) THEN
         RETURN NEXT 'the write guard trigger is disabled';
     END IF;
@@ -1941,6 +2109,11 @@ BEGIN
                 WHERE inh.inhrelid = tbl AND levqor._is_protected(inh.inhparent) AND NOT levqor._being_disabled(inh.inhparent)) THEN
         RAISE EXCEPTION '% is a partition of a protected table', tbl USING ERRCODE = '55000',
             HINT = 'Disable tenancy on the partitioned table (it takes its partitions along), or detach the partition first.';
+    END IF;
+    IF (levqor._distribution(tbl)).method IS NOT NULL THEN
+        RAISE EXCEPTION '% is a Citus distributed table: levqor does not remove tenancy from one', tbl
+            USING ERRCODE = '0A000',
+                  HINT = 'Its shards keep their policies on every worker; copy the rows into a new table without tenancy instead.';
     END IF;
     INSERT INTO levqor._disabling (tbl) VALUES (tbl);
     FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
@@ -1970,6 +2143,7 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_audit_insert') THEN
         RETURN;
     END IF;
+    PERFORM levqor._refuse_on_citus(tbl, 'auditing');
     EXECUTE format('CREATE TRIGGER levqor_audit_insert AFTER INSERT ON %s REFERENCING NEW TABLE AS levqor_new
                     FOR EACH STATEMENT EXECUTE FUNCTION levqor._audit_row()', tbl);
     EXECUTE format('CREATE TRIGGER levqor_audit_delete AFTER DELETE ON %s REFERENCING OLD TABLE AS levqor_old
@@ -2000,6 +2174,7 @@ DECLARE
     existing record;
     have     boolean;
     child    regclass;
+    dist     record;
 BEGIN
     IF tbl IS NULL OR tenant_column IS NULL THEN
         RAISE EXCEPTION 'enable_tenancy: table and tenant column must not be NULL' USING ERRCODE = '22023';
@@ -2019,6 +2194,18 @@ BEGIN
     END IF;
     IF NOT pg_has_role(current_user, rel.relowner, 'USAGE') THEN
         RAISE EXCEPTION 'must be owner of table % to enable tenancy', tbl USING ERRCODE = '42501';
+    END IF;
+    -- On Citus: a distributed table is distributed by its tenant column (so
+    -- each tenant's rows live on one shard), and levqor's statement triggers
+    -- go to its shards (which Citus allows only when asked to).
+    dist := levqor._distribution(tbl);
+    IF dist.method IS NOT NULL AND (dist.method <> 'hash' OR dist.column_name IS DISTINCT FROM tenant_column) THEN
+        RAISE EXCEPTION '% is a Citus % table%: levqor protects distributed tables distributed by their tenant column',
+            tbl, dist.method, coalesce(' distributed by ' || quote_ident(dist.column_name), '') USING ERRCODE = '0A000',
+            HINT = format('undistribute_table(%L), then levqor.distribute(%L, %L).', tbl::text, tbl::text, tenant_column);
+    END IF;
+    IF levqor._citus_active() THEN
+        PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
     END IF;
 
     SELECT a.attnum, a.atttypid, a.attnotnull, a.atthasdef INTO col
@@ -2041,7 +2228,14 @@ BEGIN
             RAISE EXCEPTION 'column %.% has type %, not uuid', tbl, quote_ident(tenant_column),
                 format_type(col.atttypid, NULL) USING ERRCODE = '42804';
         END IF;
-        IF NOT col.atthasdef THEN
+        IF NOT col.atthasdef AND dist.method = 'hash' THEN
+            -- Citus refuses DDL on a distribution column. The coordinator
+            -- fills defaults in before it routes a row, so the default is
+            -- needed here only: set without propagation to the shards.
+            PERFORM set_config('citus.enable_ddl_propagation', 'off', true);
+            EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT levqor.current_tenant()', tbl, tenant_column);
+            PERFORM set_config('citus.enable_ddl_propagation', 'on', true);
+        ELSIF NOT col.atthasdef THEN
             EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT levqor.current_tenant()', tbl, tenant_column);
         END IF;
         IF NOT col.attnotnull THEN
@@ -2365,6 +2559,40 @@ BEGIN
             OR (r.rolbypassrls AND NOT r.rolsuper));
 END
 $fn$;
+CREATE OR REPLACE FUNCTION levqor.limit_rows(tbl regclass, metric text, tenant_column name DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    owner oid;
+    col   name;
+BEGIN
+    IF NOT levqor.preloaded() THEN
+        RAISE EXCEPTION 'levqor.limit_rows() needs levqor in shared_preload_libraries' USING ERRCODE = '55000',
+            HINT = 'Row counters live in shared memory: ALTER SYSTEM SET shared_preload_libraries = ''levqor''; then restart PostgreSQL.';
+    END IF;
+    SELECT cl.relowner INTO owner FROM pg_class cl WHERE cl.oid = tbl AND cl.relkind IN ('r', 'p');
+    IF NOT FOUND THEN
+        RAISE EXCEPTION '% is not a table', tbl USING ERRCODE = '42809';
+    END IF;
+    IF NOT pg_has_role(current_user, owner, 'USAGE') THEN
+        RAISE EXCEPTION 'must be owner of table % to limit its rows', tbl USING ERRCODE = '42501';
+    END IF;
+    PERFORM levqor._refuse_on_citus(tbl, 'a row limit');
+    col := levqor._row_limit_column(tbl, metric, tenant_column);
+    IF col IS NULL THEN
+        RETURN;  -- already in place
+    END IF;
+    -- No write slips between the count (in _register_row_limit) and the triggers.
+    EXECUTE format('LOCK TABLE %s IN SHARE ROW EXCLUSIVE MODE', tbl);
+    EXECUTE format('CREATE TRIGGER levqor_limit_rows_before BEFORE INSERT OR DELETE OR UPDATE OF %I ON %s
+                    FOR EACH ROW EXECUTE FUNCTION levqor._limit_rows()', col, tbl);
+    EXECUTE format('CREATE TRIGGER levqor_limit_rows AFTER INSERT OR DELETE OR UPDATE OF %I ON %s
+                    FOR EACH ROW EXECUTE FUNCTION levqor._limit_rows()', col, tbl);
+    EXECUTE format('CREATE TRIGGER levqor_limit_rows_truncate BEFORE TRUNCATE ON %s
+                    FOR EACH STATEMENT EXECUTE FUNCTION levqor._limit_rows()', tbl);
+    PERFORM levqor._register_row_limit(tbl, metric, col);
+END
+$fn$;
 CREATE OR REPLACE FUNCTION levqor.remove_member(tenant text, user_id uuid) RETURNS void
 LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_variable
@@ -2574,7 +2802,9 @@ GRANT EXECUTE ON FUNCTION
     levqor._row_limit_column(regclass, text, name), levqor._register_row_limit(regclass, text, name),
     levqor.scope_foreign_keys(regclass), levqor._unscoped_foreign_keys(regclass), levqor._scoped_key_sql(oid),
     levqor._key_columns(regclass, name, int2[]), levqor._key_actions(oid), levqor._crossing_references(oid, integer),
-    levqor._warn_unscoped_foreign_keys(regclass), levqor._caller()
+    levqor._warn_unscoped_foreign_keys(regclass), levqor._caller(),
+    levqor.distribute(regclass, name, regclass), levqor._distribution(regclass), levqor._refuse_on_citus(regclass, text),
+    levqor._citus_active(), levqor._tenant_column_of(regclass), levqor._owner_has_rows(regclass), levqor._shard_problems(regclass), levqor.shard_problems(regclass)
 TO PUBLIC;
 
 -- Usage: the view and its live source show a tenant only its own numbers

@@ -277,6 +277,7 @@ BEGIN
     IF NOT pg_has_role(current_user, owner, 'USAGE') THEN
         RAISE EXCEPTION 'must be owner of table % to limit its rows', tbl USING ERRCODE = '42501';
     END IF;
+    PERFORM levqor._refuse_on_citus(tbl, 'a row limit');
     col := levqor._row_limit_column(tbl, metric, tenant_column);
     IF col IS NULL THEN
         RETURN;  -- already in place

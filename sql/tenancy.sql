@@ -15,6 +15,11 @@
 --   * a BEFORE TRUNCATE trigger, because TRUNCATE ignores row level security;
 --   * a BEFORE INSERT/UPDATE/DELETE statement trigger, the write guard, that
 --     refuses writes while the context's tenant is suspended (lifecycle.rs).
+--
+-- The guards that read pg_class run with citus.override_table_visibility off:
+-- on a Citus worker, Citus hides its shards from pg_class queries, and a
+-- guard that cannot see a shard would find nothing wrong with it (a setting
+-- of a library that is not loaded is a harmless placeholder).
 
 -- The one expression every levqor policy must carry, for column c.
 CREATE FUNCTION levqor._tenant_qual(c name) RETURNS text
@@ -42,7 +47,8 @@ $fn$;
 -- enable_tenancy (which must leave no problem) and by the DDL guard.
 CREATE FUNCTION levqor._tenancy_problems(tbl regclass, complete boolean)
 RETURNS SETOF text
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET citus.override_table_visibility = off AS $fn$
 #variable_conflict use_variable
 DECLARE
     c        record;
@@ -181,20 +187,21 @@ BEGIN
                 RETURN NEXT format('policy %I is missing', p.polname);
             END IF;
         END LOOP;
-        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate') THEN
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname ~ '^levqor_no_truncate(_[0-9]+)?$') THEN
             RETURN NEXT 'the TRUNCATE guard trigger is missing';
         END IF;
-        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard') THEN
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname ~ '^levqor_write_guard(_[0-9]+)?$') THEN
             RETURN NEXT 'the write guard trigger is missing';
         END IF;
     END IF;
+    -- (On a Citus shard the triggers' names end in the shard's id.)
     -- A trigger fires in ordinary sessions only when enabled 'O' (origin) or
     -- 'A' (always): 'D' (disabled) and 'R' (ENABLE REPLICA) both switch it off.
-    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_no_truncate'
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname ~ '^levqor_no_truncate(_[0-9]+)?$'
                                            AND t.tgenabled NOT IN ('O', 'A')) THEN
         RETURN NEXT 'the TRUNCATE guard trigger is disabled';
     END IF;
-    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname = 'levqor_write_guard'
+    IF EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = tbl AND t.tgname ~ '^levqor_write_guard(_[0-9]+)?$'
                                            AND t.tgenabled NOT IN ('O', 'A')) THEN
         RETURN NEXT 'the write guard trigger is disabled';
     END IF;
@@ -242,6 +249,7 @@ DECLARE
     existing record;
     have     boolean;
     child    regclass;
+    dist     record;
 BEGIN
     IF tbl IS NULL OR tenant_column IS NULL THEN
         RAISE EXCEPTION 'enable_tenancy: table and tenant column must not be NULL' USING ERRCODE = '22023';
@@ -261,6 +269,18 @@ BEGIN
     END IF;
     IF NOT pg_has_role(current_user, rel.relowner, 'USAGE') THEN
         RAISE EXCEPTION 'must be owner of table % to enable tenancy', tbl USING ERRCODE = '42501';
+    END IF;
+    -- On Citus: a distributed table is distributed by its tenant column (so
+    -- each tenant's rows live on one shard), and levqor's statement triggers
+    -- go to its shards (which Citus allows only when asked to).
+    dist := levqor._distribution(tbl);
+    IF dist.method IS NOT NULL AND (dist.method <> 'hash' OR dist.column_name IS DISTINCT FROM tenant_column) THEN
+        RAISE EXCEPTION '% is a Citus % table%: levqor protects distributed tables distributed by their tenant column',
+            tbl, dist.method, coalesce(' distributed by ' || quote_ident(dist.column_name), '') USING ERRCODE = '0A000',
+            HINT = format('undistribute_table(%L), then levqor.distribute(%L, %L).', tbl::text, tbl::text, tenant_column);
+    END IF;
+    IF levqor._citus_active() THEN
+        PERFORM set_config('citus.enable_unsafe_triggers', 'on', true);
     END IF;
 
     SELECT a.attnum, a.atttypid, a.attnotnull, a.atthasdef INTO col
@@ -283,7 +303,14 @@ BEGIN
             RAISE EXCEPTION 'column %.% has type %, not uuid', tbl, quote_ident(tenant_column),
                 format_type(col.atttypid, NULL) USING ERRCODE = '42804';
         END IF;
-        IF NOT col.atthasdef THEN
+        IF NOT col.atthasdef AND dist.method = 'hash' THEN
+            -- Citus refuses DDL on a distribution column. The coordinator
+            -- fills defaults in before it routes a row, so the default is
+            -- needed here only: set without propagation to the shards.
+            PERFORM set_config('citus.enable_ddl_propagation', 'off', true);
+            EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT levqor.current_tenant()', tbl, tenant_column);
+            PERFORM set_config('citus.enable_ddl_propagation', 'on', true);
+        ELSIF NOT col.atthasdef THEN
             EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET DEFAULT levqor.current_tenant()', tbl, tenant_column);
         END IF;
         IF NOT col.attnotnull THEN
@@ -415,6 +442,11 @@ BEGIN
         RAISE EXCEPTION '% is a partition of a protected table', tbl USING ERRCODE = '55000',
             HINT = 'Disable tenancy on the partitioned table (it takes its partitions along), or detach the partition first.';
     END IF;
+    IF (levqor._distribution(tbl)).method IS NOT NULL THEN
+        RAISE EXCEPTION '% is a Citus distributed table: levqor does not remove tenancy from one', tbl
+            USING ERRCODE = '0A000',
+                  HINT = 'Its shards keep their policies on every worker; copy the rows into a new table without tenancy instead.';
+    END IF;
     INSERT INTO levqor._disabling (tbl) VALUES (tbl);
     FOR child IN SELECT inh.inhrelid::regclass FROM pg_inherits inh WHERE inh.inhparent = tbl LOOP
         PERFORM levqor.disable_tenancy(child);
@@ -435,9 +467,36 @@ BEGIN
 END
 $fn$;
 
+-- Re-create a levqor_tenant_* policy that arrived permissive as restrictive
+-- (the same command and expressions); the guards let the swap through.
+CREATE FUNCTION levqor._make_restrictive(tbl oid, policy oid) RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+#variable_conflict use_variable
+DECLARE
+    p record;
+BEGIN
+    SELECT pol.polname, pol.polcmd, pg_get_expr(pol.polqual, pol.polrelid) AS qual,
+           pg_get_expr(pol.polwithcheck, pol.polrelid) AS chk INTO p
+      FROM pg_policy pol
+     WHERE pol.oid = policy AND pol.polrelid = tbl AND pol.polpermissive AND pol.polname LIKE 'levqor\_tenant\_%';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    INSERT INTO levqor._disabling (tbl) VALUES (tbl);
+    EXECUTE format('DROP POLICY %I ON %s', p.polname, tbl::regclass);
+    EXECUTE format('CREATE POLICY %I ON %s AS RESTRICTIVE FOR %s TO PUBLIC %s %s', p.polname, tbl::regclass,
+                   CASE p.polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT' WHEN 'w' THEN 'UPDATE'
+                                 WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
+                   CASE WHEN p.qual IS NOT NULL THEN 'USING (' || p.qual || ')' ELSE '' END,
+                   CASE WHEN p.chk IS NOT NULL THEN 'WITH CHECK (' || p.chk || ')' ELSE '' END);
+    DELETE FROM levqor._disabling d WHERE d.tbl = $1;
+END
+$fn$;
+
 -- DDL guard, after every command that could weaken a protected table.
 CREATE FUNCTION levqor._guard_ddl() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET citus.override_table_visibility = off AS $fn$
 #variable_conflict use_variable
 DECLARE
     cmd      record;
@@ -462,6 +521,14 @@ BEGIN
                 USING ERRCODE = '42501', HINT = 'A levqor_admin can call levqor.unlimit_rows().';
         END IF;
         CONTINUE WHEN NOT levqor._is_protected(tbl);
+        -- Citus copies a table's policies to its shards (and to the other
+        -- nodes' copies of the table) without AS RESTRICTIVE. A levqor policy
+        -- arriving permissive is made restrictive again: strengthening is
+        -- never refused, and a permissive copy would let any other policy
+        -- widen what a tenant sees.
+        IF cmd.command_tag = 'CREATE POLICY' AND cmd.classid = 'pg_policy'::regclass THEN
+            PERFORM levqor._make_restrictive(tbl, cmd.objid);
+        END IF;
         -- A policy of levqor's arriving on a table whose row level security
         -- is off (pg_restore re-creates policies before it re-enables row
         -- level security when the table's name sorts after "levqor_"):
@@ -499,6 +566,8 @@ BEGIN
          WHERE o.object_type IN ('policy', 'trigger')
            AND (o.address_names[3] LIKE 'levqor\_tenant\_%'
                 OR o.address_names[3] IN ('levqor_base', 'levqor_base_shared', 'levqor_no_truncate', 'levqor_write_guard')
+                -- on a Citus shard, its triggers carry the shard's id
+                OR o.address_names[3] ~ '^levqor_(no_truncate|write_guard)_[0-9]+$'
                 OR o.address_names[3] LIKE 'levqor\_audit\_%'
                 OR o.address_names[3] LIKE 'levqor\_limit\_%')
     LOOP
@@ -537,7 +606,8 @@ $fn$;
 -- rows; read through its parent, the parent's (scoped) policies apply.
 -- Detached, a partition keeps its policies: it stays protected.
 CREATE FUNCTION levqor._protect_partitions() RETURNS event_trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+    SET citus.override_table_visibility = off AS $fn$
 #variable_conflict use_variable
 DECLARE
     cmd  record;

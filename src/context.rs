@@ -78,7 +78,7 @@ pub enum Source {
 }
 
 impl Source {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Source::ApiKey => "api_key",
             Source::SetTenant => "set_tenant",
@@ -86,7 +86,7 @@ impl Source {
             Source::Backup => "backup",
         }
     }
-    fn parse(s: &str) -> Option<Source> {
+    pub fn parse(s: &str) -> Option<Source> {
         [Source::ApiKey, Source::SetTenant, Source::Token, Source::Backup]
             .into_iter()
             .find(|x| x.as_str() == s)
@@ -147,8 +147,19 @@ thread_local! {
     static SESSION_PATH: Cell<bool> = const { Cell::new(false) };
 }
 
+/// The context this transaction acts for: levqor.context, or on a Citus
+/// worker the context its coordinator forwarded (crate::citus).
 pub fn current() -> Option<Context> {
-    CURRENT.with(Cell::get)
+    CURRENT.with(Cell::get).or_else(|| crate::citus::forwarded().map(|(c, _)| c))
+}
+
+/// What the coordinator decided for a forwarded context (None for a context
+/// made here): a worker cannot look the tenant up.
+pub fn forwarded() -> Option<crate::citus::Forwarded> {
+    match CURRENT.with(Cell::get) {
+        Some(_) => None,
+        None => crate::citus::forwarded().map(|(_, f)| f),
+    }
 }
 
 pub fn init() {
@@ -198,7 +209,10 @@ unsafe extern "C-unwind" fn assign_context(newval: *const c_char, _extra: *mut c
     } else {
         CStr::from_ptr(newval).to_str().ok().and_then(Context::decode)
     };
-    CURRENT.with(|c| c.set(parsed));
+    let before = CURRENT.with(|c| c.replace(parsed));
+    if before.map(|c| c.tenant) != parsed.map(|c| c.tenant) {
+        crate::citus::tenant_changed();
+    }
 }
 
 /// Set (or with `None`, clear) the context for the transaction or the session.
@@ -218,6 +232,8 @@ pub fn apply(ctx: Option<&Context>, session: bool) {
     // With superuser authority: levqor may set this superuser-only parameter;
     // an ordinary role never can.
     guc::set(GUC_NAME, Some(&value), guc::Scope::of_session(session), true);
+    drop(_reset);
+    crate::citus::forward(ctx, session);
     if session {
         crate::pooling::note_session_context(ctx.is_some());
     }

@@ -58,7 +58,7 @@ fn lookup(relid: pg_sys::Oid) -> Option<Exposure> {
     if let Some(known) = KNOWN.with(|k| k.borrow().get(&relid).copied()) {
         return known;
     }
-    let found = as_catalog_owner(|| {
+    let found = crate::citus::with_shards_visible(|| as_catalog_owner(|| {
         Spi::connect(|client| {
             let table = client.select(LOOKUP, Some(1), &[relid.into()]).ok()?;
             let row = table.into_iter().next()?;
@@ -69,7 +69,7 @@ fn lookup(relid: pg_sys::Oid) -> Option<Exposure> {
                 owner: row.get::<pg_sys::Oid>(3).ok().flatten().unwrap_or(pg_sys::InvalidOid),
             })
         })
-    });
+    }));
     KNOWN.with(|k| {
         let mut k = k.borrow_mut();
         if k.len() >= 10_000 {
@@ -157,6 +157,15 @@ unsafe extern "C-unwind" fn process_utility(
             }
         }
     }
+    if !stmt.is_null() && (*stmt).type_ == pg_sys::NodeTag::T_TruncateStmt {
+        let rels = pgrx::PgList::<pg_sys::RangeVar>::from_pg((*(stmt as *mut pg_sys::TruncateStmt)).relations);
+        for rv in rels.iter_ptr() {
+            let relid = relid_of(rv);
+            if relid != pg_sys::InvalidOid && relid.to_u32() >= pg_sys::FirstNormalObjectId {
+                refuse_unguarded_truncate(relid);
+            }
+        }
+    }
     crate::pooling::check_utility(stmt);
     // CREATE TABLE AS / SELECT INTO: which relations the query reads, learnt
     // before it runs (the statement may be executed from a cached plan).
@@ -179,6 +188,30 @@ unsafe extern "C-unwind" fn process_utility(
     }
     if let Some((rel, sources)) = copied {
         record_copy(rel, sources);
+    }
+}
+
+/// A table carrying levqor's tenant policies but no TRUNCATE guard trigger:
+/// a Citus shard made after its table was distributed (Citus keeps no
+/// TRUNCATE triggers on shards). TRUNCATE ignores row level security, so it
+/// is refused here as the trigger would refuse it.
+fn refuse_unguarded_truncate(relid: pg_sys::Oid) {
+    const UNGUARDED: &str = "
+        SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_policy p WHERE p.polrelid = $1
+                          AND (p.polname LIKE 'levqor\\_tenant\\_%' OR p.polname = 'levqor_base'))
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t WHERE t.tgrelid = $1
+                              AND t.tgname ~ '^levqor_no_truncate(_[0-9]+)?$')";
+    let unguarded = as_catalog_owner(|| Spi::get_one_with_args::<bool>(UNGUARDED, &[relid.into()]).ok().flatten()).unwrap_or(false);
+    if unguarded {
+        let name = unsafe {
+            let n = pg_sys::get_rel_name(relid);
+            if n.is_null() { relid.to_u32().to_string() } else { std::ffi::CStr::from_ptr(n).to_string_lossy().into_owned() }
+        };
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
+            format!("TRUNCATE of {name} is refused: it would remove every tenant's rows"),
+            Some("DELETE removes only the current tenant's rows."),
+        );
     }
 }
 

@@ -16,6 +16,8 @@
 //! * `pooling`   — `levqor.transaction_pooling`: nothing of a tenant's
 //!   outlives its transaction on a shared connection;
 //! * `redact`    — keys and tokens out of pg_stat_activity and error reports;
+//! * `citus`     — on Citus: the context forwarded to the workers, signed,
+//!   and each tenant's queries routed to its shard;
 //! * `errors`    — every refusal, with a stable SQLSTATE.
 //!
 //! SQL that reads better as SQL lives in `sql/`: the catalog, tenant creation,
@@ -30,6 +32,7 @@ mod audit;
 mod audit_direct;
 mod auth;
 mod cache;
+mod citus;
 mod context;
 mod counters;
 mod errors;
@@ -52,7 +55,8 @@ mod token;
 extension_sql_file!("../sql/catalog.sql", name = "catalog", bootstrap);
 extension_sql_file!("../sql/tenants.sql", name = "tenants", requires = ["catalog"]);
 extension_sql_file!("../sql/tenancy.sql", name = "tenancy", requires = ["tenants"]);
-extension_sql_file!("../sql/lifecycle.sql", name = "lifecycle", requires = ["tenancy"]);
+extension_sql_file!("../sql/citus.sql", name = "citus", requires = ["tenancy", _citus_active]);
+extension_sql_file!("../sql/lifecycle.sql", name = "lifecycle", requires = ["citus"]);
 extension_sql_file!("../sql/report.sql", name = "report", requires = ["lifecycle"]);
 extension_sql_file!("../sql/foreign_keys.sql", name = "foreign_keys", requires = ["report", _caller]);
 extension_sql_file!("../sql/schemas.sql", name = "schemas", requires = ["foreign_keys"]);
@@ -78,6 +82,7 @@ pub extern "C-unwind" fn _PG_init() {
     context::init();
     token::init();
     cache::init();
+    citus::init();
     lifecycle::init();
     exposure::init();
     pooling::init();

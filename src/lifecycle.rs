@@ -36,6 +36,7 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
         recheck_context();
     }
     if pg_sys::ParallelWorkerNumber < 0 {
+        crate::citus::verify_before_execution(query);
         crate::redact::executing(query);
         crate::pooling::recheck();
         crate::exposure::check_query(query);
@@ -48,6 +49,10 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
 
 fn recheck_context() {
     let Some(ctx) = context::current() else { return };
+    // Forwarded by a Citus coordinator, which re-checks it there.
+    if context::forwarded().is_some() {
+        return;
+    }
     // A backup reads whatever the tenant's status (its restore sets it last).
     if ctx.source == context::Source::Backup {
         return;
@@ -73,6 +78,9 @@ fn recheck_context() {
 /// May the context's tenant write now? Raises if not. `grows` is true for
 /// INSERT and UPDATE, which a tenant over its storage limit may not run.
 fn check_write(ctx: &context::Context, grows: bool) {
+    if let Some(f) = context::forwarded() {
+        return check_forwarded_write(f, grows);
+    }
     if let Some(user) = ctx.user {
         if crate::members::membership(ctx.tenant, user).is_none() {
             crate::errors::refused(format!("user {user} is no longer a member of this tenant"), None);
@@ -106,6 +114,27 @@ fn check_write(ctx: &context::Context, grows: bool) {
             PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
             format!("tenant \"{}\" has reached its storage limit: inserts and updates are refused", t.slug),
             Some("Delete data (then levqor.refresh_storage() measures again), or move to a larger plan."),
+        );
+    }
+}
+
+/// On a Citus worker: what the coordinator decided when it forwarded the context.
+fn check_forwarded_write(f: crate::citus::Forwarded, grows: bool) {
+    if let Some(role @ (context::MemberRole::Viewer | context::MemberRole::Auditor)) = f.role {
+        crate::errors::not_allowed(format!("a member with role {} may not write", role.as_str()), None);
+    }
+    if f.read_only {
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_READ_ONLY_SQL_TRANSACTION,
+            "the tenant of this context is suspended (read only): writes are refused",
+            Some("A levqor_admin can lift the suspension with levqor.resume_tenant()."),
+        );
+    }
+    if grows && f.storage_exceeded {
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_CONFIGURATION_LIMIT_EXCEEDED,
+            "the tenant of this context has reached its storage limit: inserts and updates are refused",
+            None,
         );
     }
 }

@@ -94,6 +94,10 @@ pub fn meet(a: MemberRole, b: MemberRole) -> MemberRole {
 
 /// The member role a context acts with now.
 pub fn effective_role(ctx: &Context) -> Option<MemberRole> {
+    // On a Citus worker: decided by the coordinator, which has levqor.members.
+    if let Some(f) = crate::context::forwarded() {
+        return f.role;
+    }
     match ctx.user {
         None => ctx.role,
         Some(user) => {

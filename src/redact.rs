@@ -110,6 +110,34 @@ unsafe fn scrub(text: *mut std::ffi::c_char) -> bool {
     if memmem(bytes, b"set_tenant_token").is_some() {
         changed |= redact_tokens(bytes);
     }
+    if memmem(bytes, NODE_CONTEXT_PREFIX).is_some() {
+        changed |= redact_node_contexts(bytes);
+    }
+    changed
+}
+
+const NODE_CONTEXT_PREFIX: &[u8] = b"lvqn1.";
+
+/// A context forwarded to Citus workers (crate::citus), `lvqn1.<fields>.<64 hex>`:
+/// the signature becomes `*`.
+fn redact_node_contexts(bytes: &mut [u8]) -> bool {
+    let mut changed = false;
+    let mut from = 0;
+    while let Some(at) = memmem(&bytes[from..], NODE_CONTEXT_PREFIX).map(|i| i + from) {
+        let mut end = at + NODE_CONTEXT_PREFIX.len();
+        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || matches!(bytes[end], b'.' | b'-' | b'_' | b'*')) {
+            end += 1;
+        }
+        if end - at > 64 + NODE_CONTEXT_PREFIX.len() && bytes[end - 65] == b'.' {
+            for b in &mut bytes[end - 64..end] {
+                if *b != b'*' {
+                    *b = b'*';
+                    changed = true;
+                }
+            }
+        }
+        from = end.max(at + 1);
+    }
     changed
 }
 
@@ -194,5 +222,11 @@ mod tests {
         assert!(super::redact_tokens(&mut t));
         let t = String::from_utf8(t).unwrap();
         assert!(t.contains("eyJhbGciOiJIUzI1NiJ9.") && !t.contains("eyJ0ZW5hbnQ") && !t.contains("c2lnbmF0dXJl"), "{t}");
+
+        let sig = "0123456789abcdef".repeat(4);
+        let mut n = format!("BEGIN;SET LOCAL levqor.node_context = 'lvqn1.0000-1.-.-.api_key.-.rw.ok.617070.0.42.99.{sig}';SELECT 1").into_bytes();
+        assert!(super::redact_node_contexts(&mut n));
+        let n = String::from_utf8(n).unwrap();
+        assert!(n.contains(".42.99.****") && !n.contains(&sig) && n.ends_with("';SELECT 1"), "{n}");
     }
 }
