@@ -25,6 +25,7 @@
 //!   rows.
 
 use std::cell::Cell;
+use std::ops::Not;
 use std::ffi::{c_char, c_void, CStr, CString};
 
 use hmac::{Hmac, Mac};
@@ -81,8 +82,9 @@ thread_local! {
     /// The local transaction in which NODE was found to belong to Citus's
     /// distributed transaction.
     static BOUND: Cell<Option<(u32, bool)>> = const { Cell::new(None) };
-    /// Whether some plan of this backend carries a tenant as a constant.
-    static ROUTED_PLANS: Cell<bool> = const { Cell::new(false) };
+    /// The tenant (None: no context) that this backend's valid routed plans
+    /// carry as a constant; None when no routed plan is valid.
+    static ROUTED_FOR: Cell<Option<Option<uuid::Uuid>>> = const { Cell::new(None) };
 }
 
 /// Citus's functions, if Citus is loaded in this server.
@@ -311,7 +313,7 @@ unsafe extern "C-unwind" fn assign_node_context(newval: *const c_char, _extra: *
     let before = NODE.with(|n| n.replace(parsed));
     BOUND.with(|b| b.set(None));
     if before.map(|(c, _)| c.tenant) != parsed.map(|(c, _)| c.tenant) {
-        tenant_changed();
+        tenant_changed(parsed.map(|(c, _)| c.tenant));
     }
 }
 
@@ -407,7 +409,46 @@ pub fn forward(ctx: Option<&Context>, session: bool) {
     // Citus replays SET LOCAL statements it sees run, not settings changed
     // from C: so through SPI, with propagation on for this transaction.
     crate::guc::set(c"citus.propagate_set_commands", Some(c"local"), crate::guc::Scope::Transaction, false);
-    Spi::run(&format!("SET LOCAL levqor.node_context = '{value}'")).expect("levqor.node_context is set");
+    set_local_through_utility(&value);
+}
+
+/// `SET LOCAL levqor.node_context = '<value>'`, run as a utility statement
+/// (what Citus's utility hook replays), built as a node rather than parsed:
+/// this runs in every authenticate().
+fn set_local_through_utility(value: &str) {
+    let text = CString::new(format!("SET LOCAL levqor.node_context = '{value}'")).expect("no NUL");
+    let value = CString::new(value).expect("no NUL");
+    unsafe {
+        let constant = pg_sys::palloc0(std::mem::size_of::<pg_sys::A_Const>()) as *mut pg_sys::A_Const;
+        (*constant).type_ = pg_sys::NodeTag::T_A_Const;
+        (*constant).val.sval = pg_sys::String { type_: pg_sys::NodeTag::T_String, sval: pg_sys::pstrdup(value.as_ptr()) };
+        (*constant).location = -1;
+        let mut args = pgrx::PgList::<pg_sys::Node>::new();
+        args.push(constant as *mut pg_sys::Node);
+        let set = pg_sys::palloc0(std::mem::size_of::<pg_sys::VariableSetStmt>()) as *mut pg_sys::VariableSetStmt;
+        (*set).type_ = pg_sys::NodeTag::T_VariableSetStmt;
+        (*set).kind = pg_sys::VariableSetKind::VAR_SET_VALUE;
+        (*set).name = pg_sys::pstrdup(c"levqor.node_context".as_ptr());
+        (*set).args = args.into_pg();
+        (*set).is_local = true;
+        let stmt = pg_sys::palloc0(std::mem::size_of::<pg_sys::PlannedStmt>()) as *mut pg_sys::PlannedStmt;
+        (*stmt).type_ = pg_sys::NodeTag::T_PlannedStmt;
+        (*stmt).commandType = pg_sys::CmdType::CMD_UTILITY;
+        (*stmt).canSetTag = true;
+        (*stmt).utilityStmt = set as *mut pg_sys::Node;
+        (*stmt).stmt_location = -1;
+        let query = pg_sys::pstrdup(text.as_ptr());
+        pg_sys::ProcessUtility(
+            stmt,
+            query,
+            false,
+            pg_sys::ProcessUtilityContext::PROCESS_UTILITY_QUERY,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            pg_sys::None_Receiver,
+            std::ptr::null_mut(),
+        );
+    }
 }
 
 // ---------------------------------------------------------------- routing
@@ -426,12 +467,17 @@ fn routing_dependency() -> (i32, u32) {
     (cache, hash)
 }
 
-/// The tenant changed in this backend: routed plans must be made again.
-pub fn tenant_changed() {
-    if ROUTED_PLANS.with(Cell::get) {
-        let (cache, hash) = routing_dependency();
-        unsafe { pg_sys::CallSyscacheCallbacks(cache, hash) };
+/// The context's tenant is now `now`: routed plans made for another tenant
+/// must be made again. Without a context any routed plan shows nothing (the
+/// workers' policies see no context), so it may stay.
+pub fn tenant_changed(now: Option<uuid::Uuid>) {
+    let Some(built_for) = ROUTED_FOR.with(Cell::get) else { return };
+    if now.is_none() || now == built_for {
+        return;
     }
+    let (cache, hash) = routing_dependency();
+    unsafe { pg_sys::CallSyscacheCallbacks(cache, hash) };
+    ROUTED_FOR.with(|r| r.set(None));
 }
 
 #[pg_guard]
@@ -441,14 +487,30 @@ unsafe extern "C-unwind" fn planner(
     cursor_options: std::ffi::c_int,
     bound_params: pg_sys::ParamListInfo,
 ) -> *mut pg_sys::PlannedStmt {
-    let routed = match symbols() {
-        Some(s) if !parse.is_null() && pg_sys::ParallelWorkerNumber < 0 => route(s, parse),
-        _ => false,
+    // A statement of the client's of one protected table: routed by a
+    // parameter the executor fills in (crate::citus::supply_tenant), so its
+    // plan serves every tenant. Anything else: the tenant as a constant.
+    let (param, routed) = match symbols() {
+        Some(s) if !parse.is_null() && pg_sys::ParallelWorkerNumber < 0 => {
+            let top_level = !query_string.is_null() && query_string == pg_sys::debug_query_string;
+            match if top_level { route_by_param(s, parse) } else { None } {
+                Some(k) => (Some(k), false),
+                None => (None, route(s, parse)),
+            }
+        }
+        _ => (None, false),
     };
     let stmt = match PREV_PLANNER {
         Some(prev) => prev(parse, query_string, cursor_options, bound_params),
         None => pg_sys::standard_planner(parse, query_string, cursor_options, bound_params),
     };
+    if let (Some(k), false) = (param, stmt.is_null()) {
+        let item = pg_sys::palloc0(std::mem::size_of::<pg_sys::PlanInvalItem>()) as *mut pg_sys::PlanInvalItem;
+        (*item).type_ = pg_sys::NodeTag::T_PlanInvalItem;
+        (*item).cacheId = TENANT_PARAM_MARK;
+        (*item).hashValue = k as u32;
+        (*stmt).invalItems = pg_sys::lappend((*stmt).invalItems, item as *mut c_void);
+    }
     if routed && !stmt.is_null() {
         let (cache, hash) = routing_dependency();
         let item = pg_sys::palloc0(std::mem::size_of::<pg_sys::PlanInvalItem>()) as *mut pg_sys::PlanInvalItem;
@@ -456,7 +518,7 @@ unsafe extern "C-unwind" fn planner(
         (*item).cacheId = cache;
         (*item).hashValue = hash;
         (*stmt).invalItems = pg_sys::lappend((*stmt).invalItems, item as *mut c_void);
-        ROUTED_PLANS.with(|r| r.set(true));
+        ROUTED_FOR.with(|r| r.set(Some(context::current().map(|c| c.tenant))));
     }
     stmt
 }
@@ -470,9 +532,174 @@ unsafe fn route(s: Symbols, query: *mut pg_sys::Query) -> bool {
         return false;
     }
     let tenant = context::current().map(|c| c.tenant);
-    let mut walker = Walker { s, func, tenant, changed: false };
+    let mut walker = Walker { s, func, tenant, changed: false, key_qual: std::ptr::null_mut(), depth: 0 };
     walk_query(&mut walker, query);
     walker.changed
+}
+
+/// Marks a plan routed by a parameter: a PlanInvalItem whose cache id no
+/// syscache has (so it never invalidates anything), carrying the parameter's number.
+const TENANT_PARAM_MARK: i32 = -0x6c76;
+
+/// A query of one hash-distributed protected table (SELECT, UPDATE,
+/// DELETE) gets `<tenant column> = $k` in its WHERE clause, $k a parameter
+/// beyond the statement's own: the same rows (the policy admits no other
+/// tenant's), and where Citus's fast-path router looks for the shard, at
+/// execution time for a parameter. Returns k.
+unsafe fn route_by_param(s: Symbols, query: *mut pg_sys::Query) -> Option<i32> {
+    let q = &mut *query;
+    if !matches!(q.commandType, pg_sys::CmdType::CMD_SELECT | pg_sys::CmdType::CMD_UPDATE | pg_sys::CmdType::CMD_DELETE)
+        || q.jointree.is_null()
+        || q.hasSubLinks
+        || !q.cteList.is_null()
+        || q.setOperations.is_null().not()
+    {
+        return None;
+    }
+    let rtable = pgrx::PgList::<pg_sys::RangeTblEntry>::from_pg(q.rtable);
+    if rtable.len() != 1 {
+        return None;
+    }
+    let rte = rtable.get_ptr(0)?;
+    if (*rte).rtekind != pg_sys::RTEKind::RTE_RELATION || (*rte).securityQuals.is_null() {
+        return None;
+    }
+    let func = current_tenant_oid();
+    let relid = (*rte).relid;
+    if func == pg_sys::InvalidOid || !pg_sys::ffi::pg_guard_ffi_boundary(|| (s.is_citus_table)(relid)) {
+        return None;
+    }
+    let key = pg_sys::ffi::pg_guard_ffi_boundary(|| (s.partition_column)(relid, 1));
+    if key.is_null() {
+        return None;
+    }
+    // The policy's own comparison, `<tenant column> = levqor.current_tenant()`.
+    let attno = (*key).varattno;
+    // An UPDATE that sets the tenant column: Citus refuses it, and on its
+    // fast path (13.2) crashes while refusing; the other path refuses cleanly.
+    if q.commandType == pg_sys::CmdType::CMD_UPDATE {
+        let targets = pgrx::PgList::<pg_sys::TargetEntry>::from_pg(q.targetList);
+        if targets.iter_ptr().any(|t| (*t).resno == attno) {
+            return None;
+        }
+    }
+    // Likewise whatever else Citus may refuse in a write (functions it must
+    // evaluate first): those stay on the path that refuses cleanly.
+    if q.commandType != pg_sys::CmdType::CMD_SELECT
+        && (pg_sys::contain_mutable_functions(q.targetList as *mut pg_sys::Node)
+            || pg_sys::contain_mutable_functions(q.returningList as *mut pg_sys::Node))
+    {
+        return None;
+    }
+    let quals = pgrx::PgList::<pg_sys::Node>::from_pg((*rte).securityQuals);
+    let template = quals.iter_ptr().find_map(|q| find_key_comparison(q, attno, func));
+    let template = template?;
+    let k = max_param(query) + 1;
+    let param = pg_sys::palloc0(std::mem::size_of::<pg_sys::Param>()) as *mut pg_sys::Param;
+    (*param).xpr.type_ = pg_sys::NodeTag::T_Param;
+    (*param).paramkind = pg_sys::ParamKind::PARAM_EXTERN;
+    (*param).paramid = k;
+    (*param).paramtype = pg_sys::UUIDOID;
+    (*param).paramtypmod = -1;
+    (*param).location = -1;
+    let op = pg_sys::copyObjectImpl(template as *const c_void) as *mut pg_sys::OpExpr;
+    let args = pgrx::PgList::<pg_sys::Node>::from_pg((*op).args);
+    let mut list = pgrx::PgList::<pg_sys::Node>::new();
+    for a in args.iter_ptr() {
+        list.push(if (*a).type_ == pg_sys::NodeTag::T_FuncExpr { param as *mut pg_sys::Node } else { a });
+    }
+    (*op).args = list.into_pg();
+    let jt = &mut *q.jointree;
+    jt.quals = if jt.quals.is_null() { op as *mut pg_sys::Node } else { pg_sys::make_and_qual(jt.quals, op as *mut pg_sys::Node) };
+    Some(k)
+}
+
+/// `(<column attno> = <func>())` inside a policy qual (or an AND of them).
+unsafe fn find_key_comparison(node: *mut pg_sys::Node, attno: i16, func: pg_sys::Oid) -> Option<*mut pg_sys::OpExpr> {
+    if node.is_null() {
+        return None;
+    }
+    match (*node).type_ {
+        pg_sys::NodeTag::T_BoolExpr if (*(node as *mut pg_sys::BoolExpr)).boolop == pg_sys::BoolExprType::AND_EXPR => {
+            let args = pgrx::PgList::<pg_sys::Node>::from_pg((*(node as *mut pg_sys::BoolExpr)).args);
+            let found = args.iter_ptr().find_map(|a| find_key_comparison(a, attno, func));
+            found
+        }
+        pg_sys::NodeTag::T_OpExpr => {
+            let op = node as *mut pg_sys::OpExpr;
+            let args = pgrx::PgList::<pg_sys::Node>::from_pg((*op).args);
+            if args.len() != 2 {
+                return None;
+            }
+            let (l, r) = (args.get_ptr(0)?, args.get_ptr(1)?);
+            let key = (*l).type_ == pg_sys::NodeTag::T_Var
+                && (*(l as *mut pg_sys::Var)).varattno == attno
+                && (*(l as *mut pg_sys::Var)).varlevelsup == 0;
+            let ours = (*r).type_ == pg_sys::NodeTag::T_FuncExpr && (*(r as *mut pg_sys::FuncExpr)).funcid == func;
+            (key && ours).then_some(op)
+        }
+        _ => None,
+    }
+}
+
+/// The highest external parameter number a query uses (0: none).
+unsafe fn max_param(query: *mut pg_sys::Query) -> i32 {
+    #[pg_guard]
+    unsafe extern "C-unwind" fn visit(node: *mut pg_sys::Node, ctx: *mut c_void) -> bool {
+        if node.is_null() {
+            return false;
+        }
+        match (*node).type_ {
+            pg_sys::NodeTag::T_Param => {
+                let p = node as *mut pg_sys::Param;
+                if (*p).paramkind == pg_sys::ParamKind::PARAM_EXTERN {
+                    let max = &mut *(ctx as *mut i32);
+                    *max = (*max).max((*p).paramid);
+                }
+                false
+            }
+            pg_sys::NodeTag::T_Query => pg_sys::query_tree_walker(node as *mut pg_sys::Query, Some(visit), ctx, 0),
+            _ => pg_sys::expression_tree_walker(node, Some(visit), ctx),
+        }
+    }
+    let mut max = 0i32;
+    pg_sys::query_tree_walker(query, Some(visit), &mut max as *mut i32 as *mut c_void, 0);
+    max
+}
+
+/// From the ExecutorStart hook: a plan routed by a parameter gets the
+/// current tenant as that parameter (NULL without a context: no shard, no
+/// rows), beside the statement's own parameters.
+pub unsafe fn supply_tenant(query: *mut pg_sys::QueryDesc) {
+    if symbols().is_none() || query.is_null() || (*query).plannedstmt.is_null() {
+        return;
+    }
+    let items = pgrx::PgList::<pg_sys::PlanInvalItem>::from_pg((*(*query).plannedstmt).invalItems);
+    let Some(k) = items.iter_ptr().find(|i| (**i).cacheId == TENANT_PARAM_MARK).map(|i| (*i).hashValue as i32) else {
+        return;
+    };
+    let old = (*query).params;
+    // The statement's own values, fetched if they are dynamic.
+    let own = if old.is_null() { std::ptr::null_mut() } else { pg_sys::copyParamList(old) };
+    let have = if own.is_null() { 0 } else { (*own).numParams };
+    let list = pg_sys::makeParamList(have.max(k));
+    let dst = (*list).params.as_mut_slice(have.max(k) as usize);
+    if have > 0 {
+        let src = (*own).params.as_slice(have as usize);
+        dst[..have as usize].copy_from_slice(src);
+    }
+    let slot = &mut dst[(k - 1) as usize];
+    match context::current() {
+        Some(c) => {
+            let bytes = pg_sys::palloc(16) as *mut u8;
+            std::ptr::copy_nonoverlapping(c.tenant.as_bytes().as_ptr(), bytes, 16);
+            *slot = pg_sys::ParamExternData { value: pg_sys::Datum::from(bytes), isnull: false, pflags: pg_sys::PARAM_FLAG_CONST as u16, ptype: pg_sys::UUIDOID };
+        }
+        None => {
+            *slot = pg_sys::ParamExternData { value: pg_sys::Datum::from(0), isnull: true, pflags: pg_sys::PARAM_FLAG_CONST as u16, ptype: pg_sys::UUIDOID };
+        }
+    }
+    (*query).params = list;
 }
 
 struct Walker {
@@ -480,6 +707,11 @@ struct Walker {
     func: pg_sys::Oid,
     tenant: Option<uuid::Uuid>,
     changed: bool,
+    /// The first condition changed, `<tenant column> = '<tenant>'`, of the
+    /// outermost query's first table.
+    key_qual: *mut pg_sys::OpExpr,
+    /// 0 in the outermost query, more in subqueries, CTEs and sub-selects.
+    depth: u32,
 }
 
 unsafe fn walk_query(w: &mut Walker, query: *mut pg_sys::Query) {
@@ -502,7 +734,7 @@ unsafe fn walk_query(w: &mut Walker, query: *mut pg_sys::Query) {
                     replace_in(w, q, attno);
                 }
             }
-            pg_sys::RTEKind::RTE_SUBQUERY if !(*rte).subquery.is_null() => walk_query(w, (*rte).subquery),
+            pg_sys::RTEKind::RTE_SUBQUERY if !(*rte).subquery.is_null() => nested(w, (*rte).subquery),
             _ => {}
         }
     }
@@ -510,7 +742,7 @@ unsafe fn walk_query(w: &mut Walker, query: *mut pg_sys::Query) {
     for cte in ctes.iter_ptr() {
         let q = (*cte).ctequery;
         if !q.is_null() && (*q).type_ == pg_sys::NodeTag::T_Query {
-            walk_query(w, q as *mut pg_sys::Query);
+            nested(w, q as *mut pg_sys::Query);
         }
     }
     // Sub-selects in WHERE and the target list.
@@ -518,6 +750,12 @@ unsafe fn walk_query(w: &mut Walker, query: *mut pg_sys::Query) {
         sublinks(w, (*query).jointree as *mut pg_sys::Node);
         sublinks(w, (*query).targetList as *mut pg_sys::Node);
     }
+}
+
+unsafe fn nested(w: &mut Walker, query: *mut pg_sys::Query) {
+    w.depth += 1;
+    walk_query(w, query);
+    w.depth -= 1;
 }
 
 unsafe fn sublinks(w: &mut Walker, node: *mut pg_sys::Node) {
@@ -529,7 +767,7 @@ unsafe fn sublinks(w: &mut Walker, node: *mut pg_sys::Node) {
         if (*node).type_ == pg_sys::NodeTag::T_SubLink {
             let sub = (*(node as *mut pg_sys::SubLink)).subselect;
             if !sub.is_null() && (*sub).type_ == pg_sys::NodeTag::T_Query {
-                walk_query(&mut *(ctx as *mut Walker), sub as *mut pg_sys::Query);
+                nested(&mut *(ctx as *mut Walker), sub as *mut pg_sys::Query);
             }
         }
         pg_sys::expression_tree_walker(node, Some(visit), ctx)
@@ -579,6 +817,9 @@ unsafe fn replace_in(w: &mut Walker, node: *mut pg_sys::Node, attno: i16) {
             }
             (*op).args = list.into_pg();
             w.changed = true;
+            if w.key_qual.is_null() && w.depth == 0 {
+                w.key_qual = op;
+            }
         }
         _ => {}
     }

@@ -211,7 +211,7 @@ unsafe extern "C-unwind" fn assign_context(newval: *const c_char, _extra: *mut c
     };
     let before = CURRENT.with(|c| c.replace(parsed));
     if before.map(|c| c.tenant) != parsed.map(|c| c.tenant) {
-        crate::citus::tenant_changed();
+        crate::citus::tenant_changed(parsed.map(|c| c.tenant));
     }
 }
 

@@ -37,6 +37,7 @@ unsafe extern "C-unwind" fn executor_start(query: *mut pg_sys::QueryDesc, eflags
     }
     if pg_sys::ParallelWorkerNumber < 0 {
         crate::citus::verify_before_execution(query);
+        crate::citus::supply_tenant(query);
         crate::redact::executing(query);
         crate::pooling::recheck();
         crate::exposure::check_query(query);
