@@ -14,15 +14,17 @@
 //!   cannot look up (the tenant's catalog lives on the coordinator): the
 //!   member role the coordinator decided and whether the tenant may write.
 //!   The value is hidden from `SHOW` and `pg_stat_activity` (crate::redact).
-//! * **Routing.** Citus prunes shards only with constants; levqor's policies
-//!   compare with `levqor.current_tenant()`. On the coordinator, the planner
-//!   hook puts the current tenant, as a constant, into the policy quals of
-//!   hash-distributed tables (never of local ones: those run here) and marks
-//!   the plan as depending on it; a change of tenant invalidates exactly those
-//!   plans, so a prepared statement never keeps another tenant's value. The
+//! * **Routing.** Citus prunes shards only with constants and parameters;
+//!   levqor's policies compare with `levqor.current_tenant()`. On the
+//!   coordinator, the planner hook gives a client's statement of one
+//!   hash-distributed protected table `<tenant column> = $k`, a parameter
+//!   past its own that the executor fills in (`supply_tenant`), so one plan
+//!   serves every tenant; anything else gets the current tenant as a
+//!   constant in its policy quals (never of local tables: those run here),
+//!   and a change to another tenant invalidates exactly those plans. The
 //!   workers still apply the real policies with the forwarded context: a
-//!   stale plan could only pick the wrong shard, never show another tenant's
-//!   rows.
+//!   stale route could only pick the wrong shard, never show another
+//!   tenant's rows.
 
 use std::cell::Cell;
 use std::ops::Not;
