@@ -27,7 +27,6 @@
 //!   tenant's rows.
 
 use std::cell::Cell;
-use std::ops::Not;
 use std::ffi::{c_char, c_void, CStr, CString};
 
 use hmac::{Hmac, Mac};
@@ -534,7 +533,7 @@ unsafe fn route(s: Symbols, query: *mut pg_sys::Query) -> bool {
         return false;
     }
     let tenant = context::current().map(|c| c.tenant);
-    let mut walker = Walker { s, func, tenant, changed: false, key_qual: std::ptr::null_mut(), depth: 0 };
+    let mut walker = Walker { s, func, tenant, changed: false };
     walk_query(&mut walker, query);
     walker.changed
 }
@@ -554,7 +553,7 @@ unsafe fn route_by_param(s: Symbols, query: *mut pg_sys::Query) -> Option<i32> {
         || q.jointree.is_null()
         || q.hasSubLinks
         || !q.cteList.is_null()
-        || q.setOperations.is_null().not()
+        || !q.setOperations.is_null()
     {
         return None;
     }
@@ -709,11 +708,6 @@ struct Walker {
     func: pg_sys::Oid,
     tenant: Option<uuid::Uuid>,
     changed: bool,
-    /// The first condition changed, `<tenant column> = '<tenant>'`, of the
-    /// outermost query's first table.
-    key_qual: *mut pg_sys::OpExpr,
-    /// 0 in the outermost query, more in subqueries, CTEs and sub-selects.
-    depth: u32,
 }
 
 unsafe fn walk_query(w: &mut Walker, query: *mut pg_sys::Query) {
@@ -736,7 +730,7 @@ unsafe fn walk_query(w: &mut Walker, query: *mut pg_sys::Query) {
                     replace_in(w, q, attno);
                 }
             }
-            pg_sys::RTEKind::RTE_SUBQUERY if !(*rte).subquery.is_null() => nested(w, (*rte).subquery),
+            pg_sys::RTEKind::RTE_SUBQUERY if !(*rte).subquery.is_null() => walk_query(w, (*rte).subquery),
             _ => {}
         }
     }
@@ -744,7 +738,7 @@ unsafe fn walk_query(w: &mut Walker, query: *mut pg_sys::Query) {
     for cte in ctes.iter_ptr() {
         let q = (*cte).ctequery;
         if !q.is_null() && (*q).type_ == pg_sys::NodeTag::T_Query {
-            nested(w, q as *mut pg_sys::Query);
+            walk_query(w, q as *mut pg_sys::Query);
         }
     }
     // Sub-selects in WHERE and the target list.
@@ -752,12 +746,6 @@ unsafe fn walk_query(w: &mut Walker, query: *mut pg_sys::Query) {
         sublinks(w, (*query).jointree as *mut pg_sys::Node);
         sublinks(w, (*query).targetList as *mut pg_sys::Node);
     }
-}
-
-unsafe fn nested(w: &mut Walker, query: *mut pg_sys::Query) {
-    w.depth += 1;
-    walk_query(w, query);
-    w.depth -= 1;
 }
 
 unsafe fn sublinks(w: &mut Walker, node: *mut pg_sys::Node) {
@@ -769,7 +757,7 @@ unsafe fn sublinks(w: &mut Walker, node: *mut pg_sys::Node) {
         if (*node).type_ == pg_sys::NodeTag::T_SubLink {
             let sub = (*(node as *mut pg_sys::SubLink)).subselect;
             if !sub.is_null() && (*sub).type_ == pg_sys::NodeTag::T_Query {
-                nested(&mut *(ctx as *mut Walker), sub as *mut pg_sys::Query);
+                walk_query(&mut *(ctx as *mut Walker), sub as *mut pg_sys::Query);
             }
         }
         pg_sys::expression_tree_walker(node, Some(visit), ctx)
@@ -819,9 +807,6 @@ unsafe fn replace_in(w: &mut Walker, node: *mut pg_sys::Node, attno: i16) {
             }
             (*op).args = list.into_pg();
             w.changed = true;
-            if w.key_qual.is_null() && w.depth == 0 {
-                w.key_qual = op;
-            }
         }
         _ => {}
     }

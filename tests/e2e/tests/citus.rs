@@ -170,9 +170,26 @@ fn distribute_protects_every_shard_and_each_tenant_sees_and_changes_only_its_row
     insert(&mut app, &a, &users, &["ann", "bob"]);
     insert(&mut app, &b, &users, &["gus"]);
     insert(&mut app, &a, &orders, &["order 1"]);
+    // Shared lookup data: a reference table without tenancy, joined on the tenant's shard.
+    let plans = unique("plans");
+    cl.coordinator(OWNER)
+        .batch_execute(&format!(
+            "CREATE TABLE {plans} (body text PRIMARY KEY, label text); SELECT create_reference_table('{plans}');
+             INSERT INTO {plans} VALUES ('ann', 'gold'), ('gus', 'free'); GRANT SELECT ON {plans} TO {APP_ROLE};"
+        ))
+        .unwrap();
     as_tenant(&mut app, &a, |tx| {
         assert_eq!(bodies(tx, &users), ["ann", "bob"]);
         assert_eq!(count(tx, &format!("SELECT count(*) FROM {users} u JOIN {orders} o USING (tenant_id)")), 2);
+        let labels: Vec<String> = tx
+            .query(&format!("SELECT p.label FROM {users} u JOIN {plans} p USING (body) ORDER BY 1"), &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(labels, ["gold"], "gus is globex's");
+        assert_eq!(tasks(tx, &format!("SELECT p.label FROM {users} u JOIN {plans} p USING (body)")), 1);
+        assert_eq!(tasks(tx, &format!("SELECT * FROM {users} u JOIN {orders} o USING (tenant_id)")), 1);
         // Another tenant's id, on insert and on update: refused on the shard.
         let e = tx.execute(&format!("INSERT INTO {users} (tenant_id, body) VALUES ($1, 'planted')"), &[&b.id]);
         assert_eq!(sqlstate(e), "42501");
