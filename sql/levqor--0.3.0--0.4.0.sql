@@ -42,7 +42,7 @@ STRICT STABLE PARALLEL SAFE
 LANGUAGE c /* Rust */
 AS 'MODULE_PATHNAME', '_caller_wrapper';
 
--- src/citus.rs:148
+-- src/citus.rs:146
 -- levqor::citus::_citus_active
 CREATE  FUNCTION "_citus_active"() RETURNS bool /* bool */
 STRICT STABLE PARALLEL SAFE

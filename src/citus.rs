@@ -29,11 +29,10 @@
 use std::cell::Cell;
 use std::ffi::{c_char, c_void, CStr, CString};
 
-use hmac::{Hmac, Mac};
+use hmac::Mac;
 use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
 use pgrx::pg_sys;
 use pgrx::prelude::*;
-use sha2::Sha256;
 
 use crate::context::{self, Context, MemberRole};
 
@@ -183,10 +182,6 @@ fn secret() -> Option<Vec<u8>> {
     CLUSTER_SECRET.get().map(|s| s.into_bytes()).filter(|s| s.len() >= MIN_SECRET_LEN)
 }
 
-fn mac(secret: &[u8]) -> Hmac<Sha256> {
-    Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length")
-}
-
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -227,7 +222,7 @@ fn encode(ctx: &Context, f: &Forwarded, role_name: &str, expires: i64, secret: &
         f.transaction,
         expires,
     );
-    let mut m = mac(secret);
+    let mut m = crate::token::mac(secret);
     m.update(payload.as_bytes());
     format!("{payload}.{}", hex(&m.finalize().into_bytes()))
 }
@@ -236,7 +231,7 @@ fn encode(ctx: &Context, f: &Forwarded, role_name: &str, expires: i64, secret: &
 fn decode(value: &str, secret: &[u8], role_name: &str, now: i64) -> Result<(Context, Forwarded), &'static str> {
     let (payload, sig) = value.rsplit_once('.').ok_or("malformed")?;
     let sig = unhex(sig).ok_or("malformed")?;
-    let mut m = mac(secret);
+    let mut m = crate::token::mac(secret);
     m.update(payload.as_bytes());
     m.verify_slice(&sig).map_err(|_| "bad signature (is levqor.cluster_secret the same on every node?)")?;
     let rest = payload.strip_prefix(PREFIX).ok_or("malformed")?;

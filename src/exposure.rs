@@ -80,6 +80,14 @@ fn lookup(relid: pg_sys::Oid) -> Option<Exposure> {
     found
 }
 
+/// A relation's name for a message (its oid if it has none any more).
+fn relation_name(relid: pg_sys::Oid) -> String {
+    unsafe {
+        let n = pg_sys::get_rel_name(relid);
+        if n.is_null() { relid.to_u32().to_string() } else { std::ffi::CStr::from_ptr(n).to_string_lossy().into_owned() }
+    }
+}
+
 fn refuse(relid: pg_sys::Oid, user: pg_sys::Oid) {
     let Some(e) = lookup(relid) else { return };
     unsafe {
@@ -90,10 +98,7 @@ fn refuse(relid: pg_sys::Oid, user: pg_sys::Oid) {
             return;
         }
     }
-    let name = unsafe {
-        let n = pg_sys::get_rel_name(relid);
-        if n.is_null() { relid.to_u32().to_string() } else { std::ffi::CStr::from_ptr(n).to_string_lossy().into_owned() }
-    };
+    let name = relation_name(relid);
     crate::errors::raise(
         PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
         if e.rls_off {
@@ -203,10 +208,7 @@ fn refuse_unguarded_truncate(relid: pg_sys::Oid) {
                               AND t.tgname ~ '^levqor_no_truncate(_[0-9]+)?$')";
     let unguarded = as_catalog_owner(|| Spi::get_one_with_args::<bool>(UNGUARDED, &[relid.into()]).ok().flatten()).unwrap_or(false);
     if unguarded {
-        let name = unsafe {
-            let n = pg_sys::get_rel_name(relid);
-            if n.is_null() { relid.to_u32().to_string() } else { std::ffi::CStr::from_ptr(n).to_string_lossy().into_owned() }
-        };
+        let name = relation_name(relid);
         crate::errors::raise(
             PgSqlErrorCode::ERRCODE_INSUFFICIENT_PRIVILEGE,
             format!("TRUNCATE of {name} is refused: it would remove every tenant's rows"),
@@ -280,7 +282,7 @@ fn record_copy(rel: *mut pg_sys::RangeVar, sources: Vec<pg_sys::Oid>) {
         })
     });
     if let Some(from) = copied {
-        let name = unsafe { std::ffi::CStr::from_ptr(pg_sys::get_rel_name(relid)) }.to_string_lossy().into_owned();
+        let name = relation_name(relid);
         ereport!(
             WARNING,
             PgSqlErrorCode::ERRCODE_WARNING,

@@ -90,7 +90,7 @@ pub fn secret() -> Option<Vec<u8>> {
         .filter(|s| s.len() >= MIN_SECRET_LEN)
 }
 
-fn mac(secret: &[u8]) -> Hmac<Sha256> {
+pub fn mac(secret: &[u8]) -> Hmac<Sha256> {
     Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length")
 }
 
