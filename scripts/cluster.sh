@@ -44,6 +44,8 @@ start)
       echo "shared_preload_libraries = 'citus,levqor'"
       echo "citus.propagate_set_commands = 'local'"
       echo "levqor.cluster_secret = 'e2e-cluster-secret-please-change-0123456789'"
+      # Short, so that the Citus tests see contexts expire and get re-signed.
+      echo "levqor.node_context_lifetime = 10"
       echo "max_prepared_transactions = 100"
       echo "citus.node_conninfo = 'sslmode=disable'"
       echo "wal_level = logical"

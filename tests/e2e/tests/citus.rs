@@ -347,6 +347,7 @@ fn a_direct_connection_to_a_worker_sees_nothing_with_a_forged_or_replayed_contex
     insert(&mut cl.coordinator(APP_ROLE), &a, &secrets, &["s1", "s2", "s3"]);
     let value = captured_context(&cl, &a, &secrets);
     assert!(value.contains(&a.id.to_string()));
+    let (served, _) = shard_of(cl, &secrets, &a);
     for w in 0..2 {
         let mut worker = cl.worker(w, APP_ROLE);
         // The distributed table through this node, and its shards directly.
@@ -366,11 +367,17 @@ fn a_direct_connection_to_a_worker_sees_nothing_with_a_forged_or_replayed_contex
         let total = format!("SELECT coalesce(sum(n), 0)::bigint FROM ({union}) x");
         assert_eq!(count(&mut worker, &total), 0);
 
-        // Replayed as it was captured: outside its distributed transaction, nothing.
+        // Replayed as it was captured: refused where its transaction ended,
+        // and outside its distributed transaction nothing anywhere.
         let mut tx = worker.transaction().unwrap();
-        tx.batch_execute(&format!("SET LOCAL levqor.node_context = '{value}'")).unwrap();
-        assert_eq!(count(&mut tx, &total), 0, "replayed outside its distributed transaction");
-        assert_eq!(count(&mut tx, "SELECT count(*) FROM (SELECT levqor.current_tenant()) c WHERE current_tenant IS NOT NULL"), 0);
+        let set = tx.batch_execute(&format!("SET LOCAL levqor.node_context = '{value}'"));
+        if w == served {
+            assert_eq!(sqlstate(set), "28000");
+        } else {
+            set.unwrap();
+            assert_eq!(count(&mut tx, &total), 0, "replayed outside its distributed transaction");
+            assert_eq!(count(&mut tx, "SELECT count(*) FROM (SELECT levqor.current_tenant()) c WHERE current_tenant IS NOT NULL"), 0);
+        }
         tx.rollback().unwrap();
         // Forged: another tenant, a later expiry, another role.
         let forged = value.replacen(&a.id.to_string(), &Uuid::new_v4().to_string(), 1);
@@ -414,6 +421,107 @@ fn a_direct_connection_to_a_worker_sees_nothing_with_a_forged_or_replayed_contex
     }
     assert!(shown > 0, "the workers show the statement that set the context (redacted)");
     tx.rollback().unwrap();
+}
+
+/// The cluster's `levqor.node_context_lifetime` (scripts/cluster.sh): short,
+/// so that these tests see contexts expire and get re-signed.
+const LIFETIME_SECS: u64 = 10;
+
+/// The Citus worker (0 or 1) that holds `tenant`'s shard of `table`, and the shard.
+fn shard_of(cl: &Cluster, table: &str, tenant: &Tenant) -> (usize, String) {
+    let row = cl
+        .coordinator("postgres")
+        .query_one(
+            &format!(
+                "SELECT n.nodeport, shard_name('{table}'::regclass, s.id)
+                   FROM (SELECT get_shard_id_for_distribution_column('{table}', '{}') AS id) s
+                   JOIN pg_dist_placement p ON p.shardid = s.id JOIN pg_dist_node n ON n.groupid = p.groupid",
+                tenant.id
+            ),
+            &[],
+        )
+        .unwrap();
+    let port: i32 = row.get(0);
+    ((port as u16 - cl.ports[1]) as usize, row.get(1))
+}
+
+/// A client straight at a worker that claims the distributed transaction a
+/// captured context names (Citus's own function does that for anyone), then
+/// presents the context.
+fn replay(cl: &Cluster, worker: usize, value: &str) -> (Client, Result<(), postgres::Error>) {
+    let fields: Vec<&str> = value.strip_prefix("lvqn1.").unwrap().split('.').collect();
+    let (initiator, transaction) = (fields[8], fields[9]);
+    let mut c = cl.worker(worker, APP_ROLE);
+    c.batch_execute(&format!("BEGIN; SELECT assign_distributed_transaction_id({initiator}, {transaction}, now())")).unwrap();
+    let r = c.batch_execute(&format!("SET LOCAL levqor.node_context = '{value}'"));
+    (c, r)
+}
+
+#[test]
+fn a_captured_context_replayed_with_its_distributed_transaction_id_is_refused_once_that_transaction_ended() {
+    let Some(cl) = cluster() else { return };
+    let a = cl.tenant("ct-replay");
+    let orders = cl.distributed_table("orders", None);
+    insert(&mut cl.coordinator(APP_ROLE), &a, &orders, &["o1", "o2"]);
+    let (served, shard) = shard_of(cl, &orders, &a);
+    let value = captured_context(cl, &a, &orders);
+
+    // The worker that served the transaction remembers that it ended.
+    let (mut c, r) = replay(cl, served, &value);
+    let (code, msg) = error_of(r);
+    assert_eq!(code, "28000");
+    assert!(msg.contains("has ended on this node") && !msg.contains(&value[..40]), "{msg}");
+    c.batch_execute("ROLLBACK").unwrap();
+    // Also when the value arrives first and the transaction id after it.
+    let mut c = cl.worker(served, APP_ROLE);
+    let e = c.batch_execute(&format!("BEGIN; SET LOCAL levqor.node_context = '{value}'"));
+    assert_eq!(sqlstate(e), "28000");
+    c.batch_execute("ROLLBACK").unwrap();
+    assert_eq!(count(&mut c, &format!("SELECT count(*) FROM {shard}")), 0);
+
+    // A worker the transaction never reached cannot know it ended: there the
+    // value stops working when it expires (levqor.node_context_lifetime).
+    // After that, on both, every statement under it is refused.
+    std::thread::sleep(std::time::Duration::from_secs(LIFETIME_SECS + 1));
+    for w in [1 - served, served] {
+        let (mut c, r) = replay(cl, w, &value);
+        r.unwrap();
+        let (code, msg) = error_of(c.query_one("SELECT count(*) FROM (SELECT levqor.current_tenant()) t WHERE current_tenant IS NOT NULL", &[]));
+        assert_eq!((code.as_str(), msg.contains("expired")), ("28000", true), "{msg}");
+        c.batch_execute("ROLLBACK").unwrap();
+    }
+}
+
+#[test]
+fn a_transaction_longer_than_the_context_lifetime_keeps_working_on_every_node() {
+    let Some(cl) = cluster() else { return };
+    let a = cl.tenant("ct-long");
+    let invoices = cl.distributed_table("invoices", None);
+    // An unprotected distributed table: a query of it opens connections to
+    // both workers, which then replay every SET LOCAL of the transaction.
+    let plain = unique("exchange_rates");
+    cl.coordinator(OWNER)
+        .batch_execute(&format!(
+            "CREATE TABLE {plain} (id bigint PRIMARY KEY, rate numeric);
+             SELECT create_distributed_table('{plain}', 'id');
+             INSERT INTO {plain} SELECT g, g / 100.0 FROM generate_series(1, 50) g;
+             GRANT SELECT ON {plain} TO {APP_ROLE};"
+        ))
+        .unwrap();
+    insert(&mut cl.coordinator(APP_ROLE), &a, &invoices, &["i1"]);
+    let mut app = cl.coordinator(APP_ROLE);
+    as_tenant(&mut app, &a, |tx| {
+        assert_eq!(count(tx, &format!("SELECT count(*) FROM {invoices}")), 1);
+        for round in 0..3 {
+            // Past half the lifetime: the next statement re-signs the context.
+            std::thread::sleep(std::time::Duration::from_secs(LIFETIME_SECS / 2 + 1));
+            tx.execute(&format!("INSERT INTO {invoices} (body) VALUES ($1)"), &[&format!("late {round}")]).unwrap();
+            assert_eq!(count(tx, &format!("SELECT count(*) FROM {invoices}")), 2 + round);
+        }
+        // Over three lifetimes after authenticate, both workers still take it.
+        assert_eq!(count(tx, &format!("SELECT count(*) FROM {plain}")), 50);
+        assert_eq!(bodies(tx, &invoices), ["i1", "late 0", "late 1", "late 2"]);
+    });
 }
 
 #[test]

@@ -9,8 +9,11 @@
 //!   `levqor.cluster_secret` (superuser-only, the same on every node) and
 //!   names the database role and the Citus distributed transaction it was
 //!   made for, and when it expires. A worker accepts it only if the signature
-//!   holds, it has not expired and its role is the connection's; and uses it
-//!   only inside that distributed transaction. It carries what the worker
+//!   holds and its role is the connection's; uses it only inside that
+//!   distributed transaction, before it expires (each statement checks), and
+//!   never after that transaction ended on this node (`ended`). The
+//!   coordinator re-signs it when half its lifetime is gone, so a long
+//!   transaction keeps a fresh one. It carries what the worker
 //!   cannot look up (the tenant's catalog lives on the coordinator): the
 //!   member role the coordinator decided and whether the tenant may write.
 //!   The value is hidden from `SHOW` and `pg_stat_activity` (crate::redact).
@@ -36,9 +39,12 @@ use pgrx::prelude::*;
 
 use crate::context::{self, Context, MemberRole};
 
-/// How long a forwarded context is accepted after it was made: worker
-/// connections a transaction opens later than this refuse it.
-pub const NODE_CONTEXT_LIFETIME_SECS: i64 = 15 * 60;
+mod ended;
+
+/// How long a forwarded context is accepted after it was made (seconds).
+/// The coordinator re-signs it at a statement's start once half of this is
+/// gone; a worker refuses it at a statement's start once all is.
+static LIFETIME: GucSetting<i32> = GucSetting::<i32>::new(60);
 const MIN_SECRET_LEN: usize = 32;
 const PREFIX: &str = "lvqn1.";
 
@@ -53,6 +59,7 @@ pub struct Forwarded {
     pub storage_exceeded: bool,
     initiator: i32,
     transaction: u64,
+    expires: i64,
 }
 
 #[repr(C)]
@@ -85,6 +92,14 @@ thread_local! {
     /// The tenant (None: no context) that this backend's valid routed plans
     /// carry as a constant; None when no routed plan is valid.
     static ROUTED_FOR: Cell<Option<Option<uuid::Uuid>>> = const { Cell::new(None) };
+    /// The distributed transactions of the forwarded contexts this local
+    /// transaction was handed, with the latest expiry of each: recorded as
+    /// ended on this node when it ends.
+    static SEEN: std::cell::RefCell<Vec<(i32, u64, i64)>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// On a coordinator: the context this local transaction forwarded and
+    /// when it was signed, to re-sign it before it expires.
+    static SIGNED: Cell<Option<(u32, i64, Context)>> = const { Cell::new(None) };
+    static RESIGNING: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Citus's functions, if Citus is loaded in this server.
@@ -162,6 +177,16 @@ pub fn init() {
             None,
             None,
         );
+        GucRegistry::define_int_guc(
+            c"levqor.node_context_lifetime",
+            c"How long a tenant context forwarded to Citus workers is accepted after it was signed",
+            c"The coordinator re-signs it when half is gone; set the same on every node.",
+            &LIFETIME,
+            2,
+            86_400,
+            GucContext::Sighup,
+            GucFlags::UNIT_S,
+        );
         GucRegistry::define_string_guc_with_hooks(
             c"levqor.node_context",
             c"the tenant context as forwarded to Citus workers (set only by levqor, signed)",
@@ -175,7 +200,42 @@ pub fn init() {
         );
         PREV_PLANNER = pg_sys::planner_hook;
         pg_sys::planner_hook = Some(planner);
+        if symbols().is_some() {
+            ended::init();
+        }
+        pg_sys::RegisterXactCallback(Some(xact_callback), std::ptr::null_mut());
     }
+}
+
+fn lifetime() -> i64 {
+    LIFETIME.get() as i64
+}
+
+/// At the end of a local transaction, record the distributed transactions
+/// whose contexts it was handed as ended on this node. A Citus transaction
+/// ends on all its connections together (COMMIT, or PREPARE for two-phase
+/// commit), so none of its connections here needs the context after that.
+#[pg_guard]
+unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: *mut c_void) {
+    use pg_sys::XactEvent::*;
+    if !matches!(event, XACT_EVENT_COMMIT | XACT_EVENT_ABORT | XACT_EVENT_PREPARE) {
+        return;
+    }
+    let seen = SEEN.with(|s| std::mem::take(&mut *s.borrow_mut()));
+    let now = now_unix();
+    for (initiator, transaction, expires) in seen {
+        ended::record(initiator, transaction, expires.max(now + lifetime()), now);
+    }
+}
+
+fn note_seen(f: &Forwarded) {
+    SEEN.with(|s| {
+        let mut s = s.borrow_mut();
+        match s.iter_mut().find(|(i, t, _)| *i == f.initiator && *t == f.transaction) {
+            Some(e) => e.2 = e.2.max(f.expires),
+            None => s.push((f.initiator, f.transaction, f.expires)),
+        }
+    });
 }
 
 fn secret() -> Option<Vec<u8>> {
@@ -207,7 +267,7 @@ fn now_unix() -> i64 {
 
 /// `lvqn1.<context fields>.<forwarded fields>.<role hex>.<initiator>.<transaction>.<expires>.<hmac>`:
 /// dot separated, no user text except the hex-encoded role name, nothing to quote.
-fn encode(ctx: &Context, f: &Forwarded, role_name: &str, expires: i64, secret: &[u8]) -> String {
+fn encode(ctx: &Context, f: &Forwarded, role_name: &str, secret: &[u8]) -> String {
     let payload = format!(
         "{PREFIX}{}.{}.{}.{}.{}.{}.{}.{}.{}.{}.{}",
         ctx.tenant.hyphenated(),
@@ -220,15 +280,18 @@ fn encode(ctx: &Context, f: &Forwarded, role_name: &str, expires: i64, secret: &
         hex(role_name.as_bytes()),
         f.initiator,
         f.transaction,
-        expires,
+        f.expires,
     );
     let mut m = crate::token::mac(secret);
     m.update(payload.as_bytes());
     format!("{payload}.{}", hex(&m.finalize().into_bytes()))
 }
 
-/// Why a value is refused; never contains the value.
-fn decode(value: &str, secret: &[u8], role_name: &str, now: i64) -> Result<(Context, Forwarded), &'static str> {
+/// Why a value is refused; never contains the value. The expiry is checked
+/// where the value is used (`check_in_force`), not here: Citus replays every
+/// `SET LOCAL` of a transaction on a connection it opens late, the expired
+/// ones before the one that re-signed them.
+fn decode(value: &str, secret: &[u8], role_name: &str) -> Result<(Context, Forwarded), &'static str> {
     let (payload, sig) = value.rsplit_once('.').ok_or("malformed")?;
     let sig = unhex(sig).ok_or("malformed")?;
     let mut m = crate::token::mac(secret);
@@ -256,13 +319,10 @@ fn decode(value: &str, secret: &[u8], role_name: &str, now: i64) -> Result<(Cont
         storage_exceeded: f[6] == "full",
         initiator: f[8].parse().map_err(|_| "malformed")?,
         transaction: f[9].parse().map_err(|_| "malformed")?,
+        expires: f[10].parse().map_err(|_| "malformed")?,
     };
     if unhex(f[7]).as_deref() != Some(role_name.as_bytes()) {
         return Err("it was made for another database role");
-    }
-    let expires: i64 = f[10].parse().map_err(|_| "malformed")?;
-    if expires <= now {
-        return Err("it has expired (a forwarded context lasts 15 minutes; authenticate again)");
     }
     Ok((ctx, fwd))
 }
@@ -285,13 +345,21 @@ unsafe extern "C-unwind" fn check_node_context(
     let Some(secret) = secret() else {
         return refuse("levqor.cluster_secret is not set on this node (or shorter than 32 bytes)");
     };
+    if !ended::available() {
+        return refuse("levqor is not in shared_preload_libraries after citus on this node");
+    }
     let Some(role) = current_role_name() else { return refuse("no current role") };
     let Ok(text) = CStr::from_ptr(value).to_str() else { return refuse("malformed") };
-    match decode(text, &secret, &role, now_unix()) {
+    match decode(text, &secret, &role) {
+        Ok((_, f)) if ended::state(f.initiator, f.transaction, None, now_unix()) == ended::State::Ended => {
+            refuse(ENDED)
+        }
         Ok(_) => true,
         Err(why) => refuse(why),
     }
 }
+
+const ENDED: &str = "the distributed transaction it was made for has ended on this node";
 
 unsafe extern "C-unwind" fn assign_node_context(newval: *const c_char, _extra: *mut c_void) {
     // Checked by the hook above (or copied from a parallel leader that did);
@@ -302,10 +370,15 @@ unsafe extern "C-unwind" fn assign_node_context(newval: *const c_char, _extra: *
         let text = CStr::from_ptr(newval).to_str().ok();
         let (secret, role) = (secret(), current_role_name());
         match (text, secret, role) {
-            (Some(t), Some(s), Some(r)) => decode(t, &s, &r, i64::MIN).ok(),
+            (Some(t), Some(s), Some(r)) => decode(t, &s, &r).ok(),
             _ => None,
         }
     };
+    if let Some((_, f)) = &parsed {
+        if !pg_sys::InitializingParallelWorker {
+            note_seen(f);
+        }
+    }
     let before = NODE.with(|n| n.replace(parsed));
     BOUND.with(|b| b.set(None));
     if before.map(|(c, _)| c.tenant) != parsed.map(|(c, _)| c.tenant) {
@@ -347,16 +420,79 @@ pub fn forwarded() -> Option<(Context, Forwarded)> {
     ok.then_some((ctx, fwd))
 }
 
-/// From the ExecutorStart hook, in a leader: a forwarded context that does
-/// not belong to this distributed transaction is dropped before the parallel
-/// workers of a parallel plan copy it (they trust their leader's value).
+/// From the ExecutorStart hook, in a leader. On a coordinator: re-sign the
+/// forwarded context once half its lifetime is gone. On a worker: refuse a
+/// forwarded context that has expired or whose distributed transaction ended
+/// here; and drop one that does not belong to this distributed transaction
+/// before the parallel workers of a parallel plan copy it (they trust their
+/// leader's value).
 pub unsafe fn verify_before_execution(query: *mut pg_sys::QueryDesc) {
+    resign_if_due();
     if NODE.with(Cell::get).is_none() || query.is_null() || (*query).plannedstmt.is_null() {
         return;
     }
-    if (*(*query).plannedstmt).parallelModeNeeded && forwarded().is_none() {
-        crate::guc::set(c"levqor.node_context", Some(c""), crate::guc::Scope::Transaction, false);
+    match context::forwarded() {
+        Some(f) => check_in_force(&f),
+        None if (*(*query).plannedstmt).parallelModeNeeded && forwarded().is_none() => {
+            crate::guc::set(c"levqor.node_context", Some(c""), crate::guc::Scope::Transaction, false);
+        }
+        None => {}
     }
+}
+
+/// Raise unless a forwarded context in use may still act (fail closed: the
+/// statement does not run).
+fn check_in_force(f: &Forwarded) {
+    let now = now_unix();
+    let refuse = |why: &str, hint: &str| -> ! {
+        crate::errors::raise(
+            PgSqlErrorCode::ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION,
+            &format!("levqor: the forwarded tenant context is refused: {why}"),
+            Some(hint),
+        )
+    };
+    if f.expires <= now {
+        refuse(
+            "it has expired",
+            "The coordinator re-signs it at each statement once half of levqor.node_context_lifetime is gone; set the same lifetime on every node, and keep their clocks in step.",
+        );
+    }
+    match ended::state(f.initiator, f.transaction, Some(f.expires), now) {
+        ended::State::Open => {}
+        ended::State::Ended => refuse(ENDED, "A forwarded context works only inside the transaction it was made for."),
+        ended::State::Forgotten => refuse(
+            "it is older than this node's record of ended distributed transactions",
+            "Raise levqor.citus_ended_transactions on this node (it remembers fewer transactions than end in levqor.node_context_lifetime).",
+        ),
+    }
+}
+
+/// On a coordinator, at a statement's start: sign the context again when
+/// half its lifetime is gone, so that worker connections opened later in a
+/// long transaction get a fresh one (and the tenant's status is decided
+/// again).
+fn resign_if_due() {
+    let Some((lxid, signed, ctx)) = SIGNED.with(Cell::get) else { return };
+    if lxid != local_transaction() {
+        SIGNED.with(|s| s.set(None));
+        return;
+    }
+    // Not from inside levqor's own catalog lookups (which re-signing makes).
+    if RESIGNING.with(Cell::get) || crate::auth::in_lookup() || now_unix() - signed < lifetime() / 2 {
+        return;
+    }
+    if context::current() != Some(ctx) {
+        return;
+    }
+    struct Resigning;
+    impl Drop for Resigning {
+        fn drop(&mut self) {
+            RESIGNING.with(|r| r.set(false));
+        }
+    }
+    RESIGNING.with(|r| r.set(true));
+    let _reset = Resigning;
+    forward(Some(&ctx), false);
 }
 
 /// On a Citus coordinator, forward a transaction's context (None: its end)
@@ -389,18 +525,24 @@ pub fn forward(ctx: Option<&Context>, session: bool) {
                 })
             };
             let (initiator, transaction) = unsafe { ((*id).initiator_node_identifier, (*id).transaction_number) };
+            let now = now_unix();
             let fwd = Forwarded {
                 role: crate::members::effective_role(ctx),
                 read_only: t.as_ref().is_none_or(|t| !matches!(t.access(), crate::cache::Access::Full)),
                 storage_exceeded: t.as_ref().is_some_and(|t| t.storage_exceeded),
                 initiator,
                 transaction,
+                expires: now + lifetime(),
             };
             let role = current_role_name().unwrap_or_default();
-            encode(ctx, &fwd, &role, now_unix() + NODE_CONTEXT_LIFETIME_SECS, &secret)
+            SIGNED.with(|s| s.set(Some((local_transaction(), now, *ctx))));
+            encode(ctx, &fwd, &role, &secret)
         }
         _ if !had => return,
-        _ => String::new(),
+        _ => {
+            SIGNED.with(|s| s.set(None));
+            String::new()
+        }
     };
     // Citus replays SET LOCAL statements it sees run, not settings changed
     // from C: so through SPI, with propagation on for this transaction.
@@ -857,7 +999,7 @@ mod tests {
                 role: Some(MemberRole::Admin),
                 source: context::Source::ApiKey,
             },
-            Forwarded { role: Some(MemberRole::Operator), read_only: true, storage_exceeded: false, initiator: 0, transaction: 42 },
+            Forwarded { role: Some(MemberRole::Operator), read_only: true, storage_exceeded: false, initiator: 0, transaction: 42, expires: 2000 },
         )
     }
 
@@ -865,15 +1007,14 @@ mod tests {
     fn a_forwarded_context_round_trips_and_every_change_is_refused() {
         let secret = b"0123456789abcdef0123456789abcdef".to_vec();
         let (ctx, fwd) = sample();
-        let v = encode(&ctx, &fwd, "app", 2000, &secret);
-        assert_eq!(decode(&v, &secret, "app", 1000), Ok((ctx, fwd)));
-        assert!(decode(&v, &secret, "app", 2000).unwrap_err().contains("expired"));
-        assert!(decode(&v, &secret, "other", 1000).unwrap_err().contains("another database role"));
-        assert!(decode(&v, b"another secret, also 32 bytes long!!", "app", 1000).unwrap_err().contains("signature"));
+        let v = encode(&ctx, &fwd, "app", &secret);
+        assert_eq!(decode(&v, &secret, "app"), Ok((ctx, fwd)));
+        assert!(decode(&v, &secret, "other").unwrap_err().contains("another database role"));
+        assert!(decode(&v, b"another secret, also 32 bytes long!!", "app").unwrap_err().contains("signature"));
         let forged = v.replacen("00000000-0000-0000-0000-000000000007", "00000000-0000-0000-0000-000000000008", 1);
-        assert!(decode(&forged, &secret, "app", 1000).unwrap_err().contains("signature"));
+        assert!(decode(&forged, &secret, "app").unwrap_err().contains("signature"));
         let later = v.replacen(".2000.", ".9999.", 1);
-        assert!(decode(&later, &secret, "app", 1000).is_err());
+        assert!(decode(&later, &secret, "app").unwrap_err().contains("signature"));
         assert!(!v.contains('\'') && !v.contains(' '), "nothing to quote: {v}");
     }
 }
