@@ -41,7 +41,9 @@ start)
     echo "max_parallel_workers = 8"
     echo "log_min_messages = warning"
     if [ "$preload" = citus ]; then
-      echo "shared_preload_libraries = 'citus,levqor'"
+      # LEVQOR_EXTRA_PRELOAD: more libraries after levqor (the Citus tests
+      # add pg_stat_statements, to check what it shows).
+      echo "shared_preload_libraries = 'citus,levqor${LEVQOR_EXTRA_PRELOAD:+,$LEVQOR_EXTRA_PRELOAD}'"
       echo "citus.propagate_set_commands = 'local'"
       echo "levqor.cluster_secret = 'e2e-cluster-secret-please-change-0123456789'"
       # Short, so that the Citus tests see contexts expire and get re-signed.

@@ -11,7 +11,10 @@
 //! expiry seen, and at least `levqor.node_context_lifetime` from its end);
 //! then its slot is free again.
 //!
-//! Fixed shared memory: `levqor.citus_ended_transactions` slots of 24 bytes,
+//! A distributed transaction is known by its initiator node, number and start
+//! time: Citus numbers them from 1 again after a coordinator restarts.
+//!
+//! Fixed shared memory: `levqor.citus_ended_transactions` slots of 32 bytes,
 //! open addressing with a bounded probe. When every slot a transaction could
 //! use is taken, the one that expires soonest gives way and the node's
 //! *horizon* moves up to its expiry: contexts expiring by then are refused,
@@ -31,12 +34,20 @@ const SHMEM_NAME: &CStr = c"levqor ended Citus transactions";
 /// Slots one transaction may use, from its hash on.
 const PROBE: usize = 16;
 
+/// A Citus distributed transaction, as its coordinator assigned it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Txn {
+    pub initiator: i32,
+    pub number: u64,
+    /// When it started on its coordinator (TimestampTz).
+    pub stamp: i64,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct Slot {
-    initiator: i32,
-    _pad: u32,
-    transaction: u64,
+    txn: Txn,
     /// Unix seconds; the slot is free when this has passed (0: never used).
     keep_until: i64,
 }
@@ -78,7 +89,7 @@ pub fn init() {
         GucRegistry::define_int_guc(
             c"levqor.citus_ended_transactions",
             c"How many ended Citus distributed transactions each node remembers, to refuse replays of their forwarded contexts",
-            c"24 bytes each; takes effect at server start. Size it for the transactions a node ends in levqor.node_context_lifetime.",
+            c"32 bytes each; takes effect at server start. Size it for the transactions a node ends in levqor.node_context_lifetime.",
             &SLOTS,
             1024,
             16_777_216,
@@ -126,11 +137,12 @@ pub fn available() -> bool {
     unsafe { !HEADER.is_null() }
 }
 
-/// The slots of `(initiator, transaction)`'s probe sequence.
-unsafe fn probe(initiator: i32, transaction: u64) -> impl Iterator<Item = *mut Slot> {
+/// The slots of `txn`'s probe sequence.
+unsafe fn probe(txn: &Txn) -> impl Iterator<Item = *mut Slot> {
     let n = (*HEADER).nslots as usize;
     let first = HEADER.cast::<u8>().add(std::mem::size_of::<Header>()).cast::<Slot>();
-    let h = (transaction ^ ((initiator as u32 as u64) << 40)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mix = txn.number ^ ((txn.initiator as u32 as u64) << 40) ^ (txn.stamp as u64).rotate_left(17);
+    let h = mix.wrapping_mul(0x9e37_79b9_7f4a_7c15);
     let start = (h >> 20) as usize % n;
     (0..PROBE.min(n)).map(move |i| first.add((start + i) % n))
 }
@@ -147,10 +159,9 @@ unsafe fn lock(mode: pg_sys::LWLockMode::Type) -> Held {
     Held
 }
 
-/// Record that `(initiator, transaction)` ended here; contexts of it are
-/// refused until `keep_until` (unix seconds). Never raises: it runs as
-/// transactions end.
-pub fn record(initiator: i32, transaction: u64, keep_until: i64, now: i64) {
+/// Record that `txn` ended here; contexts of it are refused until
+/// `keep_until` (unix seconds). Never raises: it runs as transactions end.
+pub fn record(txn: Txn, keep_until: i64, now: i64) {
     if !available() {
         return;
     }
@@ -158,8 +169,8 @@ pub fn record(initiator: i32, transaction: u64, keep_until: i64, now: i64) {
         let _held = lock(pg_sys::LWLockMode::LW_EXCLUSIVE);
         let mut free = None;
         let mut soonest: Option<*mut Slot> = None;
-        for s in probe(initiator, transaction) {
-            if (*s).keep_until > now && (*s).initiator == initiator && (*s).transaction == transaction {
+        for s in probe(&txn) {
+            if (*s).keep_until > now && (*s).txn == txn {
                 (*s).keep_until = (*s).keep_until.max(keep_until);
                 return;
             }
@@ -177,20 +188,19 @@ pub fn record(initiator: i32, transaction: u64, keep_until: i64, now: i64) {
             }
             (None, None) => return,
         };
-        *slot = Slot { initiator, _pad: 0, transaction, keep_until };
+        *slot = Slot { txn, keep_until };
     }
 }
 
-/// What this node knows of `(initiator, transaction)`, for a context of it
-/// that expires at `expires` (None: do not compare with the horizon).
-pub fn state(initiator: i32, transaction: u64, expires: Option<i64>, now: i64) -> State {
+/// What this node knows of `txn`, for a context of it that expires at
+/// `expires` (None: do not compare with the horizon).
+pub fn state(txn: &Txn, expires: Option<i64>, now: i64) -> State {
     if !available() {
         return State::Forgotten;
     }
     unsafe {
         let _held = lock(pg_sys::LWLockMode::LW_SHARED);
-        let ended = probe(initiator, transaction)
-            .any(|s| (*s).keep_until > now && (*s).initiator == initiator && (*s).transaction == transaction);
+        let ended = probe(txn).any(|s| (*s).keep_until > now && (*s).txn == *txn);
         if ended {
             State::Ended
         } else if expires.is_some_and(|e| e <= (*HEADER).horizon) {

@@ -57,8 +57,7 @@ pub struct Forwarded {
     pub role: Option<MemberRole>,
     pub read_only: bool,
     pub storage_exceeded: bool,
-    initiator: i32,
-    transaction: u64,
+    txn: ended::Txn,
     expires: i64,
 }
 
@@ -95,7 +94,7 @@ thread_local! {
     /// The distributed transactions of the forwarded contexts this local
     /// transaction was handed, with the latest expiry of each: recorded as
     /// ended on this node when it ends.
-    static SEEN: std::cell::RefCell<Vec<(i32, u64, i64)>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SEEN: std::cell::RefCell<Vec<(ended::Txn, i64)>> = const { std::cell::RefCell::new(Vec::new()) };
     /// On a coordinator: the context this local transaction forwarded and
     /// when it was signed, to re-sign it before it expires.
     static SIGNED: Cell<Option<(u32, i64, Context)>> = const { Cell::new(None) };
@@ -223,17 +222,17 @@ unsafe extern "C-unwind" fn xact_callback(event: pg_sys::XactEvent::Type, _arg: 
     }
     let seen = SEEN.with(|s| std::mem::take(&mut *s.borrow_mut()));
     let now = now_unix();
-    for (initiator, transaction, expires) in seen {
-        ended::record(initiator, transaction, expires.max(now + lifetime()), now);
+    for (txn, expires) in seen {
+        ended::record(txn, expires.max(now + lifetime()), now);
     }
 }
 
 fn note_seen(f: &Forwarded) {
     SEEN.with(|s| {
         let mut s = s.borrow_mut();
-        match s.iter_mut().find(|(i, t, _)| *i == f.initiator && *t == f.transaction) {
-            Some(e) => e.2 = e.2.max(f.expires),
-            None => s.push((f.initiator, f.transaction, f.expires)),
+        match s.iter_mut().find(|(t, _)| *t == f.txn) {
+            Some(e) => e.1 = e.1.max(f.expires),
+            None => s.push((f.txn, f.expires)),
         }
     });
 }
@@ -265,11 +264,11 @@ fn now_unix() -> i64 {
     unsafe { pg_sys::GetCurrentTimestamp() / 1_000_000 + 946_684_800 }
 }
 
-/// `lvqn1.<context fields>.<forwarded fields>.<role hex>.<initiator>.<transaction>.<expires>.<hmac>`:
+/// `lvqn1.<context fields>.<forwarded fields>.<role hex>.<initiator>.<transaction>.<its start>.<expires>.<hmac>`:
 /// dot separated, no user text except the hex-encoded role name, nothing to quote.
 fn encode(ctx: &Context, f: &Forwarded, role_name: &str, secret: &[u8]) -> String {
     let payload = format!(
-        "{PREFIX}{}.{}.{}.{}.{}.{}.{}.{}.{}.{}.{}",
+        "{PREFIX}{}.{}.{}.{}.{}.{}.{}.{}.{}.{}.{}.{}",
         ctx.tenant.hyphenated(),
         ctx.user.map(|u| u.hyphenated().to_string()).unwrap_or_else(|| "-".into()),
         ctx.role.map(MemberRole::as_str).unwrap_or("-"),
@@ -278,8 +277,9 @@ fn encode(ctx: &Context, f: &Forwarded, role_name: &str, secret: &[u8]) -> Strin
         if f.read_only { "ro" } else { "rw" },
         if f.storage_exceeded { "full" } else { "ok" },
         hex(role_name.as_bytes()),
-        f.initiator,
-        f.transaction,
+        f.txn.initiator,
+        f.txn.number,
+        f.txn.stamp,
         f.expires,
     );
     let mut m = crate::token::mac(secret);
@@ -299,7 +299,7 @@ fn decode(value: &str, secret: &[u8], role_name: &str) -> Result<(Context, Forwa
     m.verify_slice(&sig).map_err(|_| "bad signature (is levqor.cluster_secret the same on every node?)")?;
     let rest = payload.strip_prefix(PREFIX).ok_or("malformed")?;
     let f: Vec<&str> = rest.split('.').collect();
-    if f.len() != 11 {
+    if f.len() != 12 {
         return Err("malformed");
     }
     let uuid = |s: &str| uuid::Uuid::parse_str(s).map_err(|_| "malformed");
@@ -317,9 +317,12 @@ fn decode(value: &str, secret: &[u8], role_name: &str) -> Result<(Context, Forwa
         role: role(f[4])?,
         read_only: f[5] == "ro",
         storage_exceeded: f[6] == "full",
-        initiator: f[8].parse().map_err(|_| "malformed")?,
-        transaction: f[9].parse().map_err(|_| "malformed")?,
-        expires: f[10].parse().map_err(|_| "malformed")?,
+        txn: ended::Txn {
+            initiator: f[8].parse().map_err(|_| "malformed")?,
+            number: f[9].parse().map_err(|_| "malformed")?,
+            stamp: f[10].parse().map_err(|_| "malformed")?,
+        },
+        expires: f[11].parse().map_err(|_| "malformed")?,
     };
     if unhex(f[7]).as_deref() != Some(role_name.as_bytes()) {
         return Err("it was made for another database role");
@@ -351,7 +354,7 @@ unsafe extern "C-unwind" fn check_node_context(
     let Some(role) = current_role_name() else { return refuse("no current role") };
     let Ok(text) = CStr::from_ptr(value).to_str() else { return refuse("malformed") };
     match decode(text, &secret, &role) {
-        Ok((_, f)) if ended::state(f.initiator, f.transaction, None, now_unix()) == ended::State::Ended => {
+        Ok((_, f)) if ended::state(&f.txn, None, now_unix()) == ended::State::Ended => {
             refuse(ENDED)
         }
         Ok(_) => true,
@@ -406,9 +409,10 @@ pub fn forwarded() -> Option<(Context, Forwarded)> {
         Some(s) => unsafe {
             let id = pg_sys::ffi::pg_guard_ffi_boundary(|| (s.current_transaction)());
             !id.is_null()
-                && (*id).transaction_number == fwd.transaction
-                && (*id).initiator_node_identifier == fwd.initiator
-                && fwd.transaction != 0
+                && (*id).transaction_number == fwd.txn.number
+                && (*id).initiator_node_identifier == fwd.txn.initiator
+                && (*id).timestamp == fwd.txn.stamp
+                && fwd.txn.number != 0
         },
         None => false,
     };
@@ -457,7 +461,7 @@ fn check_in_force(f: &Forwarded) {
             "The coordinator re-signs it at each statement once half of levqor.node_context_lifetime is gone; set the same lifetime on every node, and keep their clocks in step.",
         );
     }
-    match ended::state(f.initiator, f.transaction, Some(f.expires), now) {
+    match ended::state(&f.txn, Some(f.expires), now) {
         ended::State::Open => {}
         ended::State::Ended => refuse(ENDED, "A forwarded context works only inside the transaction it was made for."),
         ended::State::Forgotten => refuse(
@@ -524,14 +528,19 @@ pub fn forward(ctx: Option<&Context>, session: bool) {
                     (s.current_transaction)()
                 })
             };
-            let (initiator, transaction) = unsafe { ((*id).initiator_node_identifier, (*id).transaction_number) };
+            let txn = unsafe {
+                ended::Txn {
+                    initiator: (*id).initiator_node_identifier,
+                    number: (*id).transaction_number,
+                    stamp: (*id).timestamp,
+                }
+            };
             let now = now_unix();
             let fwd = Forwarded {
                 role: crate::members::effective_role(ctx),
                 read_only: t.as_ref().is_none_or(|t| !matches!(t.access(), crate::cache::Access::Full)),
                 storage_exceeded: t.as_ref().is_some_and(|t| t.storage_exceeded),
-                initiator,
-                transaction,
+                txn,
                 expires: now + lifetime(),
             };
             let role = current_role_name().unwrap_or_default();
@@ -999,7 +1008,13 @@ mod tests {
                 role: Some(MemberRole::Admin),
                 source: context::Source::ApiKey,
             },
-            Forwarded { role: Some(MemberRole::Operator), read_only: true, storage_exceeded: false, initiator: 0, transaction: 42, expires: 2000 },
+            Forwarded {
+                role: Some(MemberRole::Operator),
+                read_only: true,
+                storage_exceeded: false,
+                txn: ended::Txn { initiator: 0, number: 42, stamp: 1_000_000 },
+                expires: 2000,
+            },
         )
     }
 
@@ -1014,6 +1029,7 @@ mod tests {
         let forged = v.replacen("00000000-0000-0000-0000-000000000007", "00000000-0000-0000-0000-000000000008", 1);
         assert!(decode(&forged, &secret, "app").unwrap_err().contains("signature"));
         let later = v.replacen(".2000.", ".9999.", 1);
+        assert!(v.contains(".1000000.2000."), "{v}");
         assert!(decode(&later, &secret, "app").unwrap_err().contains("signature"));
         assert!(!v.contains('\'') && !v.contains(' '), "nothing to quote: {v}");
     }

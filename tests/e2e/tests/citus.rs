@@ -49,12 +49,15 @@ fn cluster() -> Option<&'static Cluster> {
             for (i, port) in ports.iter().enumerate() {
                 let status = std::process::Command::new(repo.join("scripts/cluster.sh"))
                     .args(["start", &format!("citus{i}-e2e"), &port.to_string(), "citus"])
+                    .env("LEVQOR_EXTRA_PRELOAD", "pg_stat_statements")
                     .status()
                     .expect("run scripts/cluster.sh");
                 assert!(status.success(), "starting Citus node {i} failed");
             }
             for port in [ports[1], ports[2], ports[0]] {
-                connect_to(port, "postgres", "postgres").batch_execute("CREATE EXTENSION citus").unwrap();
+                connect_to(port, "postgres", "postgres")
+                    .batch_execute("CREATE EXTENSION citus; CREATE EXTENSION pg_stat_statements")
+                    .unwrap();
             }
             let mut c = connect_to(ports[0], "postgres", "postgres");
             c.batch_execute(&format!(
@@ -421,6 +424,21 @@ fn a_direct_connection_to_a_worker_sees_nothing_with_a_forged_or_replayed_contex
     }
     assert!(shown > 0, "the workers show the statement that set the context (redacted)");
     tx.rollback().unwrap();
+    // Nor does pg_stat_statements, which shows a role its own statements' text.
+    let mut kept = 0;
+    for w in 0..2 {
+        for q in cl
+            .worker(w, APP_ROLE)
+            .query("SELECT query FROM pg_stat_statements WHERE query LIKE '%lvqn1.%'", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+        {
+            kept += 1;
+            assert!(!hex64(&q) && q.contains(&"*".repeat(64)), "{q}");
+        }
+    }
+    assert!(kept > 0, "pg_stat_statements keeps the statement that set the context (redacted)");
 }
 
 /// The cluster's `levqor.node_context_lifetime` (scripts/cluster.sh): short,
@@ -450,9 +468,15 @@ fn shard_of(cl: &Cluster, table: &str, tenant: &Tenant) -> (usize, String) {
 /// presents the context.
 fn replay(cl: &Cluster, worker: usize, value: &str) -> (Client, Result<(), postgres::Error>) {
     let fields: Vec<&str> = value.strip_prefix("lvqn1.").unwrap().split('.').collect();
-    let (initiator, transaction) = (fields[8], fields[9]);
+    let (initiator, transaction, stamp) = (fields[8], fields[9], fields[10].parse::<i64>().unwrap());
+    // Its start, exactly: a TimestampTz, microseconds since 2000.
+    let started = format!(
+        "timestamptz '2000-01-01 00:00:00+00' + {} * interval '1 second' + {} * interval '1 microsecond'",
+        stamp / 1_000_000,
+        stamp % 1_000_000
+    );
     let mut c = cl.worker(worker, APP_ROLE);
-    c.batch_execute(&format!("BEGIN; SELECT assign_distributed_transaction_id({initiator}, {transaction}, now())")).unwrap();
+    c.batch_execute(&format!("BEGIN; SELECT assign_distributed_transaction_id({initiator}, {transaction}, {started})")).unwrap();
     let r = c.batch_execute(&format!("SET LOCAL levqor.node_context = '{value}'"));
     (c, r)
 }
@@ -481,6 +505,16 @@ fn a_captured_context_replayed_with_its_distributed_transaction_id_is_refused_on
 
     // A worker the transaction never reached cannot know it ended: there the
     // value stops working when it expires (levqor.node_context_lifetime).
+    // Its numbers with another start time are another transaction.
+    let fields: Vec<&str> = value.strip_prefix("lvqn1.").unwrap().split('.').collect();
+    let mut c = cl.worker(1 - served, APP_ROLE);
+    c.batch_execute(&format!(
+        "BEGIN; SELECT assign_distributed_transaction_id({}, {}, now()); SET LOCAL levqor.node_context = '{value}'",
+        fields[8], fields[9]
+    ))
+    .unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM (SELECT levqor.current_tenant()) t WHERE current_tenant IS NOT NULL"), 0);
+    c.batch_execute("ROLLBACK").unwrap();
     // After that, on both, every statement under it is refused.
     std::thread::sleep(std::time::Duration::from_secs(LIFETIME_SECS + 1));
     for w in [1 - served, served] {
