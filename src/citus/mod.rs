@@ -366,7 +366,7 @@ const ENDED: &str = "the distributed transaction it was made for has ended on th
 
 unsafe extern "C-unwind" fn assign_node_context(newval: *const c_char, _extra: *mut c_void) {
     // Checked by the hook above (or copied from a parallel leader that did);
-    // parsed again without the time check, which applied when it arrived.
+    // parsed again here, where PostgreSQL hands over no parsed copy.
     let parsed = if newval.is_null() || *newval == 0 {
         None
     } else {
