@@ -179,11 +179,14 @@ pub fn init() {
         GucRegistry::define_int_guc(
             c"levqor.node_context_lifetime",
             c"How long a tenant context forwarded to Citus workers is accepted after it was signed",
-            c"The coordinator re-signs it when half is gone; set the same on every node.",
+            c"The coordinator re-signs it when half is gone. Superuser-only; per role with ALTER ROLE … SET.",
             &LIFETIME,
             2,
             86_400,
-            GucContext::Sighup,
+            // Superuser-set, so that a role running long analytic statements
+            // can get a longer one (ALTER ROLE … SET) and nobody a shorter
+            // replay window than the cluster's by their own choice.
+            GucContext::Suset,
             GucFlags::UNIT_S,
         );
         GucRegistry::define_string_guc_with_hooks(
