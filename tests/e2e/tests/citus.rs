@@ -467,14 +467,20 @@ fn shard_of(cl: &Cluster, table: &str, tenant: &Tenant) -> (usize, String) {
 /// captured context names (Citus's own function does that for anyone), then
 /// presents the context.
 fn replay(cl: &Cluster, worker: usize, value: &str) -> (Client, Result<(), postgres::Error>) {
-    let fields: Vec<&str> = value.strip_prefix("lvqn1.").unwrap().split('.').collect();
-    let (initiator, transaction, stamp) = (fields[8], fields[9], fields[10].parse::<i64>().unwrap());
+    let stamp: i64 = value.split('.').nth(11).unwrap().parse().unwrap();
     // Its start, exactly: a TimestampTz, microseconds since 2000.
     let started = format!(
         "timestamptz '2000-01-01 00:00:00+00' + {} * interval '1 second' + {} * interval '1 microsecond'",
         stamp / 1_000_000,
         stamp % 1_000_000
     );
+    replay_started(cl, worker, value, &started)
+}
+
+/// The same with the transaction's start time given.
+fn replay_started(cl: &Cluster, worker: usize, value: &str, started: &str) -> (Client, Result<(), postgres::Error>) {
+    let fields: Vec<&str> = value.strip_prefix("lvqn1.").unwrap().split('.').collect();
+    let (initiator, transaction) = (fields[8], fields[9]);
     let mut c = cl.worker(worker, APP_ROLE);
     c.batch_execute(&format!("BEGIN; SELECT assign_distributed_transaction_id({initiator}, {transaction}, {started})")).unwrap();
     let r = c.batch_execute(&format!("SET LOCAL levqor.node_context = '{value}'"));
@@ -503,18 +509,13 @@ fn a_captured_context_replayed_with_its_distributed_transaction_id_is_refused_on
     c.batch_execute("ROLLBACK").unwrap();
     assert_eq!(count(&mut c, &format!("SELECT count(*) FROM {shard}")), 0);
 
-    // A worker the transaction never reached cannot know it ended: there the
-    // value stops working when it expires (levqor.node_context_lifetime).
-    // Its numbers with another start time are another transaction.
-    let fields: Vec<&str> = value.strip_prefix("lvqn1.").unwrap().split('.').collect();
-    let mut c = cl.worker(1 - served, APP_ROLE);
-    c.batch_execute(&format!(
-        "BEGIN; SELECT assign_distributed_transaction_id({}, {}, now()); SET LOCAL levqor.node_context = '{value}'",
-        fields[8], fields[9]
-    ))
-    .unwrap();
+    // Its numbers with another start time are another transaction: no context.
+    let (mut c, r) = replay_started(cl, 1 - served, &value, "now()");
+    r.unwrap();
     assert_eq!(count(&mut c, "SELECT count(*) FROM (SELECT levqor.current_tenant()) t WHERE current_tenant IS NOT NULL"), 0);
     c.batch_execute("ROLLBACK").unwrap();
+    // A worker the transaction never reached cannot know it ended: there the
+    // value stops working when it expires (levqor.node_context_lifetime).
     // After that, on both, every statement under it is refused.
     std::thread::sleep(std::time::Duration::from_secs(LIFETIME_SECS + 1));
     for w in [1 - served, served] {
