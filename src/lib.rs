@@ -49,6 +49,7 @@ mod redact;
 mod row_json;
 mod seal;
 mod sealer;
+mod shmem;
 mod tenancy_tests;
 mod token;
 

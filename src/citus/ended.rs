@@ -118,18 +118,11 @@ unsafe extern "C-unwind" fn shmem_startup() {
         prev();
     }
     let nslots = SLOTS.get() as usize;
-    // AddinShmemInitLock is a macro in C: the 22nd of the main LWLocks.
-    let init_lock = &raw mut (*pg_sys::MainLWLockArray.add(21)).lock;
-    pg_sys::LWLockAcquire(init_lock, pg_sys::LWLockMode::LW_EXCLUSIVE);
-    let mut found = false;
-    let base = pg_sys::ShmemInitStruct(SHMEM_NAME.as_ptr(), shmem_size(nslots), &mut found);
+    let (base, lock) = crate::shmem::attach(SHMEM_NAME, TRANCHE, shmem_size(nslots), |base| {
+        (*base.cast::<Header>()).nslots = nslots as u32;
+    });
     HEADER = base.cast();
-    LOCK = &raw mut (*pg_sys::GetNamedLWLockTranche(TRANCHE.as_ptr())).lock;
-    if !found {
-        std::ptr::write_bytes(base.cast::<u8>(), 0, shmem_size(nslots));
-        (*HEADER).nslots = nslots as u32;
-    }
-    pg_sys::LWLockRelease(init_lock);
+    LOCK = lock;
 }
 
 /// Whether the table exists (levqor preloaded beside Citus).

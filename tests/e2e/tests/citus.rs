@@ -408,37 +408,26 @@ fn a_direct_connection_to_a_worker_sees_nothing_with_a_forged_or_replayed_contex
     // Again, now that the transaction has worker connections: Citus sends
     // the new context to them as a statement of its own.
     tx.execute("SELECT levqor.authenticate($1)", &[&a.key]).unwrap();
-    let hex64 = |q: &str| q.as_bytes().windows(64).any(|w| w.iter().all(u8::is_ascii_hexdigit));
-    let mut shown = 0;
-    for w in 0..2 {
-        for q in cl
-            .worker(w, APP_ROLE)
-            .query("SELECT query FROM pg_stat_activity WHERE query LIKE '%lvqn1.%' AND pid <> pg_backend_pid()", &[])
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-        {
-            shown += 1;
-            assert!(!hex64(&q) && q.contains(&"*".repeat(64)), "{q}");
-        }
-    }
+    let shown = redacted_on_workers(cl, "SELECT query FROM pg_stat_activity WHERE query LIKE '%lvqn1.%' AND pid <> pg_backend_pid()");
     assert!(shown > 0, "the workers show the statement that set the context (redacted)");
     tx.rollback().unwrap();
     // Nor does pg_stat_statements, which shows a role its own statements' text.
-    let mut kept = 0;
+    let kept = redacted_on_workers(cl, "SELECT query FROM pg_stat_statements WHERE query LIKE '%lvqn1.%'");
+    assert!(kept > 0, "pg_stat_statements keeps the statement that set the context (redacted)");
+}
+
+/// The statement texts `sql` finds on both workers, as the application role,
+/// each checked to show a forwarded context's signature only as `*`; how many.
+fn redacted_on_workers(cl: &Cluster, sql: &str) -> usize {
+    let hex64 = |q: &str| q.as_bytes().windows(64).any(|w| w.iter().all(u8::is_ascii_hexdigit));
+    let mut n = 0;
     for w in 0..2 {
-        for q in cl
-            .worker(w, APP_ROLE)
-            .query("SELECT query FROM pg_stat_statements WHERE query LIKE '%lvqn1.%'", &[])
-            .unwrap()
-            .iter()
-            .map(|r| r.get::<_, String>(0))
-        {
-            kept += 1;
+        for q in cl.worker(w, APP_ROLE).query(sql, &[]).unwrap().iter().map(|r| r.get::<_, String>(0)) {
+            n += 1;
             assert!(!hex64(&q) && q.contains(&"*".repeat(64)), "{q}");
         }
     }
-    assert!(kept > 0, "pg_stat_statements keeps the statement that set the context (redacted)");
+    n
 }
 
 /// The cluster's `levqor.node_context_lifetime` (scripts/cluster.sh): short,
